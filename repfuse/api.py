@@ -14,8 +14,19 @@ def fuse_onnx(model, *, verify=True):
 
 
 def verify(reference, candidate, example_inputs, *, grads=True, tol=None):
-    """Check that ``candidate`` computes what ``reference`` computes."""
-    raise NotImplementedError("repfuse.verify is not implemented yet")
+    """Check that ``candidate`` computes what ``reference`` computes.
+
+    Runs both models in eval mode on copies of ``example_inputs`` (a tensor or a
+    tuple of tensors) and compares every output and, with ``grads=True``, the input
+    gradients for one seeded random upstream gradient (autograd through both models).
+    Neither model is modified. ``tol``: ``None`` (table by dtype, see
+    ``repfuse.proofs.TOLERANCES``), a number, ``(atol, rtol)`` or a dict. Returns a
+    ``VerifyReport`` with ``.ok``, one ``Check`` per output/gradient (max abs and
+    relative error) and ``.to_dict()``.
+    """
+    from repfuse.proofs import verify_models
+
+    return verify_models(reference, candidate, example_inputs, grads=grads, tol=tol)
 
 
 def export_onnx(model, example_inputs, path, *, opset=18, dynamic_batch=True, check=True):

@@ -1,0 +1,281 @@
+"""Equivalence proofs: tolerances, numerical comparisons and whole-model checks.
+
+One table of tolerances by dtype (``TOLERANCES``), one comparison (``compare``)
+that every proof uses, and ``verify_models``: outputs and input gradients of two
+models on the same example inputs (the implementation of ``repfuse.verify``).
+Per-region proofs (outputs, input gradients and the weight-gradient mapping of
+one fused region, computed with the ``repfuse.core`` kernels) are in
+``repfuse.proofs_region`` and re-exported here as ``prove_region``.
+
+Error figures (reported for every check):
+
+* ``max_abs = max |candidate - reference|`` over all elements;
+* ``max_rel = max_abs / max(max |reference|, tiny)``: the largest error relative to
+  the largest reference magnitude. Unlike an elementwise ratio it does not blow up
+  where the reference is (close to) zero, so it is robust on real activations.
+
+A check passes when ``max_abs <= atol + rtol * max |reference|``. Comparisons are
+computed in float64; the tolerance is that of the less precise of the two dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from repfuse.errors import InputError
+from repfuse.report import Check, VerifyReport
+
+
+class Tolerance(NamedTuple):
+    """Absolute and relative tolerance: pass iff max_abs <= atol + rtol * max|reference|."""
+
+    atol: float
+    rtol: float
+
+
+#: The one table of tolerances, by dtype. float64 is what the per-region proofs run in
+#: (exact arithmetic up to summation-order rounding); the others cover models run in
+#: their own dtype, where the fused and the training form round differently.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(atol=1e-10, rtol=1e-9),
+    torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
+    torch.float16: Tolerance(atol=1e-3, rtol=1e-2),
+    torch.bfloat16: Tolerance(atol=1e-2, rtol=5e-2),
+}
+
+_PRECISION_ORDER = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+#: Seed of the random upstream gradients and probe inputs (proofs are reproducible).
+SEED = 0
+
+
+def tolerance(dtype: torch.dtype = torch.float32, tol=None) -> Tolerance:
+    """The tolerance for ``dtype``, or the one ``tol`` asks for.
+
+    ``tol`` may be ``None`` (the table entry for ``dtype``), a number (used as both
+    atol and rtol), a pair ``(atol, rtol)``, a ``Tolerance`` or a dict with keys
+    ``atol``/``rtol`` (a missing key falls back to the table).
+    """
+    base = TOLERANCES.get(dtype)
+    if base is None:
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            base = Tolerance(0.0, 0.0)
+        else:
+            raise InputError(f"tolerance: no tolerance for dtype={dtype}; pass tol=(atol, rtol)")
+    if tol is None:
+        return base
+    if isinstance(tol, Tolerance):
+        return tol
+    if isinstance(tol, bool):
+        raise InputError(f"tol={tol!r} must be a number, (atol, rtol) or a dict")
+    if isinstance(tol, (int, float)):
+        return _checked(Tolerance(float(tol), float(tol)))
+    if isinstance(tol, dict):
+        unknown = set(tol) - {"atol", "rtol"}
+        if unknown:
+            raise InputError(f"tol has unknown keys {sorted(unknown)}; use 'atol' and 'rtol'")
+        return _checked(Tolerance(float(tol.get("atol", base.atol)),
+                                  float(tol.get("rtol", base.rtol))))
+    if isinstance(tol, (tuple, list)) and len(tol) == 2:
+        return _checked(Tolerance(float(tol[0]), float(tol[1])))
+    raise InputError(f"tol={tol!r} must be a number, (atol, rtol) or a dict")
+
+
+def _checked(t: Tolerance) -> Tolerance:
+    if not (t.atol >= 0 and t.rtol >= 0):
+        raise InputError(f"tol={tuple(t)} must be non-negative")
+    return t
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The least precise floating dtype among ``dtypes`` (float64 if none is floating)."""
+    worst = torch.float64
+    for d in dtypes:
+        if d in _PRECISION_ORDER and _PRECISION_ORDER.index(d) > _PRECISION_ORDER.index(worst):
+            worst = d
+    return worst
+
+
+def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
+    """Compare ``candidate`` with ``reference``; return a ``Check`` with every figure.
+
+    ``max_abs = max |candidate - reference|``; ``max_rel = max_abs / max(max|reference|,
+    tiny)``. Passes iff shapes match, non-finite values sit at the same places with the
+    same values, and ``max_abs <= atol + rtol * max|reference|``. ``tol`` as in
+    ``tolerance``; ``None`` takes the table entry of the less precise dtype.
+    """
+    t = tolerance(least_precise(reference.dtype, candidate.dtype), tol)
+    if tuple(reference.shape) != tuple(candidate.shape):
+        return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False,
+                     f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)}")
+    a = reference.detach().to(torch.float64)
+    b = candidate.detach().to(a.device, torch.float64)
+    if a.numel() == 0:
+        return Check(name, 0.0, 0.0, t.atol, t.rtol, True, "empty")
+    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+    detail = ""
+    same_nonfinite = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    bad_nonfinite = (finite_a != finite_b) | (~finite_a & ~finite_b & ~same_nonfinite)
+    if bool(bad_nonfinite.any()):
+        count = int(bad_nonfinite.sum())
+        return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False,
+                     f"{count} element(s) non-finite in only one of the two (or different)")
+    both = finite_a & finite_b
+    if not bool(both.all()):
+        detail = f"{int((~both).sum())} matching non-finite element(s) ignored"
+        a, b = a[both], b[both]
+        if a.numel() == 0:
+            return Check(name, 0.0, 0.0, t.atol, t.rtol, True, detail)
+    max_abs = float((a - b).abs().max())
+    scale = float(a.abs().max())
+    max_rel = max_abs / max(scale, torch.finfo(torch.float64).tiny)
+    ok = max_abs <= t.atol + t.rtol * scale
+    if not ok and not detail:
+        where = int((a - b).abs().argmax())
+        detail = f"worst at flat index {where}: reference {a.flatten()[where].item():.6g}, " \
+                 f"candidate {b.flatten()[where].item():.6g}"
+    return Check(name, max_abs, max_rel, t.atol, t.rtol, ok, detail)
+
+
+def failed(name: str, detail: str, tol: Tolerance | None = None) -> Check:
+    """A check that could not be computed (structure mismatch, exception): not ok."""
+    t = tol or Tolerance(0.0, 0.0)
+    return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False, detail)
+
+
+# ----------------------------------------------------------------- nested values
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(name, leaf) pairs of a nested tuple/list/dict; names like ``output[0]['x']``."""
+    if isinstance(value, (tuple, list)):
+        out = []
+        for i, v in enumerate(value):
+            out += flatten(v, f"{prefix}[{i}]")
+        return out
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out += flatten(v, f"{prefix}[{k!r}]")
+        return out
+    return [(prefix, value)]
+
+
+def as_input_tuple(example_inputs) -> tuple:
+    """``example_inputs`` (a tensor or a tuple/list of values) as a tuple of arguments."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, "
+                     f"got {type(example_inputs).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put every module of ``models`` in eval mode; restore each one's flag afterwards."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _run(model: nn.Module, args: tuple, grads: bool):
+    """Run ``model`` on fresh copies of ``args``; returns (inputs needing grad, outputs)."""
+    copies, leaves = [], []
+    for a in args:
+        if isinstance(a, Tensor):
+            c = a.detach().clone()
+            if grads and c.is_floating_point():
+                c.requires_grad_(True)
+                leaves.append(c)
+            copies.append(c)
+        else:
+            copies.append(a)
+    with torch.set_grad_enabled(grads):
+        out = model(*copies)
+    return leaves, out
+
+
+def _input_grads(leaves: list[Tensor], outs: list[Tensor], upstream: list[Tensor]) -> list:
+    pairs = [(o, g) for o, g in zip(outs, upstream) if o.requires_grad]
+    if not pairs or not leaves:
+        return [None] * len(leaves)
+    return list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                    allow_unused=True))
+
+
+def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
+                  grads: bool = True, tol=None) -> VerifyReport:
+    """Check that ``candidate`` computes what ``reference`` computes on ``example_inputs``.
+
+    Both models run in eval mode (their training flags are restored afterwards) on
+    separate copies of the inputs; neither model, nor its ``.grad`` fields, nor the
+    inputs are modified. Checks: every output leaf (nested tuples/lists/dicts of
+    tensors are matched by position/key), and with ``grads=True`` the gradient with
+    respect to every floating input for one random upstream gradient (seeded, the same
+    for both models) through autograd. A candidate whose output does not depend on an
+    input through autograd (e.g. it detaches it) gets a zero gradient there and fails.
+    ``tol`` as in ``tolerance``; by default from the table by dtype.
+    """
+    args = as_input_tuple(example_inputs)
+    report = VerifyReport()
+    with eval_mode(reference, candidate):
+        ref_leaves, ref_out = _run(reference, args, grads)
+        cand_leaves, cand_out = _run(candidate, args, grads)
+    ref_flat, cand_flat = flatten(ref_out, "output"), flatten(cand_out, "output")
+    if [n for n, _ in ref_flat] != [n for n, _ in cand_flat]:
+        report.checks.append(failed("output", (
+            f"output structure differs: candidate gives {[n for n, _ in cand_flat]}, "
+            f"reference {[n for n, _ in ref_flat]}")))
+        return report
+    ref_tensors, cand_tensors, upstream = [], [], []
+    gen = torch.Generator().manual_seed(SEED)
+    dtypes = []
+    for (name, r), (_, c) in zip(ref_flat, cand_flat):
+        if not isinstance(r, Tensor) or not isinstance(c, Tensor):
+            same = (type(r) is type(c)) and r == c
+            report.checks.append(Check(name, 0.0 if same else float("inf"),
+                                       0.0 if same else float("inf"), 0.0, 0.0, bool(same),
+                                       "" if same else f"{c!r} != reference {r!r}"))
+            continue
+        report.checks.append(compare(name, r, c, tol))
+        dtypes.append(r.dtype)
+        if r.is_floating_point() and c.is_floating_point() and r.shape == c.shape:
+            g = torch.randn(r.shape, generator=gen, dtype=torch.float64)
+            ref_tensors.append(r)
+            cand_tensors.append(c)
+            upstream.append(g)
+    report.dtype = str(least_precise(*dtypes)).replace("torch.", "") if dtypes else "float64"
+    if not grads or not ref_leaves:
+        return report
+    if not report.ok:
+        report.notes.append("outputs differ; input gradients compared anyway")
+    ref_grads = _input_grads(ref_leaves, ref_tensors,
+                             [g.to(r.device, r.dtype) for g, r in zip(upstream, ref_tensors)])
+    cand_grads = _input_grads(cand_leaves, cand_tensors,
+                              [g.to(c.device, c.dtype) for g, c in zip(upstream, cand_tensors)])
+    floating = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
+    names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
+    for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
+        rg = torch.zeros_like(leaf) if rg is None else rg
+        check = compare(f"grad {name}", rg, torch.zeros_like(leaf) if cg is None else cg, tol)
+        if cg is None:
+            check.detail = (f"candidate's outputs do not depend on {name} through autograd; "
+                            + check.detail).rstrip("; ")
+        report.checks.append(check)
+    return report
+
+
+def prove_region(expr, fused, example_activation=None, *, tol=None) -> VerifyReport:
+    """Per-region proofs; see ``repfuse.proofs_region.prove_region``."""
+    from repfuse.proofs_region import prove_region as _prove_region
+
+    return _prove_region(expr, fused, example_activation, tol=tol)
