@@ -29,3 +29,7 @@ class UnsafeInputError(InputError):
 
 class VerificationError(ReparamError):
     """The fused model does not match the training form within tolerance."""
+
+
+class DtypeError(ReparamError, TypeError):
+    """A tensor dtype (or device) the kernels cannot use (also a ``TypeError``, like torch's)."""
