@@ -1,0 +1,415 @@
+"""ONNX files: safe loading, atomic saving, onnxruntime runs and comparisons, export.
+
+Loading never reads outside the model's folder: external-data locations that are
+absolute or climb out of the folder (``..``, symlinks) are refused with
+``InputError``. Saving goes through a temporary file in the destination folder and
+``os.replace``, so a reader never sees a half-written file, and an input file is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from repfuse.errors import InputError, VerificationError
+from repfuse.proofs import as_input_tuple, compare, eval_mode, failed, flatten
+from repfuse.report import Check, VerifyReport
+
+_DEFAULT_DIM = 32  # size used for a symbolic non-batch dimension when making random inputs
+
+
+# ---------------------------------------------------------------------------- loading
+def _tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """Every TensorProto of ``graph`` and its subgraphs (initializers, attributes)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    return ""
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: str | None, source: str) -> bool:
+    """Refuse external data that lies outside ``base_dir``; returns whether there is any."""
+    found = False
+    for tensor in _tensors(proto.graph):
+        location = _external_location(tensor)
+        if location is None:
+            continue
+        found = True
+        if base_dir is None:
+            raise InputError(
+                f"{source}: initializer '{tensor.name}' is stored as external data "
+                f"('{location}'); pass the model's file path instead of a ModelProto")
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise InputError(
+                f"{source}: initializer '{tensor.name}' has external data location "
+                f"{location!r}; only relative paths inside the model's folder are accepted")
+        parts = Path(location.replace("\\", "/")).parts
+        if ".." in parts:
+            raise InputError(
+                f"{source}: initializer '{tensor.name}' has external data location "
+                f"{location!r} that leaves the model's folder; move the data next to the model")
+        root = os.path.realpath(base_dir)
+        target = os.path.realpath(os.path.join(root, location))
+        if os.path.commonpath([root, target]) != root:
+            raise InputError(
+                f"{source}: external data {location!r} of initializer '{tensor.name}' "
+                "resolves outside the model's folder (symlink?); copy the data next to the model")
+        if not os.path.isfile(target):
+            raise InputError(
+                f"{source}: external data file {location!r} of initializer '{tensor.name}' "
+                "does not exist next to the model")
+    return found
+
+
+def check_graph_inputs(proto: onnx.ModelProto, source: str) -> None:
+    """Every node input must come from a graph input, an initializer or an earlier node."""
+    known = {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer}
+    known |= {s.values.name for s in proto.graph.sparse_initializer}
+    known.add("")
+    for node in proto.graph.node:
+        for name in node.input:
+            if name not in known:
+                raise InputError(
+                    f"{source}: node '{node.name or node.op_type}' ({node.op_type}) reads "
+                    f"'{name}', which no graph input, initializer or earlier node provides "
+                    "(missing initializer?); re-export the model")
+        known.update(node.output)
+    for out in proto.graph.output:
+        if out.name not in known:
+            raise InputError(f"{source}: graph output '{out.name}' is never computed")
+
+
+def load_onnx(model, *, check: bool = True) -> tuple[onnx.ModelProto, str]:
+    """Load ``model`` (a path or an ``onnx.ModelProto``) safely and validate it.
+
+    Returns ``(proto, source)`` where ``source`` names the model in messages.
+    External data is read only from the model's folder.
+    """
+    if isinstance(model, onnx.ModelProto):
+        source = "ONNX model"
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        check_external_data(proto, None, source)
+    elif isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        source = path
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises several kinds
+            raise InputError(f"{path}: not an ONNX model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+        if not proto.graph.node and not proto.graph.output:
+            raise InputError(f"{path}: not an ONNX model (no graph found)")
+        base_dir = os.path.dirname(os.path.abspath(path))
+        if check_external_data(proto, base_dir, source):
+            try:
+                onnx.load_external_data_for_model(proto, base_dir)
+            except Exception as exc:  # noqa: BLE001
+                raise InputError(f"{path}: cannot read external data ({exc})") from None
+    else:
+        raise InputError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+    if check:
+        check_graph_inputs(proto, source)
+        try:
+            onnx.checker.check_model(proto)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise InputError(f"{source}: fails the ONNX checker: {first}") from None
+    return proto, source
+
+
+# ---------------------------------------------------------------------------- saving
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def write_atomic(data: bytes, path, *, inputs: Sequence = ()) -> str:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    Refuses to overwrite any of ``inputs``. Returns the absolute path written."""
+    path = os.path.abspath(os.fspath(path))
+    for src in inputs:
+        if src is not None and os.path.exists(path) and _same_file(path, os.fspath(src)):
+            raise InputError(f"{path}: refusing to overwrite the input file; choose another path")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_onnx(proto: onnx.ModelProto, path, *, inputs: Sequence = ()) -> str:
+    """Save ``proto`` atomically (initializers inline; the model must be under 2 GB)."""
+    if proto.ByteSize() >= 2**31 - 1:
+        raise InputError(f"{path}: model is larger than 2 GB; ONNX needs external data for it")
+    return write_atomic(proto.SerializeToString(), path, inputs=inputs)
+
+
+# ---------------------------------------------------------------------------- running
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Node counts by op type of the main graph (sorted by name)."""
+    counts = Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}"
+                     for n in proto.graph.node)
+    return dict(sorted(counts.items()))
+
+
+def ort_session(proto: onnx.ModelProto, *, optimize: bool = False, threads: int | None = None):
+    """An onnxruntime CPU session; graph optimizations disabled unless ``optimize``."""
+    try:
+        import onnxruntime as ort  # noqa: PLC0415
+    except ImportError as exc:
+        raise InputError("onnxruntime is not installed; pip install onnxruntime "
+                         "(or pass verify=False / check=False)") from exc
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+_NP_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+              onnx.TensorProto.FLOAT16: np.float16}
+
+
+def random_feeds(proto: onnx.ModelProto, *, batch: int = 2, seed: int = 0,
+                 dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random standard-normal inputs for every graph input; symbolic first dims get
+    ``batch``, other symbolic dims ``dims[name]`` or 32."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in proto.graph.initializer}
+    feeds = {}
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        shape = []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                shape.append((dims or {}).get(d.dim_param, _DEFAULT_DIM))
+        dtype = _NP_DTYPES.get(tt.elem_type)
+        if dtype is None:
+            raise InputError(f"graph input '{inp.name}' has element type "
+                             f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; only float "
+                             "inputs can be checked with random data (pass verify=False)")
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def compare_outputs(name: str, reference: Sequence, candidate: Sequence,
+                    tol=None) -> list[Check]:
+    """One ``repfuse.proofs.compare`` check per output (tolerance by dtype, or ``tol``)."""
+    if len(reference) != len(candidate):
+        return [failed(name, f"{len(candidate)} outputs, reference has {len(reference)}")]
+    checks = []
+    for i, (ref, cand) in enumerate(zip(reference, candidate)):
+        label = name if len(reference) == 1 else f"{name}, output {i}"
+        checks.append(compare(label, torch.as_tensor(np.asarray(ref)),
+                              torch.as_tensor(np.asarray(cand)), tol))
+    return checks
+
+
+def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
+                     tol=None, batches: Sequence[int] = (1, 3), seed: int = 0) -> VerifyReport:
+    """Run both models with onnxruntime (no graph optimizations) on the same random
+    inputs; checks per batch size (the second one only when the batch is dynamic)."""
+    ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
+    report = VerifyReport(notes=["onnxruntime, graph optimizations disabled, random inputs"])
+    batches = batches if _has_dynamic_batch(reference) else batches[:1]
+    for k, batch in enumerate(batches):
+        feeds = random_feeds(reference, batch=batch, seed=seed + k)
+        report.checks += compare_outputs(f"onnxruntime outputs, batch {batch}",
+                                         ref_sess.run(None, feeds), cand_sess.run(None, feeds),
+                                         tol)
+    return report
+
+
+def _has_dynamic_batch(proto: onnx.ModelProto) -> bool:
+    inits = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------- export
+def _opset(proto: onnx.ModelProto) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' warnings and log records (library code never prints)."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.CRITICAL)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_proto(model, args: tuple, opset: int, dynamic_batch: bool) -> tuple:
+    """``(proto, how)``: the torch.export-based exporter first, TorchScript as fallback."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    shapes = tuple({0: "batch"} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                   for a in args)
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                model, args, None, dynamo=True, verbose=False, opset_version=opset,
+                dynamic_shapes=shapes if dynamic_batch else None, external_data=False)
+        proto = program.model_proto
+        got = _opset(proto)
+        if got == opset:
+            return proto, f"torch.onnx.export (dynamo), opset {opset}"
+        reason = f"it produced opset {got} (its version converter failed)"
+    except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    names = [f"input_{i}" for i in range(len(tensors))]
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    buf = io.BytesIO()
+    try:
+        with _quiet():
+            torch.onnx.export(model, args, buf, dynamo=False, verbose=False,
+                              opset_version=opset, input_names=names, dynamic_axes=axes)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"torch.onnx.export failed for {type(model).__name__}: {reason}; "
+                         f"TorchScript exporter: {type(exc).__name__}: {exc}") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    return proto, f"torch.onnx.export (TorchScript; dynamo exporter failed: {reason}), " \
+                  f"opset {opset}"
+
+
+def _torch_outputs(model, args: tuple) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(*args)
+    return [v.detach().cpu().numpy() for _, v in flatten(out) if isinstance(v, torch.Tensor)]
+
+
+def _feeds(session, args: tuple) -> dict:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise InputError(f"the exported graph has {len(names)} inputs but example_inputs "
+                         f"hold {len(tensors)} tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def _random_like(args: tuple, batch: int | None, seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            shape = list(a.shape)
+            if batch is not None and shape:
+                shape[0] = batch
+            out.append(torch.randn(shape, generator=gen, dtype=a.dtype))
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def check_export(model, args: tuple, proto: onnx.ModelProto, *, dynamic_batch: bool,
+                 tol=None) -> VerifyReport:
+    """onnxruntime (no graph optimizations) against torch on ``args``, random inputs of
+    the same shape and, when the batch is dynamic, random inputs of another batch size."""
+    session = ort_session(proto)
+    report = VerifyReport(notes=["torch vs onnxruntime, graph optimizations disabled"])
+    cases = [("example inputs", args), ("random inputs", _random_like(args, None, 1))]
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    if dynamic_batch and first is not None:
+        batch = int(first.shape[0]) + 1
+        cases.append((f"random inputs, batch {batch}", _random_like(args, batch, 2)))
+    for label, case in cases:
+        report.checks += compare_outputs(label, _torch_outputs(model, case),
+                                         session.run(None, _feeds(session, case)), tol)
+    return report
+
+
+def export_onnx(model, example_inputs, path, *, opset: int = 18, dynamic_batch: bool = True,
+                check: bool = True, tol=None) -> VerifyReport:
+    """Export ``model`` (in eval mode) to ONNX at ``path``, checked with onnxruntime.
+
+    Nothing is written when the check fails (``VerificationError`` with the figures);
+    the file appears atomically. Returns the checks (empty when ``check=False``)."""
+    args = as_input_tuple(example_inputs)
+    if not isinstance(opset, int) or not 7 <= opset <= 23:
+        raise InputError(f"opset={opset!r} must be an int between 7 and 23")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: folder {folder} does not exist")
+    with eval_mode(model):
+        proto, how = _export_proto(model, args, opset, dynamic_batch)
+        report = VerifyReport(notes=[how])
+        if check:
+            checked = check_export(model, args, proto, dynamic_batch=dynamic_batch, tol=tol)
+            report.checks, report.notes = checked.checks, report.notes + checked.notes
+    if not report.ok:
+        worst = max(report.failures, key=lambda c: c.max_rel)
+        raise VerificationError(
+            f"{path}: the ONNX export disagrees with torch ({worst.name}: max abs "
+            f"{worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, rtol {worst.rtol:.3g}); "
+            "nothing written")
+    save_onnx(proto, path)
+    report.notes.append(f"written to {os.path.abspath(os.fspath(path))}")
+    return report
