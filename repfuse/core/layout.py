@@ -221,6 +221,28 @@ def pad_input(x_nchw: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     return F.pad(x_nchw, (l, r, t, b))
 
 
+def pad_spatial(x: torch.Tensor, pads, layout: str) -> torch.Tensor:
+    """``x`` (in ``layout``) zero-padded on its spatial axes by (top, bottom, left, right)."""
+    t, b, l, r = pads
+    if t == b == l == r == 0:
+        return x
+    return F.pad(x, (l, r, t, b) if layout == "NCHW" else (0, 0, l, r, t, b))
+
+
+def spatial_size(x: torch.Tensor, layout: str) -> tuple[int, int]:
+    """(H, W) of an activation in ``layout``."""
+    return (x.shape[2], x.shape[3]) if layout == "NCHW" else (x.shape[1], x.shape[2])
+
+
+def fit_transposed_input(x: torch.Tensor, conv: ConvSpec, out_hw, layout: str) -> torch.Tensor:
+    """Zero-extend a transposed convolution's input ``x`` (bottom/right) to the output size
+    of ``conv = transposed_as_conv(spec)`` on the transposed output of size ``out_hw``
+    (larger than ``x`` when output_padding >= stride, which dilation allows)."""
+    h, w = spatial_size(x, layout)
+    fh, fw = conv.output_size(out_hw)
+    return pad_spatial(x, (0, fh - h, 0, fw - w), layout)
+
+
 def split_padding(spec: ConvSpec) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Padding as a symmetric part torch's ops take, (ph, pw), plus the per-side rest
     (top, bottom, left, right) that must be applied explicitly."""

@@ -1,0 +1,217 @@
+"""The public convolution kernels (``torch.nn.functional`` / ``torch.nn.grad`` names and
+argument order, plus keyword-only ``layout``, region masks, channel subsets and
+``algorithm``).
+
+Each kernel turns its arguments into one ``ConvSpec`` (validated against the tensors,
+errors name the argument), computes in float32 for float16/bfloat16 inputs (results come
+back in the input dtype) and routes:
+
+* ``region_in`` / ``region_out`` -> ``repfuse.core.region`` (region-restricted kernels),
+* ``in_channels`` (``conv2d_weight``) -> ``repfuse.core.sparse`` (sparse weight update),
+* ``algorithm="grouped"`` (weight gradients) -> ``repfuse.core.grouped``,
+* ``"reference"`` -> ``repfuse.core.reference`` (im2col / im2row),
+* ``"native"`` and ``"auto"`` -> ``repfuse.core.native`` (aten operators).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from repfuse.core import native, reference
+from repfuse.core.layout import (
+    check_algorithm,
+    check_dtypes,
+    fit_transposed_input,
+    from_nchw,
+    make_spec,
+    nchw_shape,
+    spatial_size,
+    to_nchw,
+    transposed_as_conv,
+    upcast,
+    weight_from_torch,
+    weight_to_torch,
+)
+from repfuse.core.spec import ConvSpec
+from repfuse.errors import GeometryError
+
+_DENSE = ("auto", "reference", "native")
+_WEIGHT = ("auto", "reference", "native", "grouped")
+
+
+@lru_cache(maxsize=512)
+def _nchw(spec: ConvSpec) -> ConvSpec:
+    return spec if spec.layout == "NCHW" else spec.replace(layout="NCHW")
+
+
+def _check_bias(bias, spec: ConvSpec) -> None:
+    if bias is not None and tuple(bias.shape) != (spec.out_channels,):
+        raise GeometryError(f"bias has shape {list(bias.shape)}, expected "
+                            f"[{spec.out_channels}] (one value per output channel)")
+
+
+def _back(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
+
+
+def _regions(region_in, region_out) -> bool:
+    return region_in is not None or region_out is not None
+
+
+# ------------------------------------------------------------------ convolution
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           layout="NCHW", region_in=None, region_out=None, algorithm="auto"):
+    """2-D convolution, as ``torch.nn.functional.conv2d`` (padding may also be
+    (top, bottom, left, right)). NHWC: input (N, H, W, C), weight (O, KH, KW, I/groups)."""
+    spec = make_spec(weight.shape, stride, padding, dilation, groups, layout=layout,
+                     input_shape=input.shape)
+    dtype = check_dtypes(input=input, weight=weight, bias=bias)
+    _check_bias(bias, spec)
+    if _regions(region_in, region_out):
+        from repfuse.core import region
+
+        y = region.conv2d(upcast(to_nchw(input, layout)), upcast(weight_to_torch(weight, spec)),
+                          upcast(bias), spec=_nchw(spec), region_in=region_in,
+                          region_out=region_out, algorithm=algorithm)
+        return _back(from_nchw(y, layout), dtype)
+    check_algorithm(algorithm, _DENSE, "conv2d")
+    if algorithm == "reference":
+        return _back(reference.conv2d(upcast(input), upcast(weight), upcast(bias), spec), dtype)
+    y = native.conv2d(upcast(to_nchw(input, layout)), upcast(weight_to_torch(weight, spec)),
+                      upcast(bias), _nchw(spec))
+    return _back(from_nchw(y, layout), dtype)
+
+
+def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=1, groups=1,
+                 *, layout="NCHW", region_in=None, region_out=None, algorithm="auto"):
+    """Gradient of ``conv2d`` with respect to its input of shape ``input_size``, as
+    ``torch.nn.grad.conv2d_input``."""
+    spec = make_spec(weight.shape, stride, padding, dilation, groups, layout=layout,
+                     input_shape=input_size, grad_output_shape=grad_output.shape,
+                     input_name="input_size")
+    dtype = check_dtypes(grad_output=grad_output, weight=weight)
+    size = nchw_shape(input_size, layout)
+    if _regions(region_in, region_out):
+        from repfuse.core import region
+
+        gi = region.conv2d_input(size, upcast(weight_to_torch(weight, spec)),
+                                 upcast(to_nchw(grad_output, layout)), spec=_nchw(spec),
+                                 region_in=region_in, region_out=region_out,
+                                 algorithm=algorithm)
+        return _back(from_nchw(gi, layout), dtype)
+    check_algorithm(algorithm, _DENSE, "conv2d_input")
+    if algorithm == "reference":
+        gi = reference.conv2d_input(tuple(input_size), upcast(weight), upcast(grad_output), spec)
+        return _back(gi, dtype)
+    gi = native.conv2d_input(size, upcast(weight_to_torch(weight, spec)),
+                             upcast(to_nchw(grad_output, layout)), _nchw(spec))
+    return _back(from_nchw(gi, layout), dtype)
+
+
+def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1,
+                  *, layout="NCHW", region_in=None, region_out=None, in_channels=None,
+                  algorithm="auto"):
+    """Gradient of ``conv2d`` with respect to its weight of shape ``weight_size`` (in
+    ``layout``), as ``torch.nn.grad.conv2d_weight``. ``in_channels`` (index tensor or
+    slice) returns only the gradient of the selected input channels' weights."""
+    spec = make_spec(weight_size, stride, padding, dilation, groups, layout=layout,
+                     input_shape=input.shape, grad_output_shape=grad_output.shape,
+                     weight_name="weight_size")
+    dtype = check_dtypes(input=input, grad_output=grad_output)
+    if in_channels is not None:
+        if _regions(region_in, region_out):
+            raise ValueError("in_channels cannot be combined with region_in/region_out; "
+                             "compute the region-restricted gradient and index it")
+        from repfuse.core import sparse
+
+        # The input is passed as given (layout, dtype): only the selected channels may be
+        # read, so the selection happens before any conversion.
+        return sparse.conv2d_weight_sparse(input, tuple(weight_size), grad_output, spec,
+                                           in_channels, algorithm=algorithm)
+    if _regions(region_in, region_out):
+        from repfuse.core import region
+
+        gw = region.conv2d_weight(upcast(to_nchw(input, layout)), _nchw(spec).weight_shape,
+                                  upcast(to_nchw(grad_output, layout)), spec=_nchw(spec),
+                                  region_in=region_in, region_out=region_out,
+                                  algorithm=algorithm)
+        return _back(weight_from_torch(gw, spec), dtype)
+    check_algorithm(algorithm, _WEIGHT, "conv2d_weight")
+    if algorithm == "reference":
+        gw = reference.conv2d_weight(upcast(input), spec.weight_shape, upcast(grad_output), spec)
+        return _back(gw, dtype)
+    x, go, sn = upcast(to_nchw(input, layout)), upcast(to_nchw(grad_output, layout)), _nchw(spec)
+    if algorithm == "grouped":
+        from repfuse.core.grouped import conv2d_weight_grouped
+
+        gw = conv2d_weight_grouped(x, sn.weight_shape, go, sn)
+    else:
+        gw = native.conv2d_weight(x, sn.weight_shape, go, sn)
+    return _back(weight_from_torch(gw, spec), dtype)
+
+
+# ------------------------------------------------------------------ transposed
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1, *, layout="NCHW", algorithm="auto"):
+    """2-D transposed convolution, as ``torch.nn.functional.conv_transpose2d``. NHWC: input
+    (N, H, W, I), weight (O, KH, KW, I/groups) with O the output channels."""
+    spec = make_spec(weight.shape, stride, padding, dilation, groups, transposed=True,
+                     output_padding=output_padding, layout=layout, input_shape=input.shape)
+    dtype = check_dtypes(input=input, weight=weight, bias=bias)
+    _check_bias(bias, spec)
+    check_algorithm(algorithm, _DENSE, "conv_transpose2d")
+    if algorithm == "reference":
+        y = reference.conv_transpose2d(upcast(input), upcast(weight), upcast(bias), spec)
+        return _back(y, dtype)
+    y = native.conv_transpose2d(upcast(to_nchw(input, layout)),
+                                upcast(weight_to_torch(weight, spec)), upcast(bias), _nchw(spec))
+    return _back(from_nchw(y, layout), dtype)
+
+
+def conv_transpose2d_input(input_size, weight, grad_output, stride=1, padding=0,
+                           output_padding=0, groups=1, dilation=1, *, layout="NCHW",
+                           algorithm="auto"):
+    """Gradient of ``conv_transpose2d`` with respect to its input of shape ``input_size``."""
+    spec = make_spec(weight.shape, stride, padding, dilation, groups, transposed=True,
+                     output_padding=output_padding, layout=layout, input_shape=input_size,
+                     grad_output_shape=grad_output.shape, input_name="input_size")
+    dtype = check_dtypes(grad_output=grad_output, weight=weight)
+    check_algorithm(algorithm, _DENSE, "conv_transpose2d_input")
+    if algorithm == "reference":
+        gi = reference.conv_transpose2d_input(tuple(input_size), upcast(weight),
+                                              upcast(grad_output), spec)
+        return _back(gi, dtype)
+    gi = native.conv_transpose2d_input(nchw_shape(input_size, layout),
+                                       upcast(weight_to_torch(weight, spec)),
+                                       upcast(to_nchw(grad_output, layout)), _nchw(spec))
+    return _back(from_nchw(gi, layout), dtype)
+
+
+def conv_transpose2d_weight(input, weight_size, grad_output, stride=1, padding=0,
+                            output_padding=0, groups=1, dilation=1, *, layout="NCHW",
+                            algorithm="auto"):
+    """Gradient of ``conv_transpose2d`` with respect to its weight of shape ``weight_size``
+    (in ``layout``): the deconvolution grad filter."""
+    spec = make_spec(weight_size, stride, padding, dilation, groups, transposed=True,
+                     output_padding=output_padding, layout=layout, input_shape=input.shape,
+                     grad_output_shape=grad_output.shape, weight_name="weight_size")
+    dtype = check_dtypes(input=input, grad_output=grad_output)
+    check_algorithm(algorithm, _WEIGHT, "conv_transpose2d_weight")
+    if algorithm == "reference":
+        gw = reference.conv_transpose2d_weight(upcast(input), spec.weight_shape,
+                                               upcast(grad_output), spec)
+        return _back(gw, dtype)
+    x, go, sn = upcast(to_nchw(input, layout)), upcast(to_nchw(grad_output, layout)), _nchw(spec)
+    if algorithm == "grouped":
+        from repfuse.core.grouped import conv2d_weight_grouped
+
+        # The transposed convolution is the input gradient of ``conv``; its weight
+        # gradient is ``conv``'s, with the input and the output gradient swapped.
+        conv = transposed_as_conv(sn)
+        xf = fit_transposed_input(x, conv, spatial_size(go, "NCHW"), "NCHW")
+        gw = conv2d_weight_grouped(go, conv.weight_shape, xf, conv)
+    else:
+        gw = native.conv_transpose2d_weight(x, sn.weight_shape, go, sn)
+    return _back(weight_from_torch(gw, spec), dtype)
