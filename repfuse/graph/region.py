@@ -26,9 +26,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from repfuse import algebra as A
 from repfuse.core.spec import ConvSpec, Pad4, Pair
+from repfuse.errors import NotFusable
 
 
 @dataclass(eq=False)
@@ -114,3 +118,326 @@ class Pad(Node):
     padding: Pad4
     value: float | Tensor = 0.0
     name: str = ""
+    # True: pad with the value the input branch gives for a zero input (DBB's BN-and-pad);
+    # ``value`` is then ignored.
+    zero_response: bool = False
+
+
+# ---------------------------------------------------------------------------- functions
+# reduce / evaluate / describe / parameters / count_params. The reducer only calls the
+# algebra; ``evaluate`` is the independent reference (torch ops on activations).
+
+def _children(node: Node) -> tuple[Node, ...]:
+    if isinstance(node, (Add, Concat)):
+        return tuple(node.inputs)
+    if isinstance(node, Sub):
+        return (node.left, node.right)
+    if isinstance(node, Input):
+        return ()
+    return (node.input,)
+
+
+def _label(node: Node) -> str:
+    name = getattr(node, "name", "")
+    kind = type(node).__name__
+    return f"{kind} {name!r}" if name else kind
+
+
+def _walk(expr: Node) -> list[Node]:
+    """Nodes in post-order, each once (the expression may be a DAG)."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack: list[tuple[Node, bool]] = [(expr, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        for child in reversed(_children(node)):
+            stack.append((child, False))
+    return order
+
+
+def _region_dtype_device(expr: Node):
+
+    for node in _walk(expr):
+        for attr in ("weight", "running_mean", "factor", "value"):
+            t = getattr(node, attr, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+class _Identity:
+    """The region input, kept symbolic so that a conv on it costs no composition."""
+
+    def __init__(self, channels: int, dtype, device) -> None:
+        self.out_channels = channels
+        self.dtype = dtype
+        self.device = device
+
+    def conv(self):
+        return A.identity_conv(self.out_channels, dtype=self.dtype, device=self.device)
+
+
+def _affine(arg):
+    return arg.conv() if isinstance(arg, _Identity) else arg
+
+
+def _reduce_node(node: Node, args: list, dtype, device):
+    if isinstance(node, Input):
+        return _Identity(node.channels, dtype, device)
+    if isinstance(node, Conv):
+        spec = node.spec
+        if spec.transposed:
+            raise NotFusable("transposed convolution is not fused; leave it")
+        if spec.layout != "NCHW":
+            spec = spec.replace(layout="NCHW")
+        conv = A.AffineConv.from_tensors(node.weight, node.bias, spec)
+        if isinstance(args[0], _Identity):
+            if args[0].out_channels != spec.in_channels:
+                raise NotFusable(f"expects {spec.in_channels} input channels, the region "
+                                 f"input has {args[0].out_channels}")
+            return conv
+        return A.compose(args[0], conv)
+    if isinstance(node, BatchNorm):
+        return A.fold_bn(_affine(args[0]), node.running_mean, node.running_var, node.weight,
+                         node.bias, node.eps, name=_label(node))
+    if isinstance(node, AvgPool):
+        pool = A.avg_pool_conv(args[0].out_channels, node.kernel_size, node.stride,
+                               node.padding, count_include_pad=node.count_include_pad,
+                               ceil_mode=node.ceil_mode, divisor_override=node.divisor_override,
+                               dtype=args[0].dtype, device=args[0].device, name=_label(node))
+        return pool if isinstance(args[0], _Identity) else A.compose(args[0], pool)
+    args = [_affine(a) for a in args]
+    if isinstance(node, Scale):
+        return A.scale(args[0], node.factor)
+    if isinstance(node, Shift):
+        return A.shift(args[0], node.value)
+    if isinstance(node, Add):
+        return A.add(*args)
+    if isinstance(node, Sub):
+        return A.subtract(*args)
+    if isinstance(node, Neg):
+        return A.negate(args[0])
+    if isinstance(node, Concat):
+        return A.concat(*args)
+    if isinstance(node, Pad):
+        value = args[0].bias if node.zero_response else node.value
+        return A.pad_output(args[0], node.padding, value, name=_label(node))
+    raise NotFusable(f"{type(node).__name__} is not a linear region node")
+
+
+def reduce(expr: Node):
+    """The region as one ``AffineConv`` (float64, differentiable in the node tensors).
+
+    Raises ``NotFusable`` naming the node whose operation would not be exact."""
+
+    dtype, device = _region_dtype_device(expr)
+    memo: dict[int, object] = {}
+    for node in _walk(expr):
+        args = [memo[id(c)] for c in _children(node)]
+        try:
+            memo[id(node)] = _reduce_node(node, args, dtype, device)
+        except NotFusable as err:
+            if getattr(err, "node", None) is not None:
+                raise
+            new = NotFusable(f"{_label(node)}: {err}")
+            new.node = node  # type: ignore[attr-defined]
+            raise new from err
+        except ValueError as err:  # GeometryError from ConvSpec
+            new = NotFusable(f"{_label(node)}: {err}")
+            new.node = node  # type: ignore[attr-defined]
+            raise new from err
+    return _affine(memo[id(expr)])
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+def _channel_view(value, x: Tensor):
+
+    if isinstance(value, torch.Tensor):
+        v = value.to(x.dtype)
+        return v.reshape(-1, 1, 1) if v.numel() > 1 else v.reshape(())
+    return value
+
+
+def _cast(t, like: Tensor):
+    return None if t is None else t.to(like.dtype)
+
+
+def _evaluate_node(node: Node, args: list, x: Tensor) -> Tensor:
+
+    if isinstance(node, Input):
+        return x
+    if isinstance(node, Conv):
+        spec = node.spec
+        y = args[0]
+        if spec.padding_mode != "zeros":
+            t, b, l, r = spec.padding
+            y = F.pad(y, (l, r, t, b), mode=spec.padding_mode)
+            pad = (0, 0)
+        elif not spec.is_symmetric_padding:
+            t, b, l, r = spec.padding
+            y = F.pad(y, (l, r, t, b))
+            pad = (0, 0)
+        else:
+            pad = spec.torch_padding
+        bias = None if node.bias is None else node.bias.to(y.dtype)
+        return F.conv2d(y, node.weight.to(y.dtype), bias, spec.stride, pad, spec.dilation,
+                        spec.groups)
+    if isinstance(node, BatchNorm):
+        y = args[0]
+        stats = node.running_mean is not None and node.running_var is not None
+        return F.batch_norm(y, _cast(node.running_mean, y), _cast(node.running_var, y),
+                            _cast(node.weight, y), _cast(node.bias, y), not stats, 0.0,
+                            node.eps)
+    if isinstance(node, AvgPool):
+        y = args[0]
+        stride = node.kernel_size if node.stride is None else node.stride
+        pads = ConvSpec(1, 1, node.kernel_size, stride, node.padding).padding
+        t, b, l, r = pads
+        if t == b and l == r:
+            return F.avg_pool2d(y, node.kernel_size, stride, (t, l), node.ceil_mode,
+                                node.count_include_pad, node.divisor_override)
+        padded = F.pad(y, (l, r, t, b))
+        total = F.avg_pool2d(padded, node.kernel_size, stride, 0, node.ceil_mode, True,
+                             divisor_override=1)
+        if node.divisor_override:
+            return total / node.divisor_override
+        if node.count_include_pad:
+            return total / (node.kernel_size[0] * node.kernel_size[1])
+        ones = F.pad(torch.ones_like(y[:1, :1]), (l, r, t, b))
+        count = F.avg_pool2d(ones, node.kernel_size, stride, 0, node.ceil_mode, True,
+                             divisor_override=1)
+        return total / count
+    if isinstance(node, Scale):
+        return args[0] * _channel_view(node.factor, args[0])
+    if isinstance(node, Shift):
+        return args[0] + _channel_view(node.value, args[0])
+    if isinstance(node, Add):
+        out = args[0]
+        for a in args[1:]:
+            out = out + a
+        return out
+    if isinstance(node, Sub):
+        return args[0] - args[1]
+    if isinstance(node, Neg):
+        return -args[0]
+    if isinstance(node, Concat):
+        return torch.cat(args, 1)
+    if isinstance(node, Pad):
+        y = args[0]
+        t, b, l, r = ConvSpec(1, 1, 1, padding=node.padding).padding
+        if node.zero_response:
+            zero = torch.zeros_like(x[:1, :, :1, :1])
+            value = evaluate(node.input, zero).reshape(-1)
+        else:
+            value = node.value
+        padded = F.pad(y, (l, r, t, b))
+        mask = F.pad(torch.zeros_like(y[:1, :1]), (l, r, t, b), value=1.0)
+        return padded + mask * _channel_view(value, y)
+    raise TypeError(f"{type(node).__name__} is not a region node")
+
+
+def evaluate(expr: Node, x: Tensor) -> Tensor:
+    """The region's training form applied to ``x`` with torch ops (the reference)."""
+    memo: dict[int, Tensor] = {}
+    for node in _walk(expr):
+        memo[id(node)] = _evaluate_node(node, [memo[id(c)] for c in _children(node)], x)
+    return memo[id(expr)]
+
+
+# ---------------------------------------------------------------------------- describe
+
+def _describe_node(node: Node, args: list[list[str]]) -> list[str]:
+    if isinstance(node, Input):
+        return ["identity"]
+    if isinstance(node, (Add, Concat)):
+        out = [s for a in args for s in a]
+        return out if isinstance(node, Add) else ["cat(" + ", ".join(out) + ")"]
+    if isinstance(node, Sub):
+        return args[0] + ["-" + s for s in args[1]]
+    if isinstance(node, Neg):
+        return ["-" + s for s in args[0]]
+    if isinstance(node, Conv):
+        mine = node.spec.describe()
+    elif isinstance(node, BatchNorm):
+        mine = "bn"
+    elif isinstance(node, AvgPool):
+        k = ConvSpec(1, 1, node.kernel_size).kernel_size
+        mine = f"avgpool{k[0]}x{k[1]}"
+    elif isinstance(node, Scale):
+        mine = "scale"
+    elif isinstance(node, Shift):
+        mine = "shift"
+    else:
+        mine = "pad"
+    child = args[0]
+    if len(child) == 1:
+        return [mine if child[0] == "identity" else f"{child[0]}+{mine}"]
+    return ["(" + ", ".join(child) + f")+{mine}"]
+
+
+def describe(expr: Node) -> list[str]:
+    """Branch kinds, e.g. ``["conv3x3+bn", "conv1x1+bn", "bn"]``."""
+    memo: dict[int, list[str]] = {}
+    for node in _walk(expr):
+        memo[id(node)] = _describe_node(node, [memo[id(c)] for c in _children(node)])
+    return memo[id(expr)]
+
+
+# ---------------------------------------------------------------------------- parameters
+
+_TENSOR_FIELDS = {
+    Conv: ("weight", "bias"),
+    BatchNorm: ("weight", "bias"),
+    Scale: ("factor",),
+    Shift: ("value",),
+    Pad: ("value",),
+}
+
+
+def parameters(expr: Node) -> dict[str, Tensor]:
+    """The tensors the fused (weight, bias) is differentiable in, keyed
+    ``"<node name>.<field>"`` (conv weight/bias, BN weight/bias, tensor scale/shift/pad
+    values). BN running statistics are buffers and are not included."""
+
+    out: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for node in _walk(expr):
+        fields = _TENSOR_FIELDS.get(type(node), ())
+        if not fields:
+            continue
+        kind = type(node).__name__.lower()
+        base = getattr(node, "name", "") or f"{kind}{counts.get(kind, 0)}"
+        counts[kind] = counts.get(kind, 0) + 1
+        for f in fields:
+            t = getattr(node, f, None)
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = f"{base}.{f}"
+            if key in out and out[key] is not t:
+                n = 2
+                while f"{base}#{n}.{f}" in out:
+                    n += 1
+                key = f"{base}#{n}.{f}"
+            out[key] = t
+    return out
+
+
+def count_params(expr: Node) -> int:
+    """Number of parameter elements of the region, shared tensors counted once."""
+    seen: set = set()
+    total = 0
+    for t in parameters(expr).values():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel()
+    return total

@@ -1,0 +1,162 @@
+"""``AffineConv``: an affine convolution y = W * x + b with its ``ConvSpec``.
+
+Weights and biases are held in float64; ``dtype`` is the dtype the result is cast
+back to by ``to_module``. Every operation in ``repfuse.algebra`` is built from
+differentiable torch ops, so the map from branch parameters to (weight, bias) can be
+differentiated with autograd (its adjoint is the re-parameterization's weight-grad map).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from repfuse.core.spec import ConvSpec
+from repfuse.errors import NotFusable
+
+WORK_DTYPE = torch.float64
+
+_PAD_MODULES = {
+    "zeros": nn.ZeroPad2d,
+    "reflect": nn.ReflectionPad2d,
+    "replicate": nn.ReplicationPad2d,
+    "circular": getattr(nn, "CircularPad2d", None),
+}
+
+
+def promote_dtypes(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype a combination of branches is cast back to (torch's promotion)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _torch_pad(padding) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) as F.pad's (left, right, top, bottom)."""
+    t, b, l, r = padding
+    return (l, r, t, b)
+
+
+@dataclass(eq=False)
+class AffineConv:
+    """y = conv(x, weight, spec) + bias, with weight (O, I/g, KH, KW) and bias (O,) in float64."""
+
+    weight: Tensor
+    bias: Tensor
+    spec: ConvSpec
+    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec.transposed:
+            raise NotFusable(f"{self.spec.describe()}: transposed convolutions are not affine "
+                             "convolutions of the algebra; leave them unfused")
+        if self.spec.layout != "NCHW":
+            self.spec = self.spec.replace(layout="NCHW")
+        self.spec.check_weight(tuple(self.weight.shape))
+        if tuple(self.bias.shape) != (self.spec.out_channels,):
+            raise NotFusable(f"bias has shape {list(self.bias.shape)}, expected "
+                             f"[{self.spec.out_channels}] for {self.spec.describe()}")
+        if self.weight.dtype != WORK_DTYPE:
+            self.weight = self.weight.to(WORK_DTYPE)
+        if self.bias.dtype != WORK_DTYPE:
+            self.bias = self.bias.to(WORK_DTYPE)
+        if self.device is None:
+            self.device = self.weight.device
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_tensors(cls, weight: Tensor, bias: Tensor | None, spec: ConvSpec,
+                     dtype: torch.dtype | None = None) -> AffineConv:
+        """An affine conv from a weight in torch's layout and an optional bias."""
+        if bias is None:
+            bias = torch.zeros(spec.out_channels, dtype=WORK_DTYPE, device=weight.device)
+        if dtype is None:
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        return cls(weight.to(WORK_DTYPE), bias.to(WORK_DTYPE), spec, dtype, weight.device)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> AffineConv:
+        """The affine conv computed by ``conv`` (its live parameters, cast to float64)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise NotFusable(f"{type(conv).__name__} is not an nn.Conv2d")
+        if isinstance(conv.padding, str):
+            spec = ConvSpec(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                            conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        else:
+            spec = ConvSpec.from_module(conv)
+        return cls.from_tensors(conv.weight, conv.bias, spec)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def padding_mode(self) -> str:
+        return self.spec.padding_mode
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.spec.out_channels
+
+    def replace(self, **changes) -> AffineConv:
+        """A copy with some of weight, bias, spec, dtype, device replaced."""
+        fields = dict(weight=self.weight, bias=self.bias, spec=self.spec, dtype=self.dtype,
+                      device=self.device)
+        fields.update(changes)
+        return AffineConv(**fields)
+
+    # ------------------------------------------------------------------ evaluation
+    def forward(self, x: Tensor) -> Tensor:
+        """Evaluate in float64 with torch ops (reference for tests)."""
+        x = x.to(WORK_DTYPE)
+        spec = self.spec
+        if spec.padding_mode == "zeros" and spec.is_symmetric_padding:
+            padding = spec.torch_padding
+        else:
+            mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+            x = F.pad(x, _torch_pad(spec.padding), mode=mode)
+            padding = (0, 0)
+        return F.conv2d(x, self.weight, self.bias, spec.stride, padding, spec.dilation,
+                        spec.groups)
+
+    __call__ = forward
+
+    def cast_error(self) -> float:
+        """Max abs rounding error of casting the float64 weight and bias to ``dtype``."""
+        with torch.no_grad():
+            err = 0.0
+            for t in (self.weight, self.bias):
+                if t.numel():
+                    back = t.to(self.dtype).to(WORK_DTYPE)
+                    err = max(err, float((back - t).abs().max()))
+            return err
+
+    def to_module(self) -> nn.Module:
+        """An ``nn.Conv2d`` (dtype, device and padding_mode preserved, bias materialised),
+        or ``nn.Sequential(pad, nn.Conv2d)`` when the padding is asymmetric."""
+        spec = self.spec
+        symmetric = spec.is_symmetric_padding
+        conv = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+                         spec.torch_padding if symmetric else 0, spec.dilation, spec.groups,
+                         bias=True, padding_mode=spec.padding_mode if symmetric else "zeros",
+                         device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.detach().to(self.dtype))
+            conv.bias.copy_(self.bias.detach().to(self.dtype))
+        if symmetric:
+            return conv
+        pad_cls = _PAD_MODULES[spec.padding_mode]
+        if pad_cls is None:
+            raise NotFusable(f"asymmetric {spec.padding_mode} padding {spec.padding} needs "
+                             "nn.CircularPad2d (torch >= 2.1)")
+        return nn.Sequential(pad_cls(_torch_pad(spec.padding)), conv)
+
+    def describe(self) -> str:
+        return self.spec.describe()

@@ -1,0 +1,120 @@
+"""Sequential composition (this conv, then that conv) and constant padding of an output.
+
+then(first(x)) reads ``x`` at ``o * s1 * s2 + j * d2 * s1 + t * d1 - (p2 * s1 + p1)`` for
+taps t of ``first`` and j of ``then``: one convolution with stride ``s1 * s2``, whose
+kernel is the (strided, dilated) full correlation of the two kernels. It is exact when
+``then`` reads no padding, or when the padding ``then`` adds commutes with ``first``:
+``first`` is pointwise (1x1 taps, no padding) and either ``then`` pads by replication
+(reflect, replicate, circular) or ``first`` maps a zero input to zero (no bias).
+The padded-with-bias case of DBB (pad with the value ``first`` gives a zero input) is
+``pad_output(first, padding, value=first's bias)``, which is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from repfuse.algebra.affine import AffineConv, promote_dtypes
+from repfuse.algebra.embed import reads_padding, regroup
+from repfuse.algebra.scaling import _channel_vector
+from repfuse.core.spec import ConvSpec
+from repfuse.errors import NotFusable
+
+
+def is_pointwise(spec: ConvSpec) -> bool:
+    """Each output reads exactly one input position, with no padding."""
+    return spec.kernel_size == (1, 1) and not reads_padding(spec)
+
+
+def _bias_is_zero(conv: AffineConv) -> bool:
+    return bool((conv.bias.detach() == 0).all())
+
+
+def compose(first: AffineConv, then: AffineConv) -> AffineConv:
+    """then(first(x)) as one affine convolution (refused where it would not be exact)."""
+    a, b = first.spec, then.spec
+    if first.out_channels != then.in_channels:
+        raise NotFusable(f"{then.describe()} expects {then.in_channels} channels but "
+                         f"{first.describe()} produces {first.out_channels}")
+    if reads_padding(b):
+        if not is_pointwise(a):
+            raise NotFusable(
+                f"{then.describe()} pads (padding {b.padding}) the output of "
+                f"{first.describe()}, which is not pointwise: the padded border is not the "
+                "first conv applied to a padded input; leave these convs unfused")
+        if b.padding_mode == "zeros" and not _bias_is_zero(first):
+            raise NotFusable(
+                f"{then.describe()} zero-pads the output of {first.describe()}, which has a "
+                "bias: the bias would pass through the zero padding (exact only in the "
+                "interior); pad with the bias value (BN-and-pad) or drop the padding")
+        if b.padding_mode != "zeros" and a.stride != (1, 1):
+            raise NotFusable(f"{then.describe()} pads by {b.padding_mode!r} the strided "
+                             f"output of {first.describe()}; not a padding of the input")
+        mode = b.padding_mode
+    else:
+        mode = a.padding_mode
+    groups = math.gcd(a.groups, b.groups)
+    first_g, then_g = regroup(first, groups), regroup(then, groups)
+
+    kernel, stride, dilation, padding, rate_a, rate_b = [], [], [], [], [], []
+    for axis in range(2):
+        sa, sb = a.stride[axis], b.stride[axis]
+        da, db = a.dilation[axis], b.dilation[axis]
+        ka, kb = a.kernel_size[axis], b.kernel_size[axis]
+        (alo, ahi), (blo, bhi) = a.padding_pairs[axis], b.padding_pairs[axis]
+        d = math.gcd(da if ka > 1 else 0, db * sa if kb > 1 else 0) or 1
+        rate_a.append(da // d if ka > 1 else 1)
+        rate_b.append(db * sa // d if kb > 1 else 1)
+        kernel.append((ka - 1) * rate_a[-1] + (kb - 1) * rate_b[-1] + 1)
+        stride.append(sa * sb)
+        dilation.append(d)
+        padding += [blo * sa + alo, bhi * sa + ahi]
+    spec = ConvSpec(a.in_channels, b.out_channels, tuple(kernel), tuple(stride),
+                    tuple(padding), tuple(dilation), groups, mode)
+
+    # weight: W[o, i, t * ra + j * rb] = sum_m B[o, m, j] A[m, i, t], per group, as one
+    # grouped transposed convolution of B (batch = outputs per group) with A.
+    wa, wb = first_g.weight, then_g.weight
+    o, mpg, kbh, kbw = wb.shape
+    opg = o // groups
+    inp = wb.reshape(groups, opg, mpg, kbh, kbw).transpose(0, 1)
+    inp = inp.reshape(opg, groups * mpg, kbh, kbw)
+    w = F.conv_transpose2d(inp, wa, stride=tuple(rate_b), dilation=tuple(rate_a),
+                           groups=groups)
+    ipg = wa.shape[1]
+    w = w.reshape(opg, groups, ipg, kernel[0], kernel[1]).transpose(0, 1)
+    w = w.reshape(o, ipg, kernel[0], kernel[1])
+    # bias: b_B + sum_{m, j} B[o, m, j] b_A[m]
+    bsum = wb.sum((2, 3)).reshape(groups, opg, mpg)
+    bias = then_g.bias + torch.einsum("gom,gm->go", bsum,
+                                      first_g.bias.reshape(groups, mpg)).reshape(o)
+    return AffineConv(w, bias, spec, promote_dtypes(first.dtype, then.dtype), first.device)
+
+
+def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> AffineConv:
+    """F.pad(conv(x), padding, value) with a scalar or per-channel ``value``.
+
+    Exact when ``conv`` is pointwise and ``value`` equals its bias (the value a zero input
+    gives, DBB's BN-and-pad): the result pads the input with zeros instead. ``padding`` is
+    (top, bottom, left, right)."""
+    spec = conv.spec
+    pad = ConvSpec(1, 1, 1, padding=padding).padding
+    if not is_pointwise(spec):
+        raise NotFusable(f"{name}: padding the output of {conv.describe()} (padding "
+                         f"{spec.padding}) is not a padding of its input; leave it unfused")
+    v = _channel_vector(value, conv.out_channels, f"{name} value", conv.device)
+    vt = v if isinstance(v, torch.Tensor) else torch.full_like(conv.bias, v)
+    tol = 64 * torch.finfo(conv.dtype).eps * (1.0 + conv.bias.detach().abs())
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        tol = torch.maximum(tol, 64 * torch.finfo(value.dtype).eps * (1.0 + vt.detach().abs()))
+    if not bool(((vt.detach() - conv.bias.detach()).abs() <= tol).all()):
+        raise NotFusable(f"{name}: pads the output of {conv.describe()} with a value that is "
+                         "not the value it gives for a zero input (its bias); the border would "
+                         "differ from a padded input, so this is not one convolution")
+    sh, sw = spec.stride
+    t, b, l, r = pad
+    new = spec.replace(padding=(t * sh, b * sh, l * sw, r * sw), padding_mode="zeros")
+    return conv.replace(spec=new)
