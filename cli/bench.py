@@ -1,0 +1,216 @@
+"""``repfuse bench``: latency of the training form against the fused form."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+from repfuse.cli.context import set_stage
+from repfuse.cli.measure import latency_ms
+from repfuse.cli.options import model_options, output_options
+from repfuse.cli.pipeline import fuse_source
+from repfuse.cli.render import consoles, status, write_json
+from repfuse.cli.source import load_source
+from rich.table import Table
+
+import repfuse
+from repfuse.checkpoint import first_line
+from repfuse.errors import InputError
+from repfuse.io import atomic_write, check_output_path, same_file
+
+
+def _need_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib, which is not installed; "
+                         "pip install 'repfuse[plot]'") from None
+    return plt
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ort_runner(proto, threads):
+    from repfuse.onnx_io import ort_session
+
+    session = ort_session(proto, optimize=True, threads=threads)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def _export(model, x, folder: str, name: str):
+    import onnx
+
+    path = os.path.join(folder, name)
+    repfuse.export_onnx(model, (x,), path, check=False)
+    return onnx.load(path)
+
+
+def _torch_rows(source, fused, x, opts, notes):
+    rows = []
+    train = source.model.eval()
+    rows.append(("torch eager, NCHW", latency_ms(train, x, **opts), latency_ms(fused, x, **opts)))
+    cl = torch.channels_last
+    train_cl = copy.deepcopy(train).to(memory_format=cl)
+    fused_cl = copy.deepcopy(fused).to(memory_format=cl)
+    x_cl = x.contiguous(memory_format=cl)
+    rows.append(("torch eager, channels_last", latency_ms(train_cl, x_cl, **opts),
+                 latency_ms(fused_cl, x_cl, **opts)))
+    return rows
+
+
+def _ort_rows(source, result, x, opts, threads, notes):
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        notes.append("onnxruntime not installed: ONNX Runtime row skipped "
+                     "(pip install 'repfuse[onnxruntime]')")
+        return []
+    try:
+        if source.kind == "onnx":
+            train_proto, fused_proto = source.model, result.model
+            shape = source.input_shape
+        else:
+            with tempfile.TemporaryDirectory(prefix="repfuse-bench-") as tmp:
+                train_proto = _export(source.model, x, tmp, "train.onnx")
+                fused_proto = _export(result.model, x, tmp, "fused.onnx")
+            shape = tuple(x.shape)
+        xa = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
+        train_run = _ort_runner(train_proto, threads)
+        fused_run = _ort_runner(fused_proto, threads)
+        return [("ONNX Runtime (all graph optimizations)", latency_ms(train_run, xa, **opts),
+                 latency_ms(fused_run, xa, **opts))]
+    except Exception as exc:   # a backend that cannot run the model is a note, not a failure
+        notes.append(f"ONNX Runtime row skipped: {type(exc).__name__}: {first_line(exc)}")
+        return []
+
+
+def _table(rows, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("backend")
+    table.add_column("training form (ms)", justify="right")
+    table.add_column("fused (ms)", justify="right")
+    table.add_column("speedup", justify="right")
+    for name, before, after in rows:
+        table.add_row(name, f"{before:.3f}", f"{after:.3f}", f"{before / after:.2f}x")
+    return table
+
+
+def _plot(plt, rows, title: str, path, force: bool, inputs) -> None:
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.9 * len(rows)))
+    ys = range(len(rows))
+    h = 0.38
+    ax.barh([y + h / 2 for y in ys], [r[1] for r in rows], h, label="training form")
+    ax.barh([y - h / 2 for y in ys], [r[2] for r in rows], h, label="fused")
+    ax.set_yticks(list(ys), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("median latency (ms)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=force,
+                     inputs=inputs)
+    finally:
+        plt.close(fig)
+
+
+@click.command()
+@model_options
+@click.option("--repeat", "-r", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="Timed runs per measurement (the median is reported).")
+@click.option("--warmup", type=click.IntRange(0, 1000), default=3, show_default=True,
+              help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Threads for torch and ONNX Runtime [default: torch's current setting].")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX Runtime measurement.")
+@click.option("--plot", metavar="FILE.png", type=click.Path(dir_okay=False),
+              help="Also draw the table as a bar chart (needs matplotlib: repfuse[plot]).")
+@click.option("--force", "-f", is_flag=True, help="Replace the --plot file if it exists.")
+@output_options
+@click.pass_context
+def bench(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, input_shape, seed,
+          repeat, warmup, threads, no_onnx, plot, force, json_path, quiet):
+    """Latency of the training form against the fused form: torch eager (NCHW and
+    channels_last) and ONNX Runtime when installed, median of --repeat runs, in one process.
+
+    Takes the same model options as `repfuse convert`; the fused model is verified first.
+
+    \b
+    Examples:
+      repfuse bench --arch repvgg_a0 --input-shape 1,3,224,224 --threads 2
+      repfuse bench train.onnx --plot bench.png
+    """
+    out, err = consoles(quiet)
+    set_stage(ctx, "load")
+    inputs = [p for p in (model_file, weights) if p]
+    plt = None
+    if plot is not None:
+        plt = _need_matplotlib()
+        if Path(plot).suffix.lower() != ".png":
+            raise InputError(f"--plot {plot!r}: give a .png file name")
+        check_output_path(plot, inputs=inputs, force=force)
+    if json_path is not None:
+        if plot is not None and same_file(json_path, plot):
+            raise click.UsageError("--json and --plot name the same file; give two paths")
+        check_output_path(json_path, inputs=inputs, force=True)
+    with status(err, "loading the model"):
+        source = load_source(model_file=model_file, arch=arch, factory=factory,
+                             timm_name=timm_name, weights=weights, input_shape=input_shape,
+                             trust_pickle=trust_pickle, seed=seed)
+    for note in source.notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+    set_stage(ctx, "fuse")
+    with status(err, "fusing and verifying"):
+        result, x = fuse_source(source, verify=True, seed=seed)
+    if not result.report.ok:
+        from repfuse.cli.context import Failure
+        from repfuse.cli.render import failure_summary
+
+        raise Failure(f"verification failed: {failure_summary(result.report)}; "
+                      "not benchmarking a model that differs", 1)
+
+    set_stage(ctx, "bench")
+    opts = {"repeat": repeat, "warmup": warmup}
+    notes: list[str] = []
+    rows = []
+    with _threads(threads), status(err, "timing"):
+        if source.kind == "torch":
+            rows += _torch_rows(source, result.model.eval(), x, opts, notes)
+        if not no_onnx:
+            rows += _ort_rows(source, result, x, opts, threads or torch.get_num_threads(), notes)
+    if not rows:
+        raise InputError("nothing to measure: an ONNX model needs onnxruntime "
+                         "(drop --no-onnx or install onnxruntime)")
+    n_threads = threads or torch.get_num_threads()
+    title = (f"{source.label}, input {','.join(map(str, source.input_shape))}, "
+             f"{n_threads} thread(s), median of {repeat}")
+    out.print(_table(rows, title))
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+    if plt is not None:
+        _plot(plt, rows, title, plot, force, inputs)
+        out.print(f"wrote {plot}")
+    if json_path:
+        write_json(json_path, {
+            "command": "bench", "model": source.label, "input_shape": list(source.input_shape),
+            "threads": n_threads, "repeat": repeat, "notes": notes,
+            "rows": [{"backend": n, "training_ms": b, "fused_ms": a, "speedup": b / a}
+                     for n, b, a in rows]}, inputs=inputs)

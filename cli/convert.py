@@ -1,0 +1,145 @@
+"""``repfuse convert``: training form in, verified inference form out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from repfuse.cli.context import Failure, set_stage
+from repfuse.cli.options import model_options, output_options, tol_option
+from repfuse.cli.pipeline import figures, figures_dict, fuse_source
+from repfuse.cli.render import (
+    consoles,
+    failure_summary,
+    ops_table,
+    regions_table,
+    sci,
+    status,
+    summary_table,
+    write_json,
+)
+from repfuse.cli.source import load_source
+
+import repfuse
+from repfuse.errors import InputError
+from repfuse.io import (
+    OUTPUT_FORMATS,
+    atomic_write,
+    check_output_path,
+    output_format,
+    plain_state_dict,
+    same_file,
+    write_exported_program,
+    write_onnx_proto,
+    write_state_dict,
+)
+
+
+def _writer(fmt: str, source, result, x, *, check: bool, tol):
+    """A function writing the fused model to a given (temporary) path in format ``fmt``."""
+    if source.kind == "onnx":
+        if fmt != ".onnx":
+            raise InputError(f"an ONNX model can only be written as .onnx, not {fmt}; "
+                             "give an output ending in .onnx")
+        return lambda tmp: write_onnx_proto(result.model, tmp)
+    fused = result.model.eval()
+    if fmt == ".onnx":
+        return lambda tmp: repfuse.export_onnx(fused, (x,), os.fspath(tmp), check=check, tol=tol)
+    if fmt == ".pt2":
+        return lambda tmp: write_exported_program(fused, (x,), tmp)
+    return lambda tmp: write_state_dict(plain_state_dict(fused), tmp)
+
+
+def _verified_text(report) -> str:
+    if not report.verified:
+        return "not verified (--no-verify)"
+    errs = [r.max_abs_err for r in report.fused]
+    if report.model_checks is not None:
+        errs += [c.max_abs for c in report.model_checks.checks]
+    return f"verified, max abs err {sci(max(errs))}" if errs else "verified"
+
+
+@click.command()
+@model_options
+@click.option("-o", "--output", required=True, metavar="OUTPUT",
+              type=click.Path(dir_okay=False),
+              help="Output file; its suffix picks the format: .onnx (ONNX), .pt2 (torch.export "
+                   "program), .safetensors or .pt (state dict of the fused model).")
+@click.option("--force", "-f", is_flag=True, help="Replace OUTPUT if it exists "
+              "(never an input file).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the equivalence checks (not recommended).")
+@tol_option
+@output_options
+@click.pass_context
+def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, input_shape, seed,
+            output, force, no_verify, tol, json_path, quiet):
+    """Fuse every linear multi-branch region into one conv, verify, and write OUTPUT.
+
+    The model is MODEL_FILE (.onnx; .pt2 or a pickled nn.Module with --trust-pickle) or comes
+    from --arch, --factory or --timm, with weights from --weights. Without --weights, seeded
+    random weights with realistic BatchNorm statistics are used (and the output says so).
+
+    OUTPUT is written atomically, only when every check passes (exit 1 otherwise); an existing
+    file is replaced only with --force, and an input file never.
+
+    \b
+    Examples:
+      repfuse convert --arch repvgg_a0 --weights RepVGG-A0-train.pth -o repvgg_a0.onnx
+      repfuse convert train.onnx -o deploy.onnx
+      repfuse convert --factory mynets.py:build --weights last.safetensors -o deploy.pt2
+    """
+    out, err = consoles(quiet)
+    set_stage(ctx, "load")
+    fmt = output_format(output, OUTPUT_FORMATS)
+    inputs = [p for p in (model_file, weights) if p]
+    check_output_path(output, inputs=inputs, force=force)
+    if json_path is not None:
+        if same_file(json_path, output):
+            raise click.UsageError("--json and -o name the same file; give two paths")
+        check_output_path(json_path, inputs=inputs, force=True)
+
+    with status(err, "loading the model"):
+        source = load_source(model_file=model_file, arch=arch, factory=factory,
+                             timm_name=timm_name, weights=weights, input_shape=input_shape,
+                             trust_pickle=trust_pickle, seed=seed)
+    for note in source.notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+    if source.kind == "onnx" and fmt != ".onnx":
+        raise InputError(f"an ONNX model can only be written as .onnx, not {fmt}; "
+                         "give an output ending in .onnx")
+
+    set_stage(ctx, "fuse")
+    with status(err, "fusing" + ("" if no_verify else " and verifying each region")):
+        result, x = fuse_source(source, verify=not no_verify, tol=tol, seed=seed)
+    report = result.report
+    rows = figures(source, result, x)
+    data = {"command": "convert", "model": source.label, "kind": source.kind,
+            "input_shape": list(source.input_shape), "output": os.fspath(output),
+            "format": fmt, "notes": source.notes, "figures": figures_dict(rows),
+            "written": False, "report": report.to_dict()}
+
+    out.print(regions_table(report, title=f"{source.label}: regions"))
+    if source.kind == "onnx" and (report.ops_before or report.ops_after):
+        out.print(ops_table(report.ops_before, report.ops_after))
+    out.print(summary_table(rows))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+
+    if not report.ok:
+        if json_path:
+            write_json(json_path, data, inputs=inputs)
+        raise Failure(f"verification failed: {failure_summary(report)}; nothing written", 1)
+
+    set_stage(ctx, "write")
+    write = _writer(fmt, source, result, x, check=not no_verify, tol=tol)
+    with status(err, f"writing {output}"):
+        path = atomic_write(output, write, force=force, inputs=inputs)
+    data["written"] = True
+    if json_path:
+        write_json(json_path, data, inputs=inputs + [path])
+    params = next((a for n, _, a in rows if n == "parameters"), None)
+    fused, skipped = len(report.fused), len(report.skipped)
+    out.print(f"wrote {Path(path)} ({OUTPUT_FORMATS[fmt]}; {fused} region(s) fused, "
+              f"{skipped} left alone; {params:,} parameters; {_verified_text(report)})")

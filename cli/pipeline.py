@@ -1,0 +1,47 @@
+"""The steps convert / inspect / bench share: fuse a loaded source, gather its figures."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+
+from repfuse.cli.measure import count_macs, count_params
+from repfuse.cli.source import Source
+
+import repfuse
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in pyinspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def fuse_source(source: Source, *, verify: bool, tol=None, seed: int = 0):
+    """``repfuse.fuse`` (torch) or ``repfuse.fuse_onnx`` (ONNX) on the source's model.
+
+    Returns ``(result, example_input)``; the example input is None for ONNX sources.
+    """
+    if source.kind == "onnx":
+        kwargs = {"verify": verify}
+        if tol is not None and _accepts(repfuse.fuse_onnx, "tol"):
+            kwargs["tol"] = tol
+        return repfuse.fuse_onnx(source.model, **kwargs), None
+    x = source.example_input(seed)
+    return repfuse.fuse(source.model, x, verify=verify, tol=tol), x
+
+
+def figures(source: Source, result, x) -> list[tuple[str, object, object]]:
+    """(name, training form, fused) rows: parameters, and MACs for torch models."""
+    report = result.report
+    if source.kind == "onnx":
+        return [("parameters", report.params_before, report.params_after),
+                ("nodes", sum(report.ops_before.values()), sum(report.ops_after.values()))]
+    before, after = count_params(source.model), count_params(result.model)
+    rows = [("parameters", before, after)]
+    rows.append(("MACs", count_macs(source.model, x), count_macs(result.model, x)))
+    return rows
+
+
+def figures_dict(rows) -> dict:
+    return {name.lower(): {"before": b, "after": a} for name, b, a in rows}

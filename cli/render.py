@@ -1,0 +1,131 @@
+"""Rich rendering of reports; the library returns reports, only the CLI prints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from rich.console import Console
+from rich.table import Table
+
+from repfuse.io import atomic_write
+
+
+def consoles(quiet: bool) -> tuple[Console, Console]:
+    """(stdout console for results, stderr console for progress and notes)."""
+    out = Console(quiet=quiet, highlight=False, soft_wrap=False)
+    err = Console(stderr=True, quiet=quiet, highlight=False)
+    return out, err
+
+
+def status(err: Console, text: str):
+    """A spinner on a terminal, one dim line otherwise; nothing when quiet."""
+    if err.quiet:
+        return contextlib.nullcontext()
+    if err.is_terminal:
+        return err.status(text)
+    err.print(f"[dim]{text}[/dim]")
+    return contextlib.nullcontext()
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _change(before, after) -> str:
+    if not before or after is None:
+        return ""
+    return f"{(after - before) / before * 100:+.1f}%"
+
+
+def regions_table(report, *, title: str = "Regions") -> Table:
+    """One row per region: where, what branches, what it became, params, error or reason."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("region", overflow="fold")
+    table.add_column("branches", overflow="fold")
+    table.add_column("becomes")
+    table.add_column("params", justify="right")
+    table.add_column("max abs err / reason", overflow="fold")
+    for r in report.regions:
+        params = f"{human(r.params_before)} -> {human(r.params_after)}"
+        if r.status == "fused":
+            err = sci(r.max_abs_err) if r.proofs is not None or r.max_abs_err else "not checked"
+            last = err if r.ok else f"[red]FAILED {sci(r.max_abs_err)}[/red]"
+            becomes = r.result or "conv"
+        else:
+            last, becomes, params = f"[yellow]left alone:[/yellow] {r.reason}", "-", ""
+        table.add_row(r.path or "(model)", " + ".join(r.branches), becomes, params, last)
+    return table
+
+
+def summary_table(rows: list[tuple[str, object, object]], *, title: str = "Model") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("training form", justify="right")
+    table.add_column("fused", justify="right")
+    table.add_column("change", justify="right")
+    for name, before, after in rows:
+        if isinstance(before, dict) or isinstance(after, dict):
+            continue
+        table.add_row(name, human(before), human(after),
+                      _change(before, after) if isinstance(before, (int, float)) else "")
+    return table
+
+
+def ops_table(before: dict[str, int], after: dict[str, int]) -> Table:
+    table = Table(title="ONNX nodes by op type", title_justify="left")
+    table.add_column("op")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for op in sorted(set(before) | set(after)):
+        table.add_row(op, str(before.get(op, 0)), str(after.get(op, 0)))
+    return table
+
+
+def checks_table(checks, *, title: str = "Checks") -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, just in (("check", "left"), ("max abs", "right"), ("max rel", "right"),
+                      ("atol", "right"), ("rtol", "right"), ("", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for c in checks:
+        table.add_row(c.name, sci(c.max_abs), sci(c.max_rel), sci(c.atol), sci(c.rtol),
+                      "[green]ok[/green]" if c.ok else "[red]MISMATCH[/red]")
+    return table
+
+
+def failure_summary(report) -> str:
+    """A one-line account of what failed in a fuse or verify report."""
+    parts = []
+    for r in getattr(report, "regions", []):
+        if not r.ok:
+            fails = r.proofs.failures if r.proofs is not None else []
+            what = ", ".join(f"{c.name} max abs {c.max_abs:.3g} > {c.atol:.3g}"
+                             for c in fails[:2]) or f"max abs {r.max_abs_err:.3g}"
+            parts.append(f"region {r.path}: {what}")
+    checks = getattr(report, "model_checks", None)
+    failures = checks.failures if checks is not None else getattr(report, "failures", [])
+    for c in failures[:3]:
+        parts.append(f"{c.name}: max abs {c.max_abs:.3g} (atol {c.atol:.3g}), "
+                     f"max rel {c.max_rel:.3g} (rtol {c.rtol:.3g})")
+    return "; ".join(parts[:4]) or "the checks did not pass"
+
+
+def write_json(path: str | os.PathLike, data: dict, *, inputs=()) -> None:
+    """Write a report as JSON, atomically (an existing report file is replaced)."""
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+
+    atomic_write(path, write, force=True, inputs=inputs)

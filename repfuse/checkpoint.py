@@ -1,0 +1,251 @@
+"""Checkpoints: safe loading, unwrapping, validation, and loading into a model.
+
+``.pth`` / ``.pt`` files are read with ``torch.load(weights_only=True)``: a pickle that needs
+anything beyond tensors and plain containers is refused unless the caller explicitly trusts
+the file. ``.safetensors`` files are read with safetensors (no code can run).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repfuse.errors import InputError, UnsafeInputError
+
+#: Keys under which training scripts nest the weights, best first (EMA weights preferred).
+NESTED_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module", "net",
+               "network", "params", "weights")
+PREFIXES = ("module.", "_orig_mod.", "model.", "ema.")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def unsafe_global(exc: BaseException) -> str | None:
+    """The Python global a refused pickle asks for (``"posix.system"``), or None when the
+    refusal was not about a global (random or corrupt bytes)."""
+    text = str(exc)
+    i = text.find("GLOBAL ")
+    if i < 0:
+        return None
+    return text[i + len("GLOBAL "):].split()[0].rstrip(".,:") if text[i + 7:].split() else "?"
+
+
+def read_pickle_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False):
+    """``torch.load`` with ``weights_only=True`` (``False`` only when ``trust_pickle``)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{os.fspath(path)!r} is empty (0 bytes); not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=False)
+    except pickle.UnpicklingError as exc:
+        name = None if trust_pickle else unsafe_global(exc)
+        if name is None:
+            raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint "
+                             "(corrupt or not a torch/pickle file)") from None
+        raise UnsafeInputError(
+            f"{os.fspath(path)!r}: refused to unpickle arbitrary objects (it references "
+            f"{name}); "
+            "loading it could run code from the file. Pass --trust-pickle only if you trust "
+            "its source") from None
+    except (EOFError, zipfile.BadZipFile):
+        raise InputError(f"{os.fspath(path)!r} is truncated or not a checkpoint; "
+                         "re-download or re-save it") from None
+    except (RuntimeError, ValueError, OSError, TypeError, KeyError, AttributeError,
+            IndexError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint: "
+                         f"{first_line(exc)}") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (header and offsets validated by safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{os.fspath(path)!r} is empty (0 bytes); not a safetensors file")
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except Exception as exc:   # safetensors raises its own SafetensorError and others
+        raise InputError(f"{os.fspath(path)!r} is not a valid safetensors file: "
+                         f"{first_line(exc)}") from None
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(obj, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the weights in a loaded checkpoint: a flat tensor dict, or nested under a
+    usual key (``state_dict_ema``, ``model_ema``, ``ema``, ``state_dict``, ``model``, ...)."""
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict())
+    if _is_tensor_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in NESTED_KEYS:
+            if key in obj and obj[key] is not None:
+                inner = obj[key]
+                if isinstance(inner, nn.Module) or isinstance(inner, Mapping):
+                    try:
+                        return extract_state_dict(inner, source=source)
+                    except InputError:
+                        continue
+        # A dict of tensors mixed with metadata (e.g. {"epoch": 3, "conv.weight": ...}).
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str)
+                   and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+        keys = ", ".join(repr(k) for k in list(obj)[:6])
+        raise InputError(f"{source}: found no weights (top-level keys: {keys or 'none'}); "
+                         f"expected tensors or one of the keys {', '.join(NESTED_KEYS[:5])}")
+    raise InputError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor],
+                   model_keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.`` from DataParallel, ``_orig_mod.`` from compile, ...)
+    shared by every key, as long as that makes more keys match ``model_keys`` (when given)."""
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                stripped = {k[len(prefix):]: v for k, v in state_dict.items()}
+                if model_keys is not None and (len(set(stripped) & model_keys)
+                                               < len(set(state_dict) & model_keys)):
+                    continue
+                state_dict, changed = stripped, True
+                break
+    return state_dict
+
+
+def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {os.fspath(path)!r} does not exist or is not a file")
+    if path.suffix.lower() == ".safetensors":
+        obj = read_safetensors(path)
+    else:
+        obj = read_pickle_checkpoint(path, trust_pickle=trust_pickle)
+    return extract_state_dict(obj, source=os.fspath(path))
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:
+    """Refuse NaN or infinite values in floating-point tensors, naming the first bad one."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                n = int(bad.sum())
+                kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+                raise InputError(f"{source}: {name} has {n} {kind} value(s) of {t.numel()}; "
+                                 "the checkpoint is corrupt or diverged, fuse a healthy one")
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def check_batchnorm(model: nn.Module) -> None:
+    """Refuse batch norms whose running variance is zero, negative or missing.
+
+    A variance of zero or below is not a statistic a trained network can produce (``var + eps``
+    may even be negative); fusing it would bake garbage or NaN into the inference form.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, _NORMS) and m.track_running_stats and m.running_var is not None:
+            var = m.running_var.detach()
+            bad = var <= 0
+            if bool(bad.any()):
+                n, low = int(bad.sum()), float(var.min())
+                raise InputError(
+                    f"BatchNorm {name or '(model)'}: running_var <= 0 in {n} of {var.numel()} "
+                    f"channels (min {low:g}); these are not trained statistics, check the "
+                    "checkpoint")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _listing(label: str, items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+    return f"{len(items)} {label} ({shown})"
+
+
+def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """Keys missing from ``state_dict``, keys unexpected by ``model``, and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected
+                  and not k.endswith("num_batches_tracked")]
+    misshaped = [f"{k}: checkpoint {_shape(state_dict[k])} vs model {_shape(expected[k])}"
+                 for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    return missing, unexpected, misshaped
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
+                 source: str = "checkpoint", model_name: str = "the model") -> list[str]:
+    """Load ``state_dict`` into ``model`` strictly; return notes (e.g. dtype conversions).
+
+    Mismatches raise ``InputError`` listing a few missing / unexpected / mis-shaped keys and
+    their counts. Tensors are cast to the model's dtypes (float16 / bfloat16 checkpoints load
+    into a float32 model; the note says so).
+    """
+    state_dict = strip_prefixes(dict(state_dict), set(model.state_dict()))
+    missing, unexpected, misshaped = match_state_dict(model, state_dict)
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(_listing("missing", missing))
+        if unexpected:
+            parts.append(_listing("unexpected", unexpected))
+        if misshaped:
+            parts.append(_listing("mis-shaped", misshaped, limit=2))
+        hint = ""
+        if missing and unexpected:
+            close = difflib.get_close_matches(missing[0], unexpected, n=1, cutoff=0.6)
+            if close:
+                hint = f" (is {close[0]!r} meant to be {missing[0]!r}?)"
+        raise InputError(f"{source} does not match {model_name}: " + "; ".join(parts)
+                         + hint + "; check the architecture or the checkpoint")
+    check_finite(state_dict, source=source)
+    expected = model.state_dict()
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for k, v in state_dict.items()
+                     if k in expected and v.is_floating_point()
+                     and v.dtype != expected[k].dtype})
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    notes = []
+    if dtypes:
+        target = next(v.dtype for v in expected.values() if v.is_floating_point())
+        notes.append(f"{source}: {'/'.join(dtypes)} tensors converted to "
+                     f"{str(target).replace('torch.', '')} (the model's dtype)")
+    return notes
+
+
+def check_model(model: nn.Module, *, source: str = "model") -> None:
+    """Validate a model's own tensors: finite parameters/buffers, sane BN statistics."""
+    check_finite(model.state_dict(), source=source)
+    check_batchnorm(model)
+
+
+def close_matches(name: str, names: list[str], n: int = 4) -> str:
+    """``" (did you mean a, b?)"`` or an empty string."""
+    found = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    return f" (did you mean {', '.join(found)}?)" if found else ""
