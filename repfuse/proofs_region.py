@@ -1,0 +1,298 @@
+"""Per-region proofs: a fused ``AffineConv`` against the training form of its region.
+
+``prove_region(expr, fused, example_activation=None, *, tol=None) -> VerifyReport``
+checks, in float64 and with the ``repfuse.core`` kernels for the fused side:
+
+1. ``output[...]``: the fused convolution (``core.conv2d``) equals the training-form
+   region (``region.evaluate``, torch ops) on probe inputs: a seeded random batch of
+   spatial size about twice the fused receptive field (so every border, padding and
+   interior case is hit) and, when given, the real activation at the region's input
+   (cropped to its top-left ``ACTIVATION_CROP`` window to bound the cost); also the
+   module the model receives (``fused.to_module()``, in the target dtype, with the
+   tolerance of that dtype).
+2. ``grad input[...]``: ``core.conv2d_input`` of the fused kernel equals the sum of the
+   branches' adjoints (autograd through ``region.evaluate``) for a random upstream
+   gradient.
+3. ``grad <param>``: for every tensor the region depends on (``region.parameters``:
+   conv weights and biases, BN gamma/beta/statistics, scales), its gradient by torch
+   autograd on the training form equals the re-parameterization map's adjoint (the
+   vector-Jacobian product of ``region.reduce`` with respect to that tensor) applied to
+   the fused kernel's gradient (``core.conv2d_weight``; the fused bias's gradient is
+   the sum of the upstream gradient). ``grad fused weight`` / ``grad fused bias``
+   check those against autograd through the fused module.
+
+The model's tensors are never touched: the proofs run on float64 copies substituted
+into a copy of the expression. Cost: a few convolutions of each branch and of the
+fused kernel on a batch of two small probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repfuse import core
+from repfuse.core.spec import ConvSpec
+from repfuse.graph import region as rg
+from repfuse.proofs import SEED, compare, failed, tolerance
+from repfuse.report import VerifyReport
+
+#: The real activation is cropped to at most this many rows and columns (top-left).
+ACTIVATION_CROP = 24
+#: The real activation is cut to at most this many samples.
+ACTIVATION_BATCH = 2
+
+
+# ----------------------------------------------------------------- expression trees
+def nodes(expr: rg.Node) -> list[rg.Node]:
+    """Every node of the expression DAG once, children before parents."""
+    seen: dict[int, rg.Node] = {}
+
+    def visit(node: rg.Node) -> None:
+        if id(node) in seen:
+            return
+        for child in children(node):
+            visit(child)
+        seen[id(node)] = node
+
+    visit(expr)
+    return list(seen.values())
+
+
+def children(node: rg.Node) -> list[rg.Node]:
+    """Direct inputs of ``node`` (in field order)."""
+    out = []
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, rg.Node):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out += [c for c in v if isinstance(c, rg.Node)]
+    return out
+
+
+def substitute(expr: rg.Node, tensors: dict[int, Tensor]) -> rg.Node:
+    """A copy of ``expr`` in which every tensor ``t`` with ``id(t)`` in ``tensors`` is
+    replaced by ``tensors[id(t)]``; shared nodes stay shared. ``expr`` is unchanged."""
+    memo: dict[int, rg.Node] = {}
+
+    def conv(v):
+        if isinstance(v, rg.Node):
+            return copy(v)
+        if isinstance(v, Tensor):
+            return tensors.get(id(v), v)
+        if isinstance(v, tuple):
+            return tuple(conv(c) for c in v)
+        if isinstance(v, list):
+            return [conv(c) for c in v]
+        return v
+
+    def copy(node: rg.Node) -> rg.Node:
+        if id(node) not in memo:
+            changes = {f.name: conv(getattr(node, f.name)) for f in dataclasses.fields(node)}
+            memo[id(node)] = dataclasses.replace(node, **changes)
+        return memo[id(node)]
+
+    return copy(expr)
+
+
+def node_tensors(expr: rg.Node) -> list[Tensor]:
+    """Every tensor held by a node of ``expr`` (each once)."""
+    found: dict[int, Tensor] = {}
+    for node in nodes(expr):
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if isinstance(v, Tensor):
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
+def float64_leaves(expr: rg.Node) -> tuple[rg.Node, dict[str, Tensor]]:
+    """A float64 copy of ``expr`` whose named parameters (``region.parameters``) are
+    fresh leaves requiring grad; returns (copy, {name: leaf})."""
+    named = rg.parameters(expr)
+    mapping: dict[int, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+    for name, t in named.items():
+        if not t.is_floating_point():
+            continue
+        if id(t) in mapping:
+            continue
+        leaf = t.detach().to(torch.float64).clone().requires_grad_(True)
+        mapping[id(t)] = leaf
+        leaves[name] = leaf
+    for t in node_tensors(expr):
+        if id(t) not in mapping and t.is_floating_point():
+            mapping[id(t)] = t.detach().to(torch.float64)
+    return substitute(expr, mapping), leaves
+
+
+def input_channels(expr: rg.Node) -> int:
+    """Channels of the region's ``Input`` node."""
+    inputs = [n for n in nodes(expr) if isinstance(n, rg.Input)]
+    if not inputs:
+        raise ValueError("region expression has no Input node")
+    return inputs[0].channels
+
+
+# ----------------------------------------------------------------- fused side (core)
+def _padded(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple]:
+    """Input and the padding argument for the core kernels; non-zero padding modes
+    are applied here with ``F.pad`` (differentiably) and the kernel gets padding 0."""
+    if spec.padding_mode == "zeros":
+        return x, spec.padding
+    t, b, l, r = spec.padding
+    return F.pad(x, (l, r, t, b), mode=spec.padding_mode), (0, 0, 0, 0)
+
+
+def fused_forward(x: Tensor, weight: Tensor, bias: Tensor, spec: ConvSpec) -> Tensor:
+    """The fused convolution with ``core.conv2d``."""
+    xp, pad = _padded(x, spec)
+    return core.conv2d(xp, weight, bias, spec.stride, pad, spec.dilation, spec.groups)
+
+
+def fused_input_grad(x: Tensor, weight: Tensor, grad_out: Tensor, spec: ConvSpec) -> Tensor:
+    """Gradient w.r.t. the input of the fused convolution with ``core.conv2d_input``."""
+    if spec.padding_mode == "zeros":
+        return core.conv2d_input(tuple(x.shape), weight, grad_out, spec.stride, spec.padding,
+                                 spec.dilation, spec.groups)
+    xl = x.detach().requires_grad_(True)
+    xp, pad = _padded(xl, spec)
+    gp = core.conv2d_input(tuple(xp.shape), weight, grad_out, spec.stride, pad, spec.dilation,
+                           spec.groups)
+    (g,) = torch.autograd.grad(xp, xl, gp)
+    return g
+
+
+def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
+                      spec: ConvSpec) -> tuple[Tensor, Tensor]:
+    """Gradients of the fused weight (``core.conv2d_weight``) and bias (sum of grad_out)."""
+    xp, pad = _padded(x.detach(), spec)
+    gw = core.conv2d_weight(xp, tuple(weight_shape), grad_out, spec.stride, pad,
+                            spec.dilation, spec.groups)
+    return gw, grad_out.sum(dim=(0, 2, 3))
+
+
+# ----------------------------------------------------------------- probes
+def probe_shape(spec: ConvSpec, batch: int = 2) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of the random probe: twice the receptive field plus a stride on
+    each axis (H and W differ by one so a transposed axis cannot pass)."""
+    (ekh, ekw), (sh, sw) = spec.effective_kernel, spec.stride
+    return (batch, spec.in_channels, 2 * ekh + sh, 2 * ekw + sw + 1)
+
+
+def _activation_probe(act: Tensor, spec: ConvSpec) -> Tensor:
+    a = act.detach()
+    if a.dim() == 3:
+        a = a.unsqueeze(0)
+    a = a[:ACTIVATION_BATCH, :, :ACTIVATION_CROP, :ACTIVATION_CROP]
+    return a.to(torch.float64).contiguous()
+
+
+def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None, *,
+                 tol=None) -> VerifyReport:
+    """Prove that ``fused`` (an ``AffineConv``) computes region ``expr``; see the module
+    docstring for the checks. ``example_activation``: the tensor that flows into the
+    region on the example inputs (N, C, H, W), or None. ``tol``: as in
+    ``repfuse.proofs.tolerance``, applied to the float64 checks (the module check in
+    the target dtype uses that dtype's table entry unless ``tol`` is given).
+    Returns a ``VerifyReport`` (dtype "float64"); it never raises for a wrong fusion,
+    only reports it. Neither ``expr``'s tensors nor ``fused`` are modified.
+    """
+    t64 = tolerance(torch.float64, tol)
+    report = VerifyReport(dtype="float64")
+    spec: ConvSpec = fused.spec
+    weight = fused.weight.detach().to(torch.float64)
+    bias = fused.bias.detach().to(torch.float64) if fused.bias is not None \
+        else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
+    gen = torch.Generator().manual_seed(SEED)
+    expr64, leaves = float64_leaves(expr)
+    device = weight.device
+
+    probes = [("random", torch.randn(probe_shape(spec), generator=gen,
+                                     dtype=torch.float64).to(device))]
+    if example_activation is not None:
+        probes.append(("activation", _activation_probe(example_activation, spec).to(device)))
+    module = fused.to_module()
+    target = fused.dtype if fused.dtype is not None else torch.float32
+    for pname, x in probes:
+        xin = x.clone().requires_grad_(True)
+        try:
+            y_ref = rg.evaluate(expr64, xin)
+            y_fused = fused_forward(x, weight, bias, spec)
+        except Exception as e:  # a geometry mismatch is a failed proof, not a crash
+            report.checks.append(failed(f"output[{pname}]", f"{type(e).__name__}: {e}", t64))
+            continue
+        report.checks.append(compare(f"output[{pname}]", y_ref, y_fused, t64))
+        with torch.no_grad():
+            y_mod = module(x.to(target))
+        report.checks.append(compare(f"module output[{pname}]", y_ref, y_mod,
+                                     None if tol is None else tol))
+        if y_ref.shape != y_fused.shape:
+            continue
+        grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(device)
+        wanted = [xin] + (list(leaves.values()) if pname == "random" else [])
+        grads = torch.autograd.grad(y_ref, wanted, grad_out, allow_unused=True)
+        gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        gx_fused = fused_input_grad(x, weight, grad_out, spec)
+        report.checks.append(compare(f"grad input[{pname}]", gx_ref, gx_fused, t64))
+        if pname == "random":
+            report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
+                                             weight.shape, module, target, t64)
+    return report
+
+
+def _weight_mapping(expr64, leaves, autograd_grads, x, grad_out, spec, weight_shape, module,
+                    target, t64) -> list:
+    """Checks 3: adjoint of the re-parameterization map vs autograd on the training form."""
+    checks = []
+    gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
+    # the fused module's own gradients (autograd through nn.Conv2d in float64)
+    mod64 = _float64_copy(module)
+    params = dict(mod64.named_parameters())
+    out = mod64(x)
+    names = [n for n in params if n.endswith("weight")] + [n for n in params
+                                                           if n.endswith("bias")]
+    mgrads = torch.autograd.grad(out, [params[n] for n in names], grad_out)
+    for n, g in zip(names, mgrads):
+        which = "weight" if n.endswith("weight") else "bias"
+        checks.append(compare(f"grad fused {which}", g, gw if which == "weight" else gb, t64))
+    if not leaves:
+        return checks
+    fused64 = rg.reduce(expr64)
+    outs = [fused64.weight]
+    cot = [gw]
+    if fused64.bias is not None:
+        outs.append(fused64.bias)
+        cot.append(gb)
+    if not any(o.requires_grad for o in outs):
+        return checks + [failed("grad parameters", "the fused kernel does not depend on the "
+                                "region's parameters through autograd", t64)]
+    adjoint = torch.autograd.grad([o for o in outs if o.requires_grad], list(leaves.values()),
+                                  [c for o, c in zip(outs, cot) if o.requires_grad],
+                                  allow_unused=True)
+    for (name, leaf), ga, gt in zip(leaves.items(), adjoint, autograd_grads):
+        ga = torch.zeros_like(leaf) if ga is None else ga
+        gt = torch.zeros_like(leaf) if gt is None else gt
+        checks.append(compare(f"grad {name}", gt, ga, t64))
+    return checks
+
+
+def _float64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    m = copy.deepcopy(module).to(torch.float64)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def worst(report: VerifyReport, prefix: str = "output") -> tuple[float, float]:
+    """(max abs, max relative) error over the checks whose name starts with ``prefix``."""
+    sel = [c for c in report.checks if c.name.startswith(prefix)]
+    if not sel:
+        return 0.0, 0.0
+    return max(c.max_abs for c in sel), max(c.max_rel for c in sel)
