@@ -33,6 +33,44 @@ def _bias_is_zero(conv: AffineConv) -> bool:
     return bool((conv.bias.detach() == 0).all())
 
 
+def _is_channelwise(spec: ConvSpec) -> bool:
+    """Depthwise with one output per input channel (a per-channel filter)."""
+    return spec.groups == spec.in_channels == spec.out_channels
+
+
+def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, rate_b):
+    """W[o, i, t * ra + j * rb] = sum_m B[o, m, j] A[m, i, t] and the composed bias."""
+    wa, wb = first.weight, then.weight
+    kh = (wa.shape[2] - 1) * rate_a[0] + (wb.shape[2] - 1) * rate_b[0] + 1
+    kw = (wa.shape[3] - 1) * rate_a[1] + (wb.shape[3] - 1) * rate_b[1] + 1
+    # bias: b_B + sum_{m, j} B[o, m, j] b_A[m], per group of then
+    gb = then.spec.groups
+    o, mpg_b = wb.shape[:2]
+    bsum = wb.sum((2, 3)).reshape(gb, o // gb, mpg_b)
+    bias = then.bias + torch.einsum("gom,gm->go", bsum,
+                                    first.bias.reshape(gb, mpg_b)).reshape(o)
+    if _is_channelwise(then.spec):
+        # per output channel: W[o, i] = B[o, 0] (*) A[o, i]; keeps first's groups
+        w = F.conv_transpose2d(wb.reshape(1, o, *wb.shape[2:]), wa, stride=rate_b,
+                               dilation=rate_a, groups=o)
+        return w.reshape(o, wa.shape[1], kh, kw), bias
+    if _is_channelwise(first.spec) and then.spec.groups == 1:
+        # per input channel: W[o, m] = B[o, m] (*) A[m, 0]
+        w = F.conv_transpose2d(wb, wa, stride=rate_b, dilation=rate_a, groups=wa.shape[0])
+        return w, bias
+    # general case, per group, as one grouped transposed convolution of B (batch = outputs
+    # per group) with A
+    wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
+    mpg = wb.shape[1]
+    opg = o // groups
+    inp = wb.reshape(groups, opg, mpg, *wb.shape[2:]).transpose(0, 1)
+    inp = inp.reshape(opg, groups * mpg, *wb.shape[2:])
+    w = F.conv_transpose2d(inp, wa, stride=rate_b, dilation=rate_a, groups=groups)
+    ipg = wa.shape[1]
+    w = w.reshape(opg, groups, ipg, kh, kw).transpose(0, 1).reshape(o, ipg, kh, kw)
+    return w, bias
+
+
 def compose(first: AffineConv, then: AffineConv) -> AffineConv:
     """then(first(x)) as one affine convolution (refused where it would not be exact)."""
     a, b = first.spec, then.spec
@@ -57,8 +95,6 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
     else:
         mode = a.padding_mode
     groups = math.gcd(a.groups, b.groups)
-    first_g, then_g = regroup(first, groups), regroup(then, groups)
-
     kernel, stride, dilation, padding, rate_a, rate_b = [], [], [], [], [], []
     for axis in range(2):
         sa, sb = a.stride[axis], b.stride[axis]
@@ -74,23 +110,7 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
         padding += [blo * sa + alo, bhi * sa + ahi]
     spec = ConvSpec(a.in_channels, b.out_channels, tuple(kernel), tuple(stride),
                     tuple(padding), tuple(dilation), groups, mode)
-
-    # weight: W[o, i, t * ra + j * rb] = sum_m B[o, m, j] A[m, i, t], per group, as one
-    # grouped transposed convolution of B (batch = outputs per group) with A.
-    wa, wb = first_g.weight, then_g.weight
-    o, mpg, kbh, kbw = wb.shape
-    opg = o // groups
-    inp = wb.reshape(groups, opg, mpg, kbh, kbw).transpose(0, 1)
-    inp = inp.reshape(opg, groups * mpg, kbh, kbw)
-    w = F.conv_transpose2d(inp, wa, stride=tuple(rate_b), dilation=tuple(rate_a),
-                           groups=groups)
-    ipg = wa.shape[1]
-    w = w.reshape(opg, groups, ipg, kernel[0], kernel[1]).transpose(0, 1)
-    w = w.reshape(o, ipg, kernel[0], kernel[1])
-    # bias: b_B + sum_{m, j} B[o, m, j] b_A[m]
-    bsum = wb.sum((2, 3)).reshape(groups, opg, mpg)
-    bias = then_g.bias + torch.einsum("gom,gm->go", bsum,
-                                      first_g.bias.reshape(groups, mpg)).reshape(o)
+    w, bias = _compose_kernels(first, then, groups, tuple(rate_a), tuple(rate_b))
     return AffineConv(w, bias, spec, promote_dtypes(first.dtype, then.dtype), first.device)
 
 
