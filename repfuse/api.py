@@ -8,9 +8,23 @@ def fuse(model, example_inputs, *, verify=True, inplace=False, tol=None):
     raise NotImplementedError("repfuse.fuse is not implemented yet")
 
 
-def fuse_onnx(model, *, verify=True):
-    """Fuse the linear regions of a training-form ONNX model."""
-    raise NotImplementedError("repfuse.fuse_onnx is not implemented yet")
+def fuse_onnx(model, *, verify=True, tol=None):
+    """Fuse the linear regions of a training-form ONNX model (a path or a ModelProto).
+
+    Every linear region (parallel Conv branches summed by Add/Sum, BatchNormalization
+    identity branches, Conv -> BatchNormalization, scales and shifts by constants,
+    AveragePool, Concat on channels, Identity, constant Pad) becomes one ``Conv``.
+    External data is read only from the model's folder; broken files raise
+    ``InputError``. With ``verify`` each region is proved before it is rewritten (a
+    failing one is left alone) and the fused model is checked with onnxruntime (graph
+    optimizations disabled) against the original on random inputs; disagreement
+    raises ``VerificationError`` (its ``.report`` holds the figures). Returns a result
+    with ``.model`` (``onnx.ModelProto``) and ``.report`` (``FuseReport`` with node
+    counts by op type before and after).
+    """
+    from repfuse.onnx_fuse import fuse_onnx_model
+
+    return fuse_onnx_model(model, verify=verify, tol=tol)
 
 
 def verify(reference, candidate, example_inputs, *, grads=True, tol=None):

@@ -1,0 +1,204 @@
+"""ONNX front end (onnx_ir): find linear regions, reduce each, rewrite it as one Conv.
+
+A *region* is the set of linear nodes (see ``onnx_match``) that a value depends on,
+back to exactly one non-constant input value. Candidates are taken from the graph's
+end backwards, so each region is as large as possible; a candidate is used only when
+no value computed inside it is needed outside (by another node or as a graph output),
+otherwise it is left alone and reported. ``region.reduce`` turns the region's
+expression into one ``AffineConv``, which is written back as one ``Conv`` node with new
+initializers (ONNX pads may be asymmetric).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import torch
+
+from repfuse.errors import NotFusable
+from repfuse.graph import region as rg
+from repfuse.graph.onnx_match import Constants, LinearOp, linear_op
+from repfuse.graph.onnx_rewrite import replace_with_conv
+from repfuse.report import RegionReport, VerifyReport
+
+log = logging.getLogger(__name__)
+
+#: ``check(expr, fused) -> VerifyReport``: a per-region proof run before rewriting.
+RegionCheck = Callable[[rg.Node, object], VerifyReport]
+
+
+@dataclass
+class Candidate:
+    """Linear nodes ending at ``sink`` and reading one non-constant ``input`` value."""
+
+    sink: ir.Node
+    nodes: list[ir.Node]
+    input: ir.Value
+    reason: str = ""
+    node_set: set = field(default_factory=set)
+
+    @property
+    def output(self) -> ir.Value:
+        return self.sink.outputs[0]
+
+    @property
+    def label(self) -> str:
+        return self.sink.name or self.output.name or self.sink.op_type
+
+
+def linear_ops(graph: ir.Graph) -> dict[ir.Node, LinearOp]:
+    """Every linear node of ``graph`` (not of its subgraphs)."""
+    consts = Constants()
+    ops = {}
+    for node in graph:
+        op = linear_op(node, consts)
+        if op is not None:
+            ops[node] = op
+    return ops
+
+
+def _worth_fusing(nodes: list[ir.Node], ops: dict[ir.Node, LinearOp]) -> bool:
+    kinds = [ops[n].kind for n in nodes if ops[n].kind != "identity"]
+    if "bn" in kinds:
+        return True
+    return "conv" in kinds and len(kinds) >= 2
+
+
+def find_candidates(graph: ir.Graph, ops: dict[ir.Node, LinearOp]) -> list[Candidate]:
+    """Single-input candidates worth fusing, last node first (largest regions first)."""
+    cones: dict[ir.Node, tuple[set, set]] = {}
+    order = list(graph)
+    for node in order:
+        if node not in ops:
+            continue
+        members, leaves = {node}, set()
+        for value in ops[node].data:
+            producer = value.producer()
+            if producer in cones:
+                members |= cones[producer][0]
+                leaves |= cones[producer][1]
+            else:
+                leaves.add(value)
+        cones[node] = (members, leaves)
+    position = {n: i for i, n in enumerate(order)}
+    out = []
+    for node in reversed(order):
+        if node not in cones:
+            continue
+        members, leaves = cones[node]
+        if len(leaves) != 1:
+            continue
+        nodes = sorted(members, key=position.__getitem__)
+        if not _worth_fusing(nodes, ops):
+            continue
+        cand = Candidate(node, nodes, next(iter(leaves)), node_set=members)
+        cand.reason = _escape(cand)
+        out.append(cand)
+    return out
+
+
+def _escape(cand: Candidate) -> str:
+    """Why the candidate cannot be replaced (a value used outside it), or ''."""
+    for node in cand.nodes:
+        outputs = node.outputs if node is not cand.sink else node.outputs[1:]
+        for value in outputs:
+            if value.is_graph_output():
+                return f"intermediate value '{value.name}' is a graph output"
+            for user in value.consumers():
+                if user not in cand.node_set:
+                    return (f"intermediate value '{value.name}' is also used by node "
+                            f"'{user.name or user.op_type}' ({user.op_type}) outside the region")
+    return ""
+
+
+def _channels(value: ir.Value, cand: Candidate, ops: dict[ir.Node, LinearOp]) -> int | None:
+    shape = value.shape
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+        return int(shape[1])
+    for user in value.consumers():
+        if user in cand.node_set and ops[user].kind == "conv":
+            conv = ops[user].make([rg.Input(1)])
+            return conv.spec.in_channels
+        if user in cand.node_set and ops[user].kind == "bn":
+            return int(user.inputs[1].shape[0]) if user.inputs[1].shape is not None else None
+    return None
+
+
+def build_expression(cand: Candidate, ops: dict[ir.Node, LinearOp]) -> rg.Node:
+    """The region expression of ``cand`` (shared sub-expressions stay shared)."""
+    channels = _channels(cand.input, cand, ops)
+    if channels is None:
+        raise NotFusable(f"the channel count of '{cand.input.name}' is unknown "
+                         "(run ONNX shape inference on the model first)")
+    exprs: dict[ir.Value, rg.Node] = {cand.input: rg.Input(channels)}
+    for node in cand.nodes:
+        op = ops[node]
+        exprs[node.outputs[0]] = op.make([exprs[v] for v in op.data])
+    return exprs[cand.output]
+
+
+def _region_report(cand: Candidate, expr: rg.Node | None, status: str, reason: str = "",
+                   fused=None, proofs: VerifyReport | None = None) -> RegionReport:
+    branches = rg.describe(expr) if expr is not None else sorted(
+        {n.op_type for n in cand.nodes})
+    report = RegionReport(path=cand.label, branches=branches, status=status, reason=reason,
+                          proofs=proofs)
+    if expr is not None:
+        report.params_before = rg.count_params(expr)
+    if fused is not None:
+        report.result = fused.spec.describe()
+        report.params_after = fused.weight.numel() + (
+            fused.bias.numel() if fused.bias is not None else 0)
+        report.cast_error = float(fused.cast_error())
+        if proofs is not None and proofs.checks:
+            report.max_abs_err = max(c.max_abs for c in proofs.checks)
+            report.max_rel_err = max(c.max_rel for c in proofs.checks)
+    return report
+
+
+def fuse_graph(model: ir.Model, *, check: RegionCheck | None = None) -> list[RegionReport]:
+    """Fuse every linear region of ``model.graph`` in place; returns one report per region
+    found (fused, or skipped with the reason)."""
+    graph = model.graph
+    ops = linear_ops(graph)
+    claimed: set = set()
+    reports: list[RegionReport] = []
+    skipped: list[tuple[set, RegionReport]] = []
+    for cand in find_candidates(graph, ops):
+        if cand.node_set & claimed:
+            continue
+        if cand.reason:
+            _note_skip(skipped, cand, _region_report(cand, None, "skipped", cand.reason))
+            continue
+        try:
+            expr = build_expression(cand, ops)
+            with torch.no_grad():
+                fused = rg.reduce(expr)
+        except NotFusable as err:
+            _note_skip(skipped, cand, _region_report(cand, None, "skipped", str(err)))
+            continue
+        proofs = check(expr, fused) if check is not None else None
+        if proofs is not None and not proofs.ok:
+            worst = max(proofs.failures, key=lambda c: c.max_rel)
+            reason = (f"per-region proof failed ({worst.name}: max rel {worst.max_rel:.3g}); "
+                      "left as it is")
+            log.warning("region %s: %s", cand.label, reason)
+            _note_skip(skipped, cand, _region_report(cand, expr, "skipped", reason,
+                                                     fused, proofs))
+            continue
+        replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused)
+        claimed |= cand.node_set
+        reports.append(_region_report(cand, expr, "fused", "", fused, proofs))
+    for members, rep in skipped:
+        if members - claimed:
+            reports.append(rep)
+    return reports
+
+
+def _note_skip(skipped: list, cand: Candidate, report: RegionReport) -> None:
+    if any(cand.node_set <= members for members, _ in skipped):
+        return
+    skipped.append((cand.node_set, report))
