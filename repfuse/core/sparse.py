@@ -19,6 +19,8 @@ channels per group; channel ``c`` lies in group ``c // Cg`` at position ``c % Cg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from repfuse.core.grouped import conv2d_weight_grouped
@@ -38,13 +40,12 @@ def channel_index(in_channels, c: int, device=None) -> torch.Tensor:
         return torch.arange(c, device=device)[in_channels]
     if isinstance(in_channels, torch.Tensor):
         idx = in_channels
+    elif isinstance(in_channels, Sequence) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in in_channels):
+        idx = torch.tensor(list(in_channels), dtype=torch.long)
     else:
-        try:
-            idx = torch.as_tensor(in_channels)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise GeometryError(
-                f"in_channels={in_channels!r} must be a slice, a sequence of ints or an "
-                "index tensor") from err
+        raise GeometryError(f"in_channels={in_channels!r} must be a slice, a sequence of "
+                            "ints or an index tensor")
     if idx.dtype == torch.bool:
         if idx.shape != (c,):
             raise GeometryError(
