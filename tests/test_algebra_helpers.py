@@ -8,8 +8,8 @@ D = torch.float64
 TOL = 1e-10
 
 
-def rand_conv(cin, cout, k, gen, **kw):
-    conv = nn.Conv2d(cin, cout, k, **kw).to(D)
+def rand_conv(cin, cout, k=None, gen=None, **kw):
+    conv = nn.Conv2d(cin, cout, kw.pop("kernel_size", k), **kw).to(D)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=D))
         if conv.bias is not None:

@@ -80,6 +80,9 @@ def embed_kernel(conv: AffineConv, target: ConvSpec) -> AffineConv:
     Exact: refused unless ``target`` produces the same output grid and every tap of
     ``conv`` is a tap of ``target``."""
     src = conv.spec
+    if target.stride != src.stride:
+        raise NotFusable(f"{src.describe()} has stride {src.stride}, the target geometry "
+                         f"{target.stride}: different output grids")
     target = src.replace(kernel_size=target.kernel_size, dilation=target.dilation,
                          padding=target.padding, padding_mode=target.padding_mode)
     if target == src:
