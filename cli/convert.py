@@ -39,9 +39,6 @@ from repfuse.io import (
 def _writer(fmt: str, source, result, x, *, check: bool, tol):
     """A function writing the fused model to a given (temporary) path in format ``fmt``."""
     if source.kind == "onnx":
-        if fmt != ".onnx":
-            raise InputError(f"an ONNX model can only be written as .onnx, not {fmt}; "
-                             "give an output ending in .onnx")
         return lambda tmp: write_onnx_proto(result.model, tmp)
     fused = result.model.eval()
     if fmt == ".onnx":
@@ -95,6 +92,9 @@ def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
     fmt = output_format(output, OUTPUT_FORMATS)
     inputs = [p for p in (model_file, weights) if p]
     check_output_path(output, inputs=inputs, force=force)
+    if model_file and str(model_file).lower().endswith(".onnx") and fmt != ".onnx":
+        raise InputError(f"an ONNX model can only be written as .onnx, not {fmt}; "
+                         "give an output ending in .onnx")
     if json_path is not None:
         if same_file(json_path, output):
             raise click.UsageError("--json and -o name the same file; give two paths")

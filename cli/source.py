@@ -153,8 +153,9 @@ def _randomize(model: nn.Module, shape: tuple[int, ...], seed: int) -> None:
     try:
         init_model(lambda: model, seed=seed, realistic_bn=True, calibration_shape=calibration)
     except Exception as exc:
-        raise InputError(f"the model does not run on an input of shape {calibration} "
-                         f"({first_line(exc)}); pass --input-shape") from None
+        raise InputError(f"the model does not run on an input of shape "
+                         f"{','.join(map(str, shape))} ({type(exc).__name__}: "
+                         f"{first_line(exc)[:160]}); pass the right --input-shape") from None
 
 
 def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, weights=None,
@@ -202,9 +203,30 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
             source.notes.append(f"no --weights given: seeded random weights (seed {seed}) with "
                                 "realistic BatchNorm statistics")
     if weights is not None:
-        state_dict = load_checkpoint(weights, trust_pickle=trust_pickle)
+        state_dict = load_checkpoint(weights, trust_pickle=trust_pickle, notes=source.notes)
         source.notes += load_weights(source.model, state_dict, source=os.fspath(weights),
                                      model_name=source.label)
     source.model.eval()
     check_model(source.model, source=source.label)
+    if source.kind == "torch":
+        probe(source, seed)
     return source
+
+
+@torch.no_grad()
+def probe(source: Source, seed: int = 0) -> None:
+    """Run the model once on the example input: a wrong --input-shape is an input error."""
+    try:
+        out = source.model(source.example_input(seed))
+    except Exception as exc:
+        shape = ",".join(map(str, source.input_shape))
+        raise InputError(f"{source.label} does not run on an input of shape {shape} "
+                         f"({type(exc).__name__}: {first_line(exc)[:160]}); "
+                         "pass the right --input-shape") from None
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    for t in outs:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(
+                torch.isfinite(t).all()):
+            raise InputError(f"{source.label} gives non-finite outputs on a random input of "
+                             "shape " + ",".join(map(str, source.input_shape))
+                             + "; check the weights")

@@ -25,11 +25,16 @@ NESTED_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "mod
 PREFIXES = ("module.", "_orig_mod.", "model.", "ema.")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type name)."""
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message (or its type name), cut at the end
+    of its first sentence when longer than ``limit`` characters."""
     for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
+        line = line.strip()
+        if line:
+            if len(line) > limit:
+                end = line.find(". ")
+                line = line[:end + 1] if 0 < end < limit else line[:limit].rstrip() + "..."
+            return line
     return type(exc).__name__
 
 
@@ -65,8 +70,8 @@ def read_pickle_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = Fals
                          "re-download or re-save it") from None
     except (RuntimeError, ValueError, OSError, TypeError, KeyError, AttributeError,
             IndexError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
-        raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint: "
-                         f"{first_line(exc)}") from None
+        raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint, it is truncated or "
+                         f"corrupt ({first_line(exc, 100)})") from None
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -88,31 +93,37 @@ def _is_tensor_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def extract_state_dict(obj, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the weights in a loaded checkpoint: a flat tensor dict, or nested under a
-    usual key (``state_dict_ema``, ``model_ema``, ``ema``, ``state_dict``, ``model``, ...)."""
+def find_state_dict(obj, *, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the weights in a loaded checkpoint: a flat tensor dict, or nested under a usual key
+    (``state_dict_ema``, ``model_ema``, ``ema``, ``state_dict``, ``model``, ...; EMA weights
+    first, as timm does). Returns ``(state_dict, where)`` with ``where`` like ``"['model']"``."""
     if isinstance(obj, nn.Module):
-        return dict(obj.state_dict())
+        return dict(obj.state_dict()), ""
     if _is_tensor_dict(obj):
-        return dict(obj)
+        return dict(obj), ""
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
-            if key in obj and obj[key] is not None:
-                inner = obj[key]
-                if isinstance(inner, nn.Module) or isinstance(inner, Mapping):
-                    try:
-                        return extract_state_dict(inner, source=source)
-                    except InputError:
-                        continue
+            inner = obj.get(key) if all(isinstance(k, str) for k in obj) else None
+            if isinstance(inner, (nn.Module, Mapping)):
+                try:
+                    found, where = find_state_dict(inner, source=source)
+                except InputError:
+                    continue
+                return found, f"[{key!r}]{where}"
         # A dict of tensors mixed with metadata (e.g. {"epoch": 3, "conv.weight": ...}).
         tensors = {k: v for k, v in obj.items() if isinstance(k, str)
                    and isinstance(v, torch.Tensor)}
         if tensors:
-            return tensors
+            return tensors, ""
         keys = ", ".join(repr(k) for k in list(obj)[:6])
         raise InputError(f"{source}: found no weights (top-level keys: {keys or 'none'}); "
                          f"expected tensors or one of the keys {', '.join(NESTED_KEYS[:5])}")
     raise InputError(f"{source}: holds a {type(obj).__name__}, not a state dict of tensors")
+
+
+def extract_state_dict(obj, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The weights of a loaded checkpoint (see ``find_state_dict``)."""
+    return find_state_dict(obj, source=source)[0]
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor],
@@ -133,9 +144,10 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor],
     return state_dict
 
 
-def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
-                    ) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (CPU)."""
+def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
+                    notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict (CPU); where the weights
+    were nested is appended to ``notes`` when given."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {os.fspath(path)!r} does not exist or is not a file")
@@ -143,7 +155,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
         obj = read_safetensors(path)
     else:
         obj = read_pickle_checkpoint(path, trust_pickle=trust_pickle)
-    return extract_state_dict(obj, source=os.fspath(path))
+    state_dict, where = find_state_dict(obj, source=os.fspath(path))
+    if where and notes is not None:
+        notes.append(f"{os.fspath(path)}: using the weights under {where}")
+    return state_dict
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:
@@ -218,13 +233,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
             parts.append(_listing("unexpected", unexpected))
         if misshaped:
             parts.append(_listing("mis-shaped", misshaped, limit=2))
-        hint = ""
-        if missing and unexpected:
-            close = difflib.get_close_matches(missing[0], unexpected, n=1, cutoff=0.6)
-            if close:
-                hint = f" (is {close[0]!r} meant to be {missing[0]!r}?)"
         raise InputError(f"{source} does not match {model_name}: " + "; ".join(parts)
-                         + hint + "; check the architecture or the checkpoint")
+                         + "; check the architecture or the checkpoint")
     check_finite(state_dict, source=source)
     expected = model.state_dict()
     dtypes = sorted({str(v.dtype).replace("torch.", "") for k, v in state_dict.items()
