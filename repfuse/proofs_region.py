@@ -3,27 +3,26 @@
 ``prove_region(expr, fused, example_activation=None, *, tol=None) -> VerifyReport``
 checks, in float64 and with the ``repfuse.core`` kernels for the fused side:
 
-1. ``output[...]``: the fused convolution (``core.conv2d``) equals the training-form
-   region (``region.evaluate``, torch ops) on probe inputs: a seeded random batch of
-   spatial size about twice the fused receptive field (so every border, padding and
-   interior case is hit) and, when given, the real activation at the region's input
-   (cropped to its top-left ``ACTIVATION_CROP`` window to bound the cost); also the
-   module the model receives (``fused.to_module()``, in the target dtype, with the
-   tolerance of that dtype).
-2. ``grad input[...]``: ``core.conv2d_input`` of the fused kernel equals the sum of the
-   branches' adjoints (autograd through ``region.evaluate``) for a random upstream
-   gradient.
-3. ``grad <param>``: for every tensor the region depends on (``region.parameters``:
-   conv weights and biases, BN gamma/beta/statistics, scales), its gradient by torch
-   autograd on the training form equals the re-parameterization map's adjoint (the
-   vector-Jacobian product of ``region.reduce`` with respect to that tensor) applied to
-   the fused kernel's gradient (``core.conv2d_weight``; the fused bias's gradient is
-   the sum of the upstream gradient). ``grad fused weight`` / ``grad fused bias``
-   check those against autograd through the fused module.
+1. ``output[random]``, ``output[activation]``: the fused convolution (``core.conv2d``)
+   equals the training-form region (``region.evaluate``, torch ops) on a seeded random
+   probe of spatial size twice the fused receptive field plus the stride (so every
+   border, padding and interior case is hit) and, when given, on the real activation
+   at the region's input (one sample, cropped to its top-left ``ACTIVATION_CROP``
+   window to bound the cost). ``module output[...]``: the same for the module the
+   model receives (``fused.to_module()``, run in the target dtype, tolerance of that
+   dtype).
+2. ``grad input[random]``: ``core.conv2d_input`` of the fused kernel equals the sum of
+   the branches' adjoints (autograd through ``region.evaluate``) for a random upstream
+   gradient. (The region is affine, so its input gradient does not depend on the
+   input: the random probe covers it.)
+3. ``grad <param>``: for every parameter of the region (``region.parameters``: conv
+   weights and biases, BN gamma/beta, tensor scales), the re-parameterization map's
+   adjoint (the vector-Jacobian product of ``region.reduce``, by autograd) applied to
+   the fused kernel's gradient (``core.conv2d_weight``; for the bias, the sum of the
+   upstream gradient) equals torch autograd on the training form.
 
 The model's tensors are never touched: the proofs run on float64 copies substituted
-into a copy of the expression. Cost: a few convolutions of each branch and of the
-fused kernel on a batch of two small probes.
+into a copy of the expression.
 """
 
 from __future__ import annotations
@@ -40,10 +39,12 @@ from repfuse.graph import region as rg
 from repfuse.proofs import SEED, compare, failed, tolerance
 from repfuse.report import VerifyReport
 
-#: The real activation is cropped to at most this many rows and columns (top-left).
-ACTIVATION_CROP = 24
+#: The real activation is cropped to at most this many rows and columns (top-left corner,
+#: so the top and left borders and the interior are covered), or to twice the receptive
+#: field plus the stride when that is larger.
+ACTIVATION_CROP = 16
 #: The real activation is cut to at most this many samples.
-ACTIVATION_BATCH = 2
+ACTIVATION_BATCH = 1
 
 
 # ----------------------------------------------------------------- expression trees
@@ -177,7 +178,7 @@ def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
 
 
 # ----------------------------------------------------------------- probes
-def probe_shape(spec: ConvSpec, batch: int = 2) -> tuple[int, int, int, int]:
+def probe_shape(spec: ConvSpec, batch: int = 1) -> tuple[int, int, int, int]:
     """(N, C, H, W) of the random probe: twice the receptive field plus a stride on
     each axis (H and W differ by one so a transposed axis cannot pass)."""
     (ekh, ekw), (sh, sw) = spec.effective_kernel, spec.stride
@@ -188,7 +189,8 @@ def _activation_probe(act: Tensor, spec: ConvSpec) -> Tensor:
     a = act.detach()
     if a.dim() == 3:
         a = a.unsqueeze(0)
-    a = a[:ACTIVATION_BATCH, :, :ACTIVATION_CROP, :ACTIVATION_CROP]
+    _, _, h, w = probe_shape(spec)
+    a = a[:ACTIVATION_BATCH, :, :max(ACTIVATION_CROP, h), :max(ACTIVATION_CROP, w)]
     return a.to(torch.float64).contiguous()
 
 
@@ -201,6 +203,11 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     the target dtype uses that dtype's table entry unless ``tol`` is given).
     Returns a ``VerifyReport`` (dtype "float64"); it never raises for a wrong fusion,
     only reports it. Neither ``expr``'s tensors nor ``fused`` are modified.
+
+    Cost: on the random probe (one sample, about twice the receptive field) one forward
+    and backward of the training form, one forward / input-gradient / weight-gradient of
+    the fused kernel and one forward of the module; on the real activation (one sample,
+    cropped) one forward of each; one re-reduction in float64 and its adjoint.
     """
     t64 = tolerance(torch.float64, tol)
     report = VerifyReport(dtype="float64")
@@ -211,83 +218,73 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     gen = torch.Generator().manual_seed(SEED)
     expr64, leaves = float64_leaves(expr)
     device = weight.device
-
-    probes = [("random", torch.randn(probe_shape(spec), generator=gen,
-                                     dtype=torch.float64).to(device))]
-    if example_activation is not None:
-        probes.append(("activation", _activation_probe(example_activation, spec).to(device)))
     module = fused.to_module()
     target = fused.dtype if fused.dtype is not None else torch.float32
-    for pname, x in probes:
-        xin = x.clone().requires_grad_(True)
-        try:
-            y_ref = rg.evaluate(expr64, xin)
-            y_fused = fused_forward(x, weight, bias, spec)
-        except Exception as e:  # a geometry mismatch is a failed proof, not a crash
-            report.checks.append(failed(f"output[{pname}]", f"{type(e).__name__}: {e}", t64))
-            continue
-        report.checks.append(compare(f"output[{pname}]", y_ref, y_fused, t64))
-        with torch.no_grad():
-            y_mod = module(x.to(target))
-        report.checks.append(compare(f"module output[{pname}]", y_ref, y_mod,
-                                     None if tol is None else tol))
-        if y_ref.shape != y_fused.shape:
-            continue
+    mod_tol = None if tol is None else tol
+
+    # 1-3 on the random probe
+    x = torch.randn(probe_shape(spec), generator=gen, dtype=torch.float64).to(device)
+    xin = x.clone().requires_grad_(True)
+    try:
+        y_ref = rg.evaluate(expr64, xin)
+        y_fused = fused_forward(x, weight, bias, spec)
+    except Exception as e:  # a geometry mismatch is a failed proof, not a crash
+        report.checks.append(failed("output[random]", f"{type(e).__name__}: {e}", t64))
+        return report
+    report.checks.append(compare("output[random]", y_ref, y_fused, t64))
+    with torch.no_grad():
+        report.checks.append(compare("module output[random]", y_ref, module(x.to(target)),
+                                     mod_tol))
+    if y_ref.shape == y_fused.shape:
         grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(device)
-        wanted = [xin] + (list(leaves.values()) if pname == "random" else [])
-        grads = torch.autograd.grad(y_ref, wanted, grad_out, allow_unused=True)
+        grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
+                                    allow_unused=True)
         gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
         gx_fused = fused_input_grad(x, weight, grad_out, spec)
-        report.checks.append(compare(f"grad input[{pname}]", gx_ref, gx_fused, t64))
-        if pname == "random":
-            report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
-                                             weight.shape, module, target, t64)
+        report.checks.append(compare("grad input[random]", gx_ref, gx_fused, t64))
+        report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
+                                         weight.shape, t64)
+
+    # 1 on the real activation (the region is affine: gradients do not depend on it)
+    if example_activation is not None:
+        a = _activation_probe(example_activation, spec).to(device)
+        try:
+            with torch.no_grad():
+                y_ref = rg.evaluate(expr64, a)
+                y_fused = fused_forward(a, weight, bias, spec)
+                y_mod = module(a.to(target))
+        except Exception as e:
+            report.checks.append(failed("output[activation]", f"{type(e).__name__}: {e}",
+                                        t64))
+            return report
+        report.checks.append(compare("output[activation]", y_ref, y_fused, t64))
+        report.checks.append(compare("module output[activation]", y_ref, y_mod, mod_tol))
     return report
 
 
-def _weight_mapping(expr64, leaves, autograd_grads, x, grad_out, spec, weight_shape, module,
-                    target, t64) -> list:
-    """Checks 3: adjoint of the re-parameterization map vs autograd on the training form."""
-    checks = []
-    gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
-    # the fused module's own gradients (autograd through nn.Conv2d in float64)
-    mod64 = _float64_copy(module)
-    params = dict(mod64.named_parameters())
-    out = mod64(x)
-    names = [n for n in params if n.endswith("weight")] + [n for n in params
-                                                           if n.endswith("bias")]
-    mgrads = torch.autograd.grad(out, [params[n] for n in names], grad_out)
-    for n, g in zip(names, mgrads):
-        which = "weight" if n.endswith("weight") else "bias"
-        checks.append(compare(f"grad fused {which}", g, gw if which == "weight" else gb, t64))
+def _weight_mapping(expr64, leaves, autograd_grads, x, grad_out, spec, weight_shape,
+                    t64) -> list:
+    """Checks 3: adjoint of the re-parameterization map applied to the fused kernel's
+    gradient (core.conv2d_weight, sum of grad_out) vs autograd on the training form."""
     if not leaves:
-        return checks
+        return []
+    gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
     fused64 = rg.reduce(expr64)
-    outs = [fused64.weight]
-    cot = [gw]
+    outs = [(fused64.weight, gw)]
     if fused64.bias is not None:
-        outs.append(fused64.bias)
-        cot.append(gb)
-    if not any(o.requires_grad for o in outs):
-        return checks + [failed("grad parameters", "the fused kernel does not depend on the "
-                                "region's parameters through autograd", t64)]
-    adjoint = torch.autograd.grad([o for o in outs if o.requires_grad], list(leaves.values()),
-                                  [c for o, c in zip(outs, cot) if o.requires_grad],
-                                  allow_unused=True)
+        outs.append((fused64.bias, gb))
+    outs = [(o, g) for o, g in outs if o.requires_grad]
+    if not outs:
+        return [failed("grad parameters", "the fused kernel does not depend on the region's "
+                       "parameters through autograd", t64)]
+    adjoint = torch.autograd.grad([o for o, _ in outs], list(leaves.values()),
+                                  [g for _, g in outs], allow_unused=True)
+    checks = []
     for (name, leaf), ga, gt in zip(leaves.items(), adjoint, autograd_grads):
         ga = torch.zeros_like(leaf) if ga is None else ga
         gt = torch.zeros_like(leaf) if gt is None else gt
         checks.append(compare(f"grad {name}", gt, ga, t64))
     return checks
-
-
-def _float64_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    m = copy.deepcopy(module).to(torch.float64)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    return m
 
 
 def worst(report: VerifyReport, prefix: str = "output") -> tuple[float, float]:
