@@ -1,0 +1,256 @@
+"""fuse_onnx on graphs written directly with onnx.helper: every rule, opsets 13..21,
+regions that must be left alone, idempotency, and random blocks (tests/fuzz_blocks.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import repfuse
+from repfuse.errors import VerificationError
+from tests.fuzz_blocks import block_specs
+
+
+class G:
+    """A tiny graph builder: NCHW float input ``x`` with ``c`` channels."""
+
+    def __init__(self, c: int = 4, seed: int = 0):
+        self.c, self.nodes, self.inits, self.n = c, [], [], 0
+        self.rng = np.random.default_rng(seed)
+
+    def name(self, p):
+        self.n += 1
+        return f"{p}{self.n}"
+
+    def const(self, array, as_node: bool = False):
+        n = self.name("c")
+        t = numpy_helper.from_array(np.asarray(array, dtype=np.float32), n)
+        if as_node:
+            self.nodes.append(helper.make_node("Constant", [], [n], value=t))
+        else:
+            self.inits.append(t)
+        return n
+
+    def op(self, op, inputs, n_out: int = 1, **attrs):
+        outs = [self.name(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=outs[0], **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x, cin, cout, k, pads=None, stride=1, group=1, dilation=1, bias=True):
+        kh, kw = (k, k) if isinstance(k, int) else k
+        if pads is None:
+            pads = [dilation * (kh - 1) // 2, dilation * (kw - 1) // 2] * 2
+        ins = [x, self.const(self.rng.standard_normal((cout, cin // group, kh, kw)) * 0.3)]
+        if bias:
+            ins.append(self.const(self.rng.standard_normal(cout) * 0.1))
+        return self.op("Conv", ins, kernel_shape=[kh, kw], pads=pads, strides=[stride] * 2,
+                       group=group, dilations=[dilation] * 2)
+
+    def bn(self, x, c, as_nodes: bool = False):
+        r = self.rng
+        return self.op("BatchNormalization", [
+            x, self.const(r.random(c) + 0.5, as_nodes), self.const(r.standard_normal(c) * .3,
+                                                                   as_nodes),
+            self.const(r.standard_normal(c) * .5, as_nodes),
+            self.const(r.random(c) * 1.5 + .5, as_nodes)], epsilon=1e-3)
+
+    def model(self, y, opset: int = 18, outputs=(), batch="N", size: int = 8):
+        graph = helper.make_graph(
+            self.nodes, "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, self.c, size, size])],
+            [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["N", "C", "H", "W"])
+             for v in (y, *outputs)],
+            self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        onnx.checker.check_model(m)
+        return m
+
+
+def run(model, x):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_same(original, fused, batch=2, size=8, c=4, rtol=1e-5):
+    x = np.random.default_rng(7).standard_normal((batch, c, size, size)).astype(np.float32)
+    for a, b in zip(run(original, x), run(fused, x)):
+        assert a.shape == b.shape
+        assert rel_err(a, b) <= rtol
+
+
+def repvgg_block(opset=18, const_nodes=False):
+    g = G(4)
+    a = g.conv("x", 4, 4, 3, bias=False)
+    a = g.bn(a, 4, const_nodes)
+    b = g.bn(g.conv("x", 4, 4, 1, bias=False), 4, const_nodes)
+    y = g.op("Sum", [a, b, g.bn("x", 4, const_nodes)])
+    return g, g.model(g.op("Relu", [y]), opset)
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17, 19, 21])
+@pytest.mark.parametrize("const_nodes", [False, True])
+def test_repvgg_block_every_opset(opset, const_nodes):
+    _, m = repvgg_block(opset, const_nodes)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Relu"]
+    assert res.report.ops_before == {"BatchNormalization": 3, "Conv": 2, "Relu": 1, "Sum": 1,
+                                     **({"Constant": 12} if const_nodes else {})}
+    assert res.report.ops_after == {"Conv": 1, "Relu": 1}
+    assert res.model.opset_import[0].version == opset
+    (region,) = res.report.regions
+    assert region.status == "fused" and region.result == "conv3x3"
+    assert sorted(region.branches) == ["bn", "conv1x1+bn", "conv3x3+bn"]
+    assert region.proofs is not None and region.proofs.ok
+    assert res.report.ok and res.report.verified
+    assert_same(m, res.model, batch=1)
+    assert_same(m, res.model, batch=5)
+
+
+def test_scales_shifts_pool_identity_dropout_concat():
+    """Mul/Div/Add/Sub by scalar and per-channel constants (initializers and Constant
+    nodes), Neg, AveragePool, Identity, Dropout and a channel Concat in one region."""
+    g = G(4)
+    a = g.conv("x", 4, 4, 3)
+    a = g.op("Mul", [a, g.const(np.full((1, 4, 1, 1), 0.7))])
+    a = g.op("Div", [a, g.const(np.float32(1.5), as_node=True)])
+    b = g.op("AveragePool", ["x"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    b = g.op("Sub", [g.const(np.linspace(-1, 1, 4).reshape(4, 1, 1)), b])
+    c = g.op("Identity", [g.op("Neg", [g.conv("x", 4, 4, (1, 3), pads=[0, 1, 0, 1])])])
+    c = g.op("Dropout", [c])
+    s = g.op("Add", [g.op("Add", [a, b]), c])
+    s = g.op("Sub", [s, g.const(np.float32(0.25))])
+    d = g.conv("x", 4, 2, 5, dilation=1)
+    y = g.op("Concat", [s, d], axis=1)
+    m = g.model(g.op("Relu", [y]), 17)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Relu"]
+    conv = res.model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    assert attrs["kernel_shape"] == [5, 5] and attrs["pads"] == [2, 2, 2, 2]
+    assert_same(m, res.model)
+
+
+def test_pad_then_conv_becomes_one_conv_with_asymmetric_pads():
+    g = G(4)
+    p = g.op("Pad", ["x", _int_const(g, [0, 0, 0, 1, 0, 0, 1, 0])])
+    y = g.bn(g.conv(p, 4, 4, 3, pads=[0, 0, 0, 0], stride=2), 4)
+    m = g.model(g.op("Relu", [y]), 18, size=9)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Relu"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in res.model.graph.node[0].attribute}
+    assert attrs["pads"] == [0, 1, 1, 0] and attrs["strides"] == [2, 2]
+    assert_same(m, res.model, size=9)
+
+
+def _int_const(g: G, values):
+    n = g.name("pads")
+    g.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), n))
+    return n
+
+
+def test_same_upper_and_grouped_and_strided():
+    g = G(4)
+    a = g.op("Conv", ["x", g.const(g.rng.standard_normal((4, 2, 2, 2)))], kernel_shape=[2, 2],
+             auto_pad="SAME_UPPER", group=2)
+    b = g.conv("x", 4, 4, 1, bias=False)
+    y = g.bn(g.op("Add", [a, b]), 4)
+    m = g.model(g.op("Relu", [y]), 13, size=7)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Relu"]
+    assert_same(m, res.model, size=7)
+
+
+def test_intermediate_used_outside_is_left_alone_and_reported():
+    g = G(4)
+    a = g.conv("x", 4, 4, 3, bias=False)
+    bn = g.bn(a, 4)
+    y = g.op("Add", [bn, g.conv("x", 4, 4, 1)])
+    m = g.model(g.op("Relu", [y]), 18, outputs=(a,))   # the raw conv output is a graph output
+    res = repfuse.fuse_onnx(m)
+    skipped = res.report.skipped
+    assert skipped and "graph output" in skipped[0].reason
+    assert "BatchNormalization" in ops(res.model) and "Add" in ops(res.model)
+    assert_same(m, res.model)
+
+    g = G(4)
+    a = g.bn(g.conv("x", 4, 4, 3, bias=False), 4)
+    y = g.op("Add", [a, g.conv("x", 4, 4, 1)])
+    m = g.model(g.op("Mul", [g.op("Relu", [y]), g.op("Sigmoid", [a])]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert any("Sigmoid" in r.reason for r in res.report.skipped)
+    # the conv -> BN below the shared value is still fused on its own
+    assert ops(res.model).count("BatchNormalization") == 0
+    assert ops(res.model).count("Add") == 1
+    assert_same(m, res.model)
+
+
+def test_not_fusable_region_is_reported():
+    """AveragePool without count_include_pad reading padding is not a convolution."""
+    g = G(4)
+    b = g.op("AveragePool", ["x"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0)
+    y = g.op("Add", [g.bn(g.conv("x", 4, 4, 3), 4), b])
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert res.report.skipped and res.report.skipped[0].reason
+    assert "AveragePool" in ops(res.model)
+    assert_same(m, res.model)
+
+
+def test_idempotent_and_model_proto_not_modified():
+    _, m = repvgg_block()
+    before = m.SerializeToString()
+    once = repfuse.fuse_onnx(m).model
+    assert m.SerializeToString() == before
+    twice = repfuse.fuse_onnx(once)
+    assert twice.report.fused == [] and ops(twice.model) == ops(once)
+
+
+def test_verification_failure_raises(monkeypatch):
+    import repfuse.graph.onnx_rewrite as rw
+
+    original = rw.replace_with_conv
+
+    def broken(graph, nodes, x, output, fused):
+        fused.bias = fused.bias + 1.0
+        return original(graph, nodes, x, output, fused)
+
+    monkeypatch.setattr("repfuse.graph.onnx.replace_with_conv", broken)
+    _, m = repvgg_block()
+    with pytest.raises(VerificationError, match="disagrees") as info:
+        repfuse.fuse_onnx(m)
+    assert not info.value.report.model_checks.ok
+
+
+@settings(max_examples=25)
+@given(spec=block_specs(), opset=st.sampled_from([13, 17, 21]))
+def test_random_blocks_keep_their_function(spec, opset):
+    m = spec.onnx(opset)
+    if m is None:
+        return
+    res = repfuse.fuse_onnx(m)
+    x = spec.example_input().numpy().astype(np.float32)
+    for a, b in zip(run(m, x), run(res.model, x)):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-5 + 1e-4 * np.abs(a).max()
+    for region in res.report.fused:
+        assert region.proofs.ok
+    if res.report.fused and not res.report.skipped:
+        assert "BatchNormalization" not in ops(res.model)
