@@ -50,8 +50,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            spec: ConvSpec) -> torch.Tensor:
     """Forward convolution: (N, C, H, W) -> (N, O, OH, OW)."""
     sym, extra = split_padding(spec)
-    return F.conv2d(_pad_extra(x, extra), weight, bias, spec.stride, sym, spec.dilation,
-                    spec.groups)
+    x = _pad_extra(x, extra)
+    if bias is not None and not x.is_contiguous():
+        # oneDNN's channels_last convolution with a bias can crash (segfault) on CPU when
+        # an output window lies entirely in the padding; add the bias separately.
+        y = F.conv2d(x, weight, None, spec.stride, sym, spec.dilation, spec.groups)
+        return y.add_(bias.view(1, -1, 1, 1))
+    return F.conv2d(x, weight, bias, spec.stride, sym, spec.dilation, spec.groups)
 
 
 def conv2d_input(input_size, weight: torch.Tensor, grad_output: torch.Tensor,
@@ -84,8 +89,11 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      spec: ConvSpec) -> torch.Tensor:
     """Transposed convolution: (N, I, H, W) -> (N, O, OH, OW); ``weight`` (I, O/g, KH, KW)."""
     sym, extra = split_padding(spec)
-    y = F.conv_transpose2d(x, weight, bias, spec.stride, sym, spec.output_padding,
-                           spec.groups, spec.dilation)
+    split_bias = bias is not None and not x.is_contiguous()  # see conv2d
+    y = F.conv_transpose2d(x, weight, None if split_bias else bias, spec.stride, sym,
+                           spec.output_padding, spec.groups, spec.dilation)
+    if split_bias:
+        y = y.add_(bias.view(1, -1, 1, 1))
     return _crop(y, extra)
 
 
