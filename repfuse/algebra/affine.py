@@ -143,10 +143,11 @@ class AffineConv:
         or ``nn.Sequential(pad, nn.Conv2d)`` when the padding is asymmetric."""
         spec = self.spec
         symmetric = spec.is_symmetric_padding
-        conv = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
-                         spec.torch_padding if symmetric else 0, spec.dilation, spec.groups,
-                         bias=True, padding_mode=spec.padding_mode if symmetric else "zeros",
-                         device=self.device, dtype=self.dtype)
+        conv = nn.utils.skip_init(  # no random init: every value is overwritten below
+            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+            spec.torch_padding if symmetric else 0, spec.dilation, spec.groups, bias=True,
+            padding_mode=spec.padding_mode if symmetric else "zeros", device=self.device,
+            dtype=self.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.weight.detach().to(self.dtype))
             conv.bias.copy_(self.bias.detach().to(self.dtype))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from repfuse.algebra.affine import AffineConv, promote_dtypes
-from repfuse.algebra.embed import align
+from repfuse.algebra.embed import align, common_geometry, embed_kernel, regroup, scatter_index
 from repfuse.algebra.scaling import negate
 from repfuse.errors import NotFusable
 
@@ -22,14 +24,30 @@ def add(*convs: AffineConv) -> AffineConv:
         raise NotFusable("branches have different output channels "
                          f"({', '.join(f'{c.out_channels} for {c.describe()}' for c in convs)})"
                          "; they cannot be summed")
-    parts = align(list(convs))
-    weight = parts[0].weight
-    bias = parts[0].bias
-    for p in parts[1:]:
-        weight = weight + p.weight
-        bias = bias + p.bias
-    return parts[0].replace(weight=weight, bias=bias,
-                            dtype=promote_dtypes(*(c.dtype for c in convs)))
+    target = common_geometry([c.spec for c in convs])
+    groups = 0
+    for c in convs:
+        groups = math.gcd(groups, c.spec.groups)
+    target = target.replace(groups=groups)
+    # the base branch already has the target geometry (or is rewritten to it); the others
+    # are scatter-added onto the entries they occupy (no dense intermediate per branch)
+    base = max(range(len(convs)), key=lambda k: (convs[k].spec.kernel_size == target
+                                                  .kernel_size and convs[k].spec.groups
+                                                  == groups, convs[k].weight.numel()))
+    first = regroup(embed_kernel(convs[base], target), groups)
+    weight, bias = None, first.bias
+    for k, c in enumerate(convs):
+        if k == base:
+            continue
+        index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
+        values = c.weight
+        if weight is None:
+            weight = first.weight.index_put(index, values, accumulate=True)
+        else:
+            weight.index_put_(index, values, accumulate=True)
+        bias = bias + c.bias
+    return first.replace(weight=weight, bias=bias,
+                         dtype=promote_dtypes(*(c.dtype for c in convs)))
 
 
 def subtract(left: AffineConv, right: AffineConv) -> AffineConv:

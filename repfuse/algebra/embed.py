@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from repfuse.algebra.affine import AffineConv
 from repfuse.core.spec import ConvSpec
@@ -81,32 +83,69 @@ def embed_kernel(conv: AffineConv, target: ConvSpec) -> AffineConv:
     ``conv`` is a tap of ``target``."""
     src = conv.spec
     if target.stride != src.stride:
-        raise NotFusable(f"{src.describe()} has stride {src.stride}, the target geometry "
-                         f"{target.stride}: different output grids")
+        check_embeddable(src, target)
     target = src.replace(kernel_size=target.kernel_size, dilation=target.dilation,
                          padding=target.padding, padding_mode=target.padding_mode)
     if target == src:
         return conv
+    check_embeddable(src, target)
+    index = [tap_index(src, target, axis) for axis in range(2)]
+    th, tw = target.kernel_size
+    w = conv.weight
+    for axis, (idx, size) in enumerate(zip(index, (th, tw))):
+        start = idx[0]
+        if idx == list(range(start, start + len(idx))):  # contiguous: a plain zero pad
+            pad = [0, 0, 0, 0]
+            pad[2 * (1 - axis)] = start
+            pad[2 * (1 - axis) + 1] = size - start - len(idx)
+            w = F.pad(w, pad)
+        else:
+            shape = list(w.shape)
+            shape[2 + axis] = size
+            w = w.new_zeros(shape).index_copy(2 + axis, torch.tensor(idx, device=w.device), w)
+    return conv.replace(weight=w, spec=target)
+
+
+def tap_index(src: ConvSpec, target: ConvSpec, axis: int) -> list[int]:
+    """For each tap of ``src`` along ``axis``, the tap of ``target`` reading the same input
+    offset (``ConvSpec.tap_offsets``); refused when ``target`` lacks one."""
+    pos = {o: i for i, o in enumerate(target.tap_offsets(axis))}
+    missing = [o for o in src.tap_offsets(axis) if o not in pos]
+    if missing:
+        raise NotFusable(
+            f"{src.describe()} reads input offsets {missing} on axis {'HW'[axis]} that "
+            f"{target.describe()} (padding {target.padding}) has no tap for")
+    return [pos[o] for o in src.tap_offsets(axis)]
+
+
+def check_embeddable(src: ConvSpec, target: ConvSpec) -> None:
+    """Refuse unless ``src`` can be rewritten with ``target``'s geometry exactly."""
+    if target.stride != src.stride:
+        raise NotFusable(f"{src.describe()} has stride {src.stride}, the target geometry "
+                         f"{target.stride}: different output grids")
     check_aligned([src, target], "kernel and target")
     if reads_padding(src) and src.padding_mode != target.padding_mode:
         raise NotFusable(f"{src.describe()} pads with {src.padding_mode!r}, the target "
                          f"geometry with {target.padding_mode!r}")
-    index = []
-    for axis in range(2):
-        t_offs = target.tap_offsets(axis)
-        pos = {o: i for i, o in enumerate(t_offs)}
-        missing = [o for o in src.tap_offsets(axis) if o not in pos]
-        if missing:
-            raise NotFusable(
-                f"{src.describe()} reads input offsets {missing} on axis {'HW'[axis]} that "
-                f"{target.describe()} (padding {target.padding}) has no tap for")
-        index.append(torch.tensor([pos[o] for o in src.tap_offsets(axis)],
-                                  device=conv.weight.device))
-    o, i, kh, kw = conv.weight.shape
-    th, tw = target.kernel_size
-    w = conv.weight.new_zeros(o, i, th, kw).index_copy(2, index[0], conv.weight)
-    w = conv.weight.new_zeros(o, i, th, tw).index_copy(3, index[1], w)
-    return conv.replace(weight=w, spec=target)
+
+
+def scatter_index(src: ConvSpec, target: ConvSpec) -> tuple[Tensor, ...]:
+    """Index tensors (o, i, h, w), broadcastable to ``src``'s weight shape, of the entries
+    of a ``target``-geometry weight (with ``target.groups``, which must divide
+    ``src.groups``) that each weight entry of ``src`` lands on (see ``regroup``)."""
+    check_embeddable(src, target)
+    g, gt = src.groups, target.groups
+    if g % gt:
+        raise NotFusable(f"{src.describe()} with groups={g} cannot be written with "
+                         f"groups={gt} (it must divide {g})")
+    r = g // gt
+    o = torch.arange(src.out_channels)
+    block = (o // src.out_per_group) % r  # position of the source group in the target group
+    col = block[:, None] * src.in_per_group + torch.arange(src.in_per_group)[None, :]
+    h = torch.tensor(tap_index(src, target, 0))
+    w = torch.tensor(tap_index(src, target, 1))
+    return (o[:, None, None, None], col[:, :, None, None], h[None, None, :, None],
+            w[None, None, None, :])
 
 
 def regroup(conv: AffineConv, groups: int) -> AffineConv:
