@@ -85,6 +85,16 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a new file gets (0o666 minus the umask), or the replaced file's mode."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *,
                  force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place.
@@ -101,6 +111,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *,
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(out))
         if not tmp.exists() or tmp.stat().st_size == 0:
             raise InputError(f"writing {os.fspath(out)!r} produced no data")
         check_output_path(out, inputs=inputs, force=force)   # nothing appeared meanwhile
