@@ -1,0 +1,101 @@
+"""fuse_onnx on exports of timm's training-form repvgg_a0 (random weights and BN
+statistics): the torch.export-based exporter (BN folded into the convs, BN identity
+branches left), its unoptimized output (Conv -> BatchNormalization with computed bias
+subgraphs) and the TorchScript exporter without constant folding (Conv ->
+BatchNormalization chains, Identity copies of shared statistics)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import repfuse
+from tests.test_onnx_graphs import rel_err
+
+timm = pytest.importorskip("timm")
+
+N_BLOCKS = 22  # repvgg_a0: stem + 2 + 4 + 14 + 1
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.3)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def repvgg():
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model("repvgg_a0", pretrained=False))
+
+
+def _torchscript(model, x, opset):
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, do_constant_folding=False,
+                          opset_version=opset, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _dynamo_unoptimized(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (x,), None, dynamo=True, optimize=False,
+                                    verbose=False, dynamic_shapes=({0: "batch"},))
+    return program.model_proto
+
+
+@pytest.fixture(scope="module")
+def exports(repvgg, tmp_path_factory):
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path_factory.mktemp("timm") / "repvgg_a0.onnx"
+    report = repfuse.export_onnx(repvgg, x, path)
+    assert report.ok and "dynamo" in report.notes[0]
+    return {"default": onnx.load(str(path)), "unoptimized": _dynamo_unoptimized(repvgg, x),
+            "unfolded-13": _torchscript(repvgg, x, 13)}
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("style", ["default", "unoptimized", "unfolded-13"])
+def test_every_block_becomes_one_conv(repvgg, exports, style):
+    original = exports[style]
+    before = [n.op_type for n in original.graph.node]
+    assert before.count("BatchNormalization") >= N_BLOCKS - 5 and before.count("Add") > 30
+    res = repfuse.fuse_onnx(original)
+    after = [n.op_type for n in res.model.graph.node]
+    assert after.count("Conv") == N_BLOCKS
+    assert "BatchNormalization" not in after and "Add" not in after
+    assert "Identity" not in after and "Expand" not in after
+    assert len(res.report.fused) == N_BLOCKS and not res.report.skipped
+    assert res.report.ok and res.report.verified
+    assert res.report.ops_after["Conv"] == N_BLOCKS
+    assert res.report.params_after < res.report.params_before
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        ref = _run(original, x)
+        assert rel_err(ref, _run(res.model, x)) <= 1e-5
+        with torch.no_grad():
+            assert rel_err(repvgg(torch.from_numpy(x)).numpy(), _run(res.model, x)) <= 1e-5
