@@ -12,9 +12,10 @@ import repfuse
 
 def _accepts(fn, name: str) -> bool:
     try:
-        return name in pyinspect.signature(fn).parameters
+        params = pyinspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def fuse_source(source: Source, *, verify: bool, tol=None, seed: int = 0):

@@ -56,6 +56,27 @@ class Source:
         return torch.randn(self.input_shape, generator=gen).to(self.dtype)
 
 
+def check_runnable(proto, source: str) -> None:
+    """onnxruntime (when installed) must accept the model: it runs every check."""
+    try:
+        from repfuse.onnx_io import ort_session
+    except ImportError:
+        return
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    try:
+        ort_session(proto)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        if "[ONNXRuntimeError]" in text:
+            tail = text.rsplit(") ", 1)[-1] if ") " in text else text
+            text = tail.split(" : ")[-1]
+        raise InputError(f"{source}: onnxruntime cannot load it ({text[:200]}); "
+                         "re-export it with a supported opset / IR version") from None
+
+
 def _pick_one(model_file, arch, factory, timm_name) -> str:
     given = [n for n, v in (("MODEL_FILE", model_file), ("--arch", arch),
                             ("--factory", factory), ("--timm", timm_name)) if v]
@@ -171,6 +192,7 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
                 raise click.UsageError("--weights cannot be used with an ONNX model file: "
                                        "its weights are inside it")
             proto = load_onnx(path)
+            check_runnable(proto, model_file)
             shape = input_shape or onnx_input_shape(proto) or DEFAULT_SHAPE
             return Source("onnx", f"{path.name} (ONNX)", proto, tuple(shape), files, path=path)
         if suffix == ".safetensors":

@@ -160,8 +160,8 @@ def weights_case(folder: Path, path: Path, *needles: str, code: int = 2) -> Case
 
 
 def onnx_conv_model(*, w_initializer: bool = True, input_dims=(1, 3, 8, 8),
-                    duplicate_output: bool = False, external: str | None = None
-                    ) -> onnx.ModelProto:
+                    duplicate_output: bool = False, external: str | None = None,
+                    ir_version: int = 8) -> onnx.ModelProto:
     """A small Conv + BatchNormalization + Add model, optionally broken in one way."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_dims))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(input_dims))
@@ -183,7 +183,8 @@ def onnx_conv_model(*, w_initializer: bool = True, input_dims=(1, 3, 8, 8),
             entry = w.external_data.add()
             entry.key, entry.value = key, value
     graph = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=ir_version)
 
 
 def onnx_file(folder: Path, name: str, model: onnx.ModelProto) -> Path:
@@ -394,6 +395,11 @@ def c_onnx_external_missing(f):
 def c_onnx_absurd_shape(f):
     path = onnx_file(f, "huge.onnx", onnx_conv_model(input_dims=(1 << 20, 3, 1 << 20, 1 << 20)))
     return onnx_case(f, path, "huge.onnx", "not a real model input")
+
+
+def c_onnx_ir_too_new(f):
+    path = onnx_file(f, "future.onnx", onnx_conv_model(ir_version=99))
+    return onnx_case(f, path, "future.onnx", "ir_version 99")
 
 
 def c_onnx_to_pt(f):
