@@ -57,12 +57,13 @@ def test_compose_unpadded_second(a, b, pads, mode, cmid, h, w, seed):
 @given(b=geometry, pads=st.tuples(*[st.integers(0, 2)] * 4), s=st.integers(1, 2),
        mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
        g=st.sampled_from([1, 2, 4]), bias=st.booleans(), h=st.integers(5, 10),
-       seed=st.integers(0, 2**16))
-def test_compose_pointwise_then_padded(b, pads, s, mode, g, bias, h, seed):
-    """1x1 then a padded kxk: exact when the padding commutes with the 1x1, refused
-    otherwise (zero padding of a biased output, replicate-style padding of a strided one)."""
+       apad=st.tuples(*[st.integers(0, 1)] * 4), seed=st.integers(0, 2**16))
+def test_compose_pointwise_then_padded(b, pads, s, mode, g, bias, h, apad, seed):
+    """1x1 (maybe zero-padded) then a padded kxk: exact when the padding commutes with the
+    1x1, refused otherwise (zero padding of a biased output, replicate-style padding of a
+    strided or padded one)."""
     gen = torch.Generator().manual_seed(seed)
-    sa = ConvSpec(4, 8, 1, s, 0, 1, g)
+    sa = ConvSpec(4, 8, 1, s, apad, 1, g)
     sb = ConvSpec(8, 4, b["k"], b["s"], pads, b["d"], b["g"], mode)
     first, then = rand_affine(sa, gen, bias=bias), rand_affine(sb, gen)
     x = torch.randn(2, 4, h, h + 1, generator=gen, dtype=D)
@@ -70,7 +71,8 @@ def test_compose_pointwise_then_padded(b, pads, s, mode, g, bias, h, seed):
         ref = run(then, run(first, x))
     except RuntimeError:
         assume(False)
-    refuse = max(pads) > 0 and ((mode == "zeros" and bias) or (mode != "zeros" and s > 1))
+    refuse = max(pads) > 0 and ((mode == "zeros" and bias)
+                                or (mode != "zeros" and (s > 1 or max(apad) > 0)))
     if refuse:
         with pytest.raises(NotFusable):
             compose(first, then)

@@ -190,3 +190,66 @@ def test_refusals_name_the_node():
     expr = Pad(bn_node(inp, make_bn(4, gen)), (1, 1, 1, 1), 0.0, name="p")
     with pytest.raises(NotFusable, match="Pad 'p'"):
         reduce(expr)
+
+
+@st.composite
+def chain_op(draw, inp, c, gen):
+    kind = draw(st.sampled_from(["conv", "conv", "bn", "pool", "scale", "shift", "pad"]))
+    if kind == "conv":
+        k = draw(st.integers(1, 3))
+        cout = draw(st.sampled_from([2, 4]))
+        g = draw(st.sampled_from([g for g in (1, 2) if c % g == 0 and cout % g == 0]))
+        conv = make_conv(c, cout, k, gen, stride=draw(st.integers(1, 2)),
+                         padding=draw(st.integers(0, 1)), dilation=draw(st.integers(1, 2)),
+                         groups=g, bias=draw(st.booleans()),
+                         padding_mode=draw(st.sampled_from(["zeros", "zeros", "replicate"])))
+        return conv_node(inp, conv), cout
+    if kind == "bn":
+        return bn_node(inp, make_bn(c, gen)), c
+    if kind == "pool":
+        k = draw(st.integers(1, 3))
+        return AvgPool(inp, (k, k), (draw(st.integers(1, 2)),) * 2, draw(st.integers(0, k // 2)),
+                       count_include_pad=draw(st.booleans())), c
+    if kind == "scale":
+        return Scale(inp, torch.randn(c, dtype=D, generator=gen)), c
+    if kind == "shift":
+        return Shift(inp, torch.randn(c, dtype=D, generator=gen)), c
+    p = draw(st.tuples(*[st.integers(0, 1)] * 4))
+    return Pad(inp, p, 0.0, zero_response=draw(st.booleans())), c
+
+
+@given(data=st.data(), n=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_random_chains_exact_or_refused(data, n, seed):
+    """Any chain of linear ops: reduce() equals evaluate() or raises NotFusable."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 2
+    expr = Input(c)
+    for _ in range(n):
+        expr, c = data.draw(chain_op(expr, c, gen))
+    x = torch.randn(1, 2, 9, 8, dtype=D, generator=gen)
+    try:
+        want = evaluate(expr, x)
+    except RuntimeError:
+        return  # the chain is not defined for this input size
+    try:
+        fused = reduce(expr)
+    except NotFusable as err:
+        assert str(err)
+        return
+    assert max_diff_ok(fused.forward(x), want)
+
+
+def max_diff_ok(a, b):
+    return a.shape == b.shape and (a - b).abs().max().item() < TOL
+
+
+def test_chain_property_is_not_vacuous():
+    """The chains above include fusable ones: a padded 1x1 then a pool then a conv."""
+    gen = torch.Generator().manual_seed(4)
+    inp = Input(2)
+    expr = Pad(conv_node(inp, make_conv(2, 2, 1, gen, bias=False)), (1, 0, 1, 1))
+    expr = AvgPool(expr, (3, 3), (2, 2), 1)
+    expr = conv_node(Scale(expr, torch.randn(2, dtype=D, generator=gen)),
+                     make_conv(2, 4, 2, gen, stride=1))
+    x = torch.randn(1, 2, 9, 8, dtype=D, generator=gen)
+    assert max_diff_ok(reduce(expr).forward(x), evaluate(expr, x))

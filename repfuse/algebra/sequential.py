@@ -4,8 +4,9 @@ then(first(x)) reads ``x`` at ``o * s1 * s2 + j * d2 * s1 + t * d1 - (p2 * s1 + 
 taps t of ``first`` and j of ``then``: one convolution with stride ``s1 * s2``, whose
 kernel is the (strided, dilated) full correlation of the two kernels. It is exact when
 ``then`` reads no padding, or when the padding ``then`` adds commutes with ``first``:
-``first`` is pointwise (1x1 taps, no padding) and either ``then`` pads by replication
-(reflect, replicate, circular) or ``first`` maps a zero input to zero (no bias).
+``first`` has a 1x1 kernel and either maps a zero input to zero (no bias) under zero
+padding (its own padding, if any, zero padding too), or is unpadded with stride 1 and
+``then`` pads by replication (reflect, replicate, circular).
 The padded-with-bias case of DBB (pad with the value ``first`` gives a zero input) is
 ``pad_output(first, padding, value=first's bias)``, which is exact.
 """
@@ -27,6 +28,13 @@ from repfuse.errors import NotFusable
 def is_pointwise(spec: ConvSpec) -> bool:
     """Each output reads exactly one input position, with no padding."""
     return spec.kernel_size == (1, 1) and not reads_padding(spec)
+
+
+def zero_padding_commutes(spec: ConvSpec) -> bool:
+    """Zero-padding the output of this conv is zero-padding its input (up to the bias):
+    a 1x1 kernel whose own padding, if any, is zero padding."""
+    return spec.kernel_size == (1, 1) and (spec.padding_mode == "zeros"
+                                           or not reads_padding(spec))
 
 
 def _bias_is_zero(conv: AffineConv) -> bool:
@@ -78,20 +86,26 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
         raise NotFusable(f"{then.describe()} expects {then.in_channels} channels but "
                          f"{first.describe()} produces {first.out_channels}")
     if reads_padding(b):
-        if not is_pointwise(a):
-            raise NotFusable(
-                f"{then.describe()} pads (padding {b.padding}) the output of "
-                f"{first.describe()}, which is not pointwise: the padded border is not the "
-                "first conv applied to a padded input; leave these convs unfused")
-        if b.padding_mode == "zeros" and not _bias_is_zero(first):
-            raise NotFusable(
-                f"{then.describe()} zero-pads the output of {first.describe()}, which has a "
-                "bias: the bias would pass through the zero padding (exact only in the "
-                "interior); pad with the bias value (BN-and-pad) or drop the padding")
-        if b.padding_mode != "zeros" and a.stride != (1, 1):
-            raise NotFusable(f"{then.describe()} pads by {b.padding_mode!r} the strided "
-                             f"output of {first.describe()}; not a padding of the input")
-        mode = b.padding_mode
+        if b.padding_mode == "zeros":
+            if not zero_padding_commutes(a):
+                raise NotFusable(
+                    f"{then.describe()} pads (padding {b.padding}) the output of "
+                    f"{first.describe()} (padding {a.padding}, {a.padding_mode}), which is "
+                    "not pointwise: the padded border is not the first conv applied to a "
+                    "padded input; leave these convs unfused")
+            if not _bias_is_zero(first):
+                raise NotFusable(
+                    f"{then.describe()} zero-pads the output of {first.describe()}, which "
+                    "has a bias: the bias would pass through the zero padding (exact only in "
+                    "the interior); pad with the bias value (BN-and-pad) or drop the padding")
+            mode = "zeros"
+        else:
+            if not is_pointwise(a) or a.stride != (1, 1):
+                raise NotFusable(
+                    f"{then.describe()} pads by {b.padding_mode!r} the output of "
+                    f"{first.describe()} (padding {a.padding}, stride {a.stride}), which is "
+                    "not an unpadded pointwise stride-1 conv: not a padding of the input")
+            mode = b.padding_mode
     else:
         mode = a.padding_mode
     groups = math.gcd(a.groups, b.groups)
@@ -117,14 +131,15 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
 def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> AffineConv:
     """F.pad(conv(x), padding, value) with a scalar or per-channel ``value``.
 
-    Exact when ``conv`` is pointwise and ``value`` equals its bias (the value a zero input
-    gives, DBB's BN-and-pad): the result pads the input with zeros instead. ``padding`` is
-    (top, bottom, left, right)."""
+    Exact when ``conv`` has a 1x1 kernel (zero-padded if padded) and ``value`` equals its
+    bias (the value a zero input gives, DBB's BN-and-pad): the result pads the input with
+    zeros instead. ``padding`` is (top, bottom, left, right)."""
     spec = conv.spec
     pad = ConvSpec(1, 1, 1, padding=padding).padding
-    if not is_pointwise(spec):
+    if not zero_padding_commutes(spec):
         raise NotFusable(f"{name}: padding the output of {conv.describe()} (padding "
-                         f"{spec.padding}) is not a padding of its input; leave it unfused")
+                         f"{spec.padding}, {spec.padding_mode}) is not a padding of its "
+                         "input; leave it unfused")
     v = _channel_vector(value, conv.out_channels, f"{name} value", conv.device)
     vt = v if isinstance(v, torch.Tensor) else torch.full_like(conv.bias, v)
     tol = 64 * torch.finfo(conv.dtype).eps * (1.0 + conv.bias.detach().abs())
@@ -136,5 +151,7 @@ def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> Affin
                          "differ from a padded input, so this is not one convolution")
     sh, sw = spec.stride
     t, b, l, r = pad
-    new = spec.replace(padding=(t * sh, b * sh, l * sw, r * sw), padding_mode="zeros")
+    pt, pb, pl, pr = spec.padding
+    new = spec.replace(padding=(pt + t * sh, pb + b * sh, pl + l * sw, pr + r * sw),
+                       padding_mode="zeros")
     return conv.replace(spec=new)

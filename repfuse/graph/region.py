@@ -298,21 +298,22 @@ def _evaluate_node(node: Node, args: list, x: Tensor) -> Tensor:
                             node.eps)
     if isinstance(node, AvgPool):
         y = args[0]
-        stride = node.kernel_size if node.stride is None else node.stride
-        pads = ConvSpec(1, 1, node.kernel_size, stride, node.padding).padding
-        t, b, l, r = pads
+        geo = ConvSpec(1, 1, node.kernel_size, node.kernel_size if node.stride is None
+                       else node.stride, node.padding)
+        kernel, stride = geo.kernel_size, geo.stride
+        t, b, l, r = geo.padding
         if t == b and l == r:
-            return F.avg_pool2d(y, node.kernel_size, stride, (t, l), node.ceil_mode,
+            return F.avg_pool2d(y, kernel, stride, (t, l), node.ceil_mode,
                                 node.count_include_pad, node.divisor_override)
         padded = F.pad(y, (l, r, t, b))
-        total = F.avg_pool2d(padded, node.kernel_size, stride, 0, node.ceil_mode, True,
+        total = F.avg_pool2d(padded, kernel, stride, 0, node.ceil_mode, True,
                              divisor_override=1)
         if node.divisor_override:
             return total / node.divisor_override
         if node.count_include_pad:
-            return total / (node.kernel_size[0] * node.kernel_size[1])
+            return total / (kernel[0] * kernel[1])
         ones = F.pad(torch.ones_like(y[:1, :1]), (l, r, t, b))
-        count = F.avg_pool2d(ones, node.kernel_size, stride, 0, node.ceil_mode, True,
+        count = F.avg_pool2d(ones, kernel, stride, 0, node.ceil_mode, True,
                              divisor_override=1)
         return total / count
     if isinstance(node, Scale):
