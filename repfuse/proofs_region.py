@@ -1,28 +1,28 @@
 """Per-region proofs: a fused ``AffineConv`` against the training form of its region.
 
-``prove_region(expr, fused, example_activation=None, *, tol=None) -> VerifyReport``
-checks, in float64 and with the ``repfuse.core`` kernels for the fused side:
+``prove_region(expr, fused, example_activation=None, *, tol=None, module=False)``
+checks, in float64 and with the ``repfuse.core`` kernels for the fused side, on one
+probe batch: sample 0 random (seeded) of spatial size twice the fused receptive field
+(so every border, padding and interior case is hit), sample 1 (when given) the real
+activation at the region's input, its top-left window of the same size:
 
 1. ``output[random]``, ``output[activation]``: the fused convolution (``core.conv2d``)
-   equals the training-form region (``region.evaluate``, torch ops) on a seeded random
-   probe of spatial size twice the fused receptive field plus the stride (so every
-   border, padding and interior case is hit) and, when given, on the real activation
-   at the region's input (one sample, cropped to its top-left ``ACTIVATION_CROP``
-   window to bound the cost). ``module output[...]``: the same for the module the
-   model receives (``fused.to_module()``, run in the target dtype, tolerance of that
-   dtype).
-2. ``grad input[random]``: ``core.conv2d_input`` of the fused kernel equals the sum of
-   the branches' adjoints (autograd through ``region.evaluate``) for a random upstream
-   gradient. (The region is affine, so its input gradient does not depend on the
-   input: the random probe covers it.)
+   equals the training-form region (``region.evaluate``, torch ops).
+2. ``grad input``: ``core.conv2d_input`` of the fused kernel equals the sum of the
+   branches' adjoints (autograd through ``region.evaluate``) for a random upstream
+   gradient.
 3. ``grad <param>``: for every parameter of the region (``region.parameters``: conv
    weights and biases, BN gamma/beta, tensor scales), the re-parameterization map's
    adjoint (the vector-Jacobian product of ``region.reduce``, by autograd) applied to
    the fused kernel's gradient (``core.conv2d_weight``; for the bias, the sum of the
    upstream gradient) equals torch autograd on the training form.
 
+With ``module=True`` also ``module output[...]``: the module the model receives
+(``fused.to_module()``) run in the target dtype, with that dtype's tolerance.
+
 The model's tensors are never touched: the proofs run on float64 copies substituted
-into a copy of the expression.
+into a copy of the expression. The region is affine, so the probe's size, not the real
+activation's, is what coverage needs; the real values add realistic magnitudes.
 """
 
 from __future__ import annotations
@@ -38,13 +38,6 @@ from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as rg
 from repfuse.proofs import SEED, compare, failed, tolerance
 from repfuse.report import VerifyReport
-
-#: The real activation is cropped to at most this many rows and columns (top-left corner,
-#: so the top and left borders and the interior are covered), or to twice the receptive
-#: field plus the stride when that is larger.
-ACTIVATION_CROP = 16
-#: The real activation is cut to at most this many samples.
-ACTIVATION_BATCH = 1
 
 
 # ----------------------------------------------------------------- expression trees
@@ -179,35 +172,49 @@ def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
 
 # ----------------------------------------------------------------- probes
 def probe_shape(spec: ConvSpec, batch: int = 1) -> tuple[int, int, int, int]:
-    """(N, C, H, W) of the random probe: twice the receptive field plus a stride on
-    each axis (H and W differ by one so a transposed axis cannot pass)."""
-    (ekh, ekw), (sh, sw) = spec.effective_kernel, spec.stride
-    return (batch, spec.in_channels, 2 * ekh + sh, 2 * ekw + sw + 1)
+    """(N, C, H, W) of the random probe: twice the receptive field on each axis, plus
+    one on W (odd and even sizes hit both stride remainders, and H != W so a transposed
+    axis cannot pass)."""
+    ekh, ekw = spec.effective_kernel
+    return (batch, spec.in_channels, 2 * ekh, 2 * ekw + 1)
 
 
-def _activation_probe(act: Tensor, spec: ConvSpec) -> Tensor:
-    a = act.detach()
-    if a.dim() == 3:
-        a = a.unsqueeze(0)
-    _, _, h, w = probe_shape(spec)
-    a = a[:ACTIVATION_BATCH, :, :max(ACTIVATION_CROP, h), :max(ACTIVATION_CROP, w)]
-    return a.to(torch.float64).contiguous()
+def _probe(spec: ConvSpec, act: Tensor | None, gen: torch.Generator, device) -> Tensor:
+    """The probe batch: sample 0 random; sample 1 (when ``act`` is given) the top-left
+    window of the real activation's first sample, on random values where it is smaller."""
+    n = 1 if act is None else 2
+    x = torch.randn(probe_shape(spec, n), generator=gen, dtype=torch.float64).to(device)
+    if act is not None:
+        a = act.detach()
+        a = a[0] if a.dim() == 4 else a
+        h, w = min(a.shape[-2], x.shape[-2]), min(a.shape[-1], x.shape[-1])
+        x[1, :, :h, :w] = a[:, :h, :w].to(x)
+    return x
 
 
 def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None, *,
-                 tol=None) -> VerifyReport:
-    """Prove that ``fused`` (an ``AffineConv``) computes region ``expr``; see the module
-    docstring for the checks. ``example_activation``: the tensor that flows into the
-    region on the example inputs (N, C, H, W), or None. ``tol``: as in
-    ``repfuse.proofs.tolerance``, applied to the float64 checks (the module check in
-    the target dtype uses that dtype's table entry unless ``tol`` is given).
-    Returns a ``VerifyReport`` (dtype "float64"); it never raises for a wrong fusion,
-    only reports it. Neither ``expr``'s tensors nor ``fused`` are modified.
+                 tol=None, module: bool = False) -> VerifyReport:
+    """Prove that ``fused`` (an ``AffineConv``) computes region ``expr``.
 
-    Cost: on the random probe (one sample, about twice the receptive field) one forward
-    and backward of the training form, one forward / input-gradient / weight-gradient of
-    the fused kernel and one forward of the module; on the real activation (one sample,
-    cropped) one forward of each; one re-reduction in float64 and its adjoint.
+    Args:
+        expr: the region expression (``repfuse.graph.region``), live model tensors.
+        fused: its ``AffineConv`` (what the model will receive).
+        example_activation: the tensor flowing into the region on the example inputs
+            ((N, C, H, W) or (C, H, W)), or None.
+        tol: as in ``repfuse.proofs.tolerance``; default: the float64 table entry.
+        module: also check ``fused.to_module()`` run in the target dtype
+            (``module output[...]``, tolerance of that dtype).
+
+    Returns a ``VerifyReport`` (dtype "float64") with the checks of the module
+    docstring: ``output[random]``, ``output[activation]`` (when an activation is
+    given), ``grad input``, ``grad <param>`` for every ``region.parameters`` entry. It
+    never raises for a wrong fusion, only reports it; neither ``expr``'s tensors nor
+    ``fused`` are modified.
+
+    Cost: the probe is one batch (a random sample of twice the receptive field and the
+    real activation's window of the same size); per region one forward and one backward
+    of the training form, one forward / input-gradient / weight-gradient of the fused
+    kernel with the core, one float64 re-reduction and its adjoint.
     """
     t64 = tolerance(torch.float64, tol)
     report = VerifyReport(dtype="float64")
@@ -217,13 +224,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
     gen = torch.Generator().manual_seed(SEED)
     expr64, leaves = float64_leaves(expr)
-    device = weight.device
-    module = fused.to_module()
-    target = fused.dtype if fused.dtype is not None else torch.float32
-    mod_tol = None if tol is None else tol
-
-    # 1-3 on the random probe
-    x = torch.randn(probe_shape(spec), generator=gen, dtype=torch.float64).to(device)
+    x = _probe(spec, example_activation, gen, weight.device)
+    names = ["random", "activation"][:x.shape[0]]
     xin = x.clone().requires_grad_(True)
     try:
         y_ref = rg.evaluate(expr64, xin)
@@ -231,34 +233,26 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     except Exception as e:  # a geometry mismatch is a failed proof, not a crash
         report.checks.append(failed("output[random]", f"{type(e).__name__}: {e}", t64))
         return report
-    report.checks.append(compare("output[random]", y_ref, y_fused, t64))
-    with torch.no_grad():
-        report.checks.append(compare("module output[random]", y_ref, module(x.to(target)),
-                                     mod_tol))
-    if y_ref.shape == y_fused.shape:
-        grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(device)
-        grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
-                                    allow_unused=True)
-        gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
-        gx_fused = fused_input_grad(x, weight, grad_out, spec)
-        report.checks.append(compare("grad input[random]", gx_ref, gx_fused, t64))
-        report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
-                                         weight.shape, t64)
-
-    # 1 on the real activation (the region is affine: gradients do not depend on it)
-    if example_activation is not None:
-        a = _activation_probe(example_activation, spec).to(device)
-        try:
-            with torch.no_grad():
-                y_ref = rg.evaluate(expr64, a)
-                y_fused = fused_forward(a, weight, bias, spec)
-                y_mod = module(a.to(target))
-        except Exception as e:
-            report.checks.append(failed("output[activation]", f"{type(e).__name__}: {e}",
-                                        t64))
-            return report
-        report.checks.append(compare("output[activation]", y_ref, y_fused, t64))
-        report.checks.append(compare("module output[activation]", y_ref, y_mod, mod_tol))
+    if y_ref.shape != y_fused.shape:
+        report.checks += [compare(f"output[{name}]", y_ref, y_fused, t64) for name in names]
+        return report
+    for i, name in enumerate(names):
+        report.checks.append(compare(f"output[{name}]", y_ref[i], y_fused[i], t64))
+    if module:
+        target = fused.dtype if fused.dtype is not None else torch.float32
+        with torch.no_grad():
+            y_mod = fused.to_module()(x.to(target))
+        for i, name in enumerate(names):
+            report.checks.append(compare(f"module output[{name}]", y_ref[i], y_mod[i],
+                                         None if tol is None else tol))
+    grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(x.device)
+    grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
+                                allow_unused=True)
+    gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    gx_fused = fused_input_grad(x, weight, grad_out, spec)
+    report.checks.append(compare("grad input", gx_ref, gx_fused, t64))
+    report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
+                                     weight.shape, t64)
     return report
 
 
