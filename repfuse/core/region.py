@@ -50,6 +50,7 @@ class Taps:
             ok.append((pos >= 0) & (pos < in_hw[axis]))
             idx.append(pos.clamp(0, in_hw[axis] - 1))
         self.rows, self.cols = idx
+        self.row_ok, self.col_ok = ok
         self.valid = (ok[0][:, :, None, None] & ok[1][None, None]).unsqueeze(0)
 
 
@@ -101,15 +102,6 @@ def check_regions(region_in, region_out, spec: ConvSpec, n: int, in_hw, out_hw, 
     rout = _check_region(region_out, "region_out", (n, *out_hw), "OH, OW of the output",
                          device)
     return rin, rout
-
-
-def _cross_taps(rin, rout, spec: ConvSpec, in_hw, out_hw):
-    """(N, OH, KH, OW, KW) bool: tap (i, j) of output (n, oh, ow) reads an input
-    position inside the input whose id differs from the output's; and the tap index."""
-    taps = tap_index(spec, in_hw, out_hw, rin.device)
-    rin_p = rin[:, taps.rows[:, :, None, None], taps.cols[None, None]]
-    differs = rin_p != rout[:, :, None, :, None]
-    return differs & taps.valid, taps
 
 
 def _equal_taps(rin, rout, spec: ConvSpec, in_hw, out_hw):
@@ -175,14 +167,29 @@ def _use_stacked(n_ids: int, frac: float) -> bool:
 
 
 class _Plan:
-    """How the fast path handles one (region_in, region_out, geometry) case."""
+    """How the fast path handles one (region_in, region_out, geometry) case: the
+    boundary output positions (pn, ph, pw), their cross taps ``cross`` (P, KH, KW) and,
+    when stacking per-region copies is cheaper, the region ids ``ids``."""
 
     def __init__(self, rin, rout, spec: ConvSpec, in_hw, out_hw):
-        cross, self.taps = _cross_taps(rin, rout, spec, in_hw, out_hw)
-        n, oh, _, ow, _ = cross.shape
-        at = cross.any(dim=4).any(dim=2)  # (N, OH, OW): output positions needing correction
+        taps = self.taps = tap_index(spec, in_hw, out_hw, rin.device)
+        n, (oh, ow) = rin.shape[0], out_hw
+        kh, kw = spec.kernel_size
+        # (N, OH, OW): some in-bounds tap reads an id different from the output's.
+        at = torch.zeros((n, oh, ow), dtype=torch.bool, device=rin.device)
+        for i in range(kh):
+            by_row = rin.index_select(1, taps.rows[:, i])
+            for j in range(kw):
+                differs = by_row.index_select(2, taps.cols[:, j]) != rout
+                ok = taps.row_ok[:, i, None] & taps.col_ok[None, :, j]
+                at |= differs & ok
         self.pn, self.ph, self.pw = at.nonzero(as_tuple=True)
-        self.cross = cross[self.pn, self.ph, :, self.pw, :]  # (P, KH, KW)
+        rows = taps.rows[self.ph][:, :, None]  # (P, KH, 1)
+        cols = taps.cols[self.pw][:, None, :]  # (P, 1, KW)
+        self.flat = (self.pn[:, None, None] * in_hw[0] + rows) * in_hw[1] + cols  # (P, KH, KW)
+        ids_p = rin.reshape(-1)[self.flat.reshape(-1)].reshape(self.flat.shape)
+        self.cross = ((ids_p != rout[self.pn, self.ph, self.pw][:, None, None])
+                      & taps.row_ok[self.ph][:, :, None] & taps.col_ok[self.pw][:, None, :])
         frac = self.pn.numel() / max(1, n * oh * ow)
         self.ids = None
         if frac > 0:
@@ -199,11 +206,25 @@ class _Plan:
         return m_in.unsqueeze(2), m_out.unsqueeze(2)  # (K, N, 1, H, W), (K, N, 1, OH, OW)
 
     def boundary_patches(self, x):
-        """Masked input patches at the boundary positions: (P, KH, KW, C)."""
-        rows = self.taps.rows[self.ph][:, :, None]
-        cols = self.taps.cols[self.pw][:, None, :]
-        xp = x[self.pn[:, None, None], :, rows, cols]
+        """Masked input patches at the boundary positions: (P, KH, KW, C), gathered as
+        whole channel vectors from a channels-last copy of ``x``."""
+        c = x.shape[1]
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, self.flat.reshape(-1))
+        xp = rows.reshape(*self.flat.shape, c)
         return torch.where(self.cross[..., None], xp, xp.new_zeros(()))
+
+    def scatter_sub(self, dx, dp):
+        """``dx`` (N, C, H, W) minus the patch gradients ``dp`` (P, KH, KW, C) added back
+        at the input positions they read (duplicates accumulate)."""
+        n, c, h, w = dx.shape
+        flat = self.flat.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        acc = dp.new_zeros(uniq.numel(), c).index_add_(0, inverse, dp.reshape(-1, c))
+        hw = h * w
+        cols = (uniq // hw)[:, None] * (c * hw) + torch.arange(c, device=dx.device) * hw \
+            + (uniq % hw)[:, None]
+        dx.view(-1).index_add_(0, cols.reshape(-1), acc.reshape(-1), alpha=-1)
+        return dx
 
 
 def _fast_conv2d(x, weight, spec, rin, rout, out_hw):
@@ -241,11 +262,7 @@ def _fast_conv2d_input(input_size, weight, grad_output, spec, rin, rout):
         dp = torch.einsum("pgo,gocij->pijgc", dyp.reshape(p, g, og), wg)
         dp = torch.where(plan.cross[..., None], dp.reshape(p, *plan.cross.shape[1:], c),
                          dp.new_zeros(()))
-        rows = plan.taps.rows[plan.ph][:, :, None]
-        cols = plan.taps.cols[plan.pw][:, None, :]
-        index = (plan.pn[:, None, None].expand_as(plan.cross), rows.expand_as(plan.cross),
-                 cols.expand_as(plan.cross))
-        dx.permute(0, 2, 3, 1).index_put_(index, -dp, accumulate=True)
+        dx = plan.scatter_sub(dx.contiguous(), dp)
     return dx
 
 
