@@ -86,3 +86,22 @@ def test_from_conv_is_differentiable():
     (ac.weight.sum() + 2 * ac.bias.sum()).backward()
     assert torch.equal(conv.weight.grad, torch.ones_like(conv.weight))
     assert torch.equal(conv.bias.grad, 2 * torch.ones_like(conv.bias))
+
+
+def test_modules_own_their_tensors():
+    """to_module never aliases the source parameters or another module's."""
+    conv = rand_conv(2, 3, 3, torch.Generator().manual_seed(0), padding=1)  # float64
+    ac = AffineConv.from_conv(conv)
+    m1, m2 = ac.to_module(), ac.to_module()
+    with torch.no_grad():
+        m1.weight.add_(1.0)
+        m1.bias.add_(1.0)
+    assert torch.equal(m2.weight, conv.weight) and torch.equal(m2.bias, conv.bias)
+    assert torch.equal(ac.weight, conv.weight.detach())
+    assert ac.cast_error() == 0.0
+    half = ac.replace(dtype=torch.float16)
+    err = half.cast_error()
+    m3 = half.to_module()
+    with torch.no_grad():
+        m3.weight.zero_()
+    assert half.cast_error() == err > 0

@@ -128,29 +128,50 @@ class AffineConv:
 
     __call__ = forward
 
+    def cast(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) cast to ``dtype``: new detached tensors (cached until
+        ``to_module`` takes them)."""
+        cached = self.__dict__.get("_cast")
+        if cached is None:
+            with torch.no_grad():
+                out = []
+                for t in (self.weight.detach(), self.bias.detach()):
+                    c = t.to(self.dtype)
+                    if c.data_ptr() == t.data_ptr():
+                        c = c.clone()
+                    out.append(c.contiguous())
+            cached = self.__dict__["_cast"] = (out[0], out[1])
+        return cached
+
     def cast_error(self) -> float:
         """Max abs rounding error of casting the float64 weight and bias to ``dtype``."""
-        with torch.no_grad():
+        err = self.__dict__.get("_cast_error")
+        if err is None:
             err = 0.0
-            for t in (self.weight, self.bias):
-                if t.numel():
-                    back = t.to(self.dtype).to(WORK_DTYPE)
-                    err = max(err, float((back - t).abs().max()))
-            return err
+            if self.dtype != WORK_DTYPE:
+                with torch.no_grad():
+                    for t, c in zip((self.weight.detach(), self.bias.detach()), self.cast()):
+                        if t.numel():
+                            diff = torch.linalg.vector_norm(t - c, float("inf"))
+                            err = max(err, float(diff))
+            self.__dict__["_cast_error"] = err
+        return err
 
     def to_module(self) -> nn.Module:
         """An ``nn.Conv2d`` (dtype, device and padding_mode preserved, bias materialised),
         or ``nn.Sequential(pad, nn.Conv2d)`` when the padding is asymmetric."""
         spec = self.spec
         symmetric = spec.is_symmetric_padding
-        conv = nn.utils.skip_init(  # no random init: every value is overwritten below
+        conv = nn.utils.skip_init(  # no random init: every value is replaced below
             nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
             spec.torch_padding if symmetric else 0, spec.dilation, spec.groups, bias=True,
             padding_mode=spec.padding_mode if symmetric else "zeros", device=self.device,
             dtype=self.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight.detach().to(self.dtype))
-            conv.bias.copy_(self.bias.detach().to(self.dtype))
+        self.cast_error()  # measured before the module owns (and may change) the values
+        weight, bias = self.cast()
+        del self.__dict__["_cast"]  # each module gets its own tensors
+        conv.weight = nn.Parameter(weight)
+        conv.bias = nn.Parameter(bias)
         if symmetric:
             return conv
         pad_cls = _PAD_MODULES[spec.padding_mode]

@@ -184,8 +184,36 @@ class _Identity:
         return A.identity_conv(self.out_channels, dtype=self.dtype, device=self.device)
 
 
+class _LazyConv:
+    """A conv on the region input, cast to float64 only when needed (a following BN folds
+    into it in one pass)."""
+
+    def __init__(self, node: Conv, spec: ConvSpec) -> None:
+        self.node, self.spec = node, spec
+        self.out_channels = spec.out_channels
+        self._conv = None
+
+    def conv(self):
+        if self._conv is None:
+            self._conv = A.AffineConv.from_tensors(self.node.weight, self.node.bias, self.spec)
+        return self._conv
+
+    def fold_bn(self, bn: BatchNorm):
+        """bn(conv(x)) with the float64 cast and the BN scale in one multiplication."""
+        scale, shift = A.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                        bn.eps, _label(bn))
+        if scale.numel() != self.out_channels:
+            raise NotFusable(f"has {scale.numel()} channels but follows "
+                             f"{self.spec.describe()} with {self.out_channels} outputs")
+        w = self.node.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
+        bias = shift if self.node.bias is None else self.node.bias * scale + shift
+        return A.AffineConv(weight, bias, self.spec, dtype, w.device)
+
+
 def _affine(arg):
-    return arg.conv() if isinstance(arg, _Identity) else arg
+    return arg.conv() if isinstance(arg, (_Identity, _LazyConv)) else arg
 
 
 def _reduce_node(node: Node, args: list, dtype, device):
@@ -197,22 +225,27 @@ def _reduce_node(node: Node, args: list, dtype, device):
             raise NotFusable("transposed convolution is not fused; leave it")
         if spec.layout != "NCHW":
             spec = spec.replace(layout="NCHW")
-        conv = A.AffineConv.from_tensors(node.weight, node.bias, spec)
         if isinstance(args[0], _Identity):
             if args[0].out_channels != spec.in_channels:
                 raise NotFusable(f"expects {spec.in_channels} input channels, the region "
                                  f"input has {args[0].out_channels}")
-            return conv
-        return A.compose(args[0], conv)
+            spec.check_weight(tuple(node.weight.shape))
+            return _LazyConv(node, spec)
+        return A.compose(_affine(args[0]), A.AffineConv.from_tensors(node.weight, node.bias,
+                                                                      spec))
     if isinstance(node, BatchNorm):
+        if isinstance(args[0], _LazyConv) and node.running_mean is not None:
+            return args[0].fold_bn(node)
         return A.fold_bn(_affine(args[0]), node.running_mean, node.running_var, node.weight,
                          node.bias, node.eps, name=_label(node))
     if isinstance(node, AvgPool):
+        if isinstance(args[0], _LazyConv):
+            args = [args[0].conv()]
         pool = A.avg_pool_conv(args[0].out_channels, node.kernel_size, node.stride,
                                node.padding, count_include_pad=node.count_include_pad,
                                ceil_mode=node.ceil_mode, divisor_override=node.divisor_override,
                                dtype=args[0].dtype, device=args[0].device, name=_label(node))
-        return pool if isinstance(args[0], _Identity) else A.compose(args[0], pool)
+        return pool if isinstance(args[0], _Identity) else A.compose(_affine(args[0]), pool)
     args = [_affine(a) for a in args]
     if isinstance(node, Scale):
         return A.scale(args[0], node.factor)
