@@ -4,8 +4,19 @@ from __future__ import annotations
 
 
 def fuse(model, example_inputs, *, verify=True, inplace=False, tol=None):
-    """Fuse every linear multi-branch region of ``model`` into one conv."""
-    raise NotImplementedError("repfuse.fuse is not implemented yet")
+    """Fuse every linear multi-branch region of ``model`` into one conv.
+
+    ``example_inputs``: a tensor or a tuple of tensors (used to learn shapes and for the
+    checks). Returns a ``FuseResult`` with ``.model`` (the fused module, eval mode) and
+    ``.report`` (a ``FuseReport``: every region fused or left alone with the reason,
+    parameter counts, errors and, with ``verify=True``, per-region proofs and the
+    whole-model check of outputs and input gradients; ``.ok``, ``.to_dict()``).
+    ``model`` is not modified unless ``inplace=True``; a model in training mode is fused
+    as its eval-mode function. ``tol``: as in ``repfuse.proofs.tolerance``.
+    """
+    from repfuse.graph.fx import fuse_module
+
+    return fuse_module(model, example_inputs, verify=verify, inplace=inplace, tol=tol)
 
 
 def fuse_onnx(model, *, verify=True, tol=None):

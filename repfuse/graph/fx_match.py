@@ -1,0 +1,174 @@
+"""Finding maximal linear regions (one input value, one output value) in an fx graph.
+
+A region is a set of linear-op nodes (``fx_ops.classify``) whose values are used
+only inside the region, except for one output node; every activation input from
+outside is one and the same node (the region input; an identity branch is that
+input feeding the sum). Regions are grown backwards from their output in reverse
+graph order, so each is maximal: a node joins when all of its users already belong
+to the region. An output whose region would need two inputs is not linear for this
+purpose; its inputs then start smaller regions.
+
+Shape reads (``x.ndim``, ``x.shape``) that only feed ``torch._assert`` do not count
+as uses; the rewrite drops them with the region.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from repfuse.graph import region as rg
+from repfuse.graph.fx_ops import LinearOp, inplace_target, tensor_meta
+from repfuse.graph.fx_trace import META
+
+_PURE = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+         operator.ge, operator.not_, operator.and_, operator.or_, operator.getitem, len,
+         isinstance}
+
+
+def is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        node.target is torch._assert
+        or getattr(node.target, "__name__", "") in ("_assert", "_assert_is_none"))
+
+
+def ignorable_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Asserts and the shape reads that only feed them."""
+    ign: set[fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if n.op in ("output", "placeholder", "get_attr") or META in n.meta:
+            continue
+        if is_assert(n):
+            ign.add(n)
+            continue
+        pure = (n.op == "call_function" and n.target in _PURE) or (
+            n.op == "call_method" and n.target in ("size", "dim", "numel"))
+        if pure and all(u in ign for u in n.users):
+            ign.add(n)
+    return ign
+
+
+@dataclass(eq=False)
+class Region:
+    """A linear region of one graph: member nodes in graph order, input and output."""
+
+    nodes: list[fx.Node]
+    input: fx.Node
+    output: fx.Node
+    ops: dict[fx.Node, LinearOp]
+
+    @property
+    def blocked(self) -> str:
+        return next((self.ops[n].blocked for n in self.nodes if self.ops[n].blocked), "")
+
+    def build(self, x: rg.Node) -> rg.Node:
+        """The region's expression with ``x`` as its input."""
+        env: dict[fx.Node, rg.Node] = {self.input: x}
+        for n in self.nodes:
+            op = self.ops[n]
+            env[n] = op.build([env[i] for i in op.inputs])
+        return env[self.output]
+
+    def expr(self) -> rg.Node:
+        return self.build(rg.Input(tensor_meta(self.input)[0][1]))
+
+    @property
+    def is_passthrough(self) -> bool:
+        return all(self.ops[n].kind == "pass" for n in self.nodes)
+
+
+def real_users(node: fx.Node, ign: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u not in ign]
+
+
+def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx.Node],
+                 ign: set[fx.Node], module) -> list[Region]:
+    """Maximal regions of ``graph`` whose members are ``ops`` minus ``barriers``."""
+    order = list(graph.nodes)
+    index = {n: i for i, n in enumerate(order)}
+    mutators: dict[fx.Node, list[fx.Node]] = {}
+    linear = set()
+    for n in order:
+        target = inplace_target(n, module)
+        if target is not None:
+            mutators.setdefault(target, []).append(n)
+        if n in ops and n not in barriers:
+            if target is not None and (target.op == "placeholder"
+                                       or len(real_users(target, ign)) != 1):
+                continue
+            linear.add(n)
+    assigned: set[fx.Node] = set()
+    regions: list[Region] = []
+    for v in reversed(order):
+        if v not in linear or v in assigned:
+            continue
+        members = {v}
+        heap = [(-index[i], i.name, i) for i in ops[v].inputs]
+        heapq.heapify(heap)
+        seen = set()
+        while heap:
+            _, _, u = heapq.heappop(heap)
+            if u in seen or u in members:
+                continue
+            seen.add(u)
+            if u in linear and u not in assigned and all(
+                    w in members for w in real_users(u, ign)):
+                members.add(u)
+                for i in ops[u].inputs:
+                    heapq.heappush(heap, (-index[i], i.name, i))
+        external = {i for m in members for i in ops[m].inputs if i not in members}
+        if len(external) != 1:
+            linear.discard(v)
+            continue
+        x = next(iter(external))
+        if tensor_meta(x) is None or len(tensor_meta(x)[0]) != 4:
+            linear.discard(v)
+            continue
+        last = max(index[m] for m in members)
+        if any(index[w] < last and w not in members for w in mutators.get(x, [])):
+            linear.discard(v)
+            continue
+        nodes = sorted(members, key=index.__getitem__)
+        regions.append(Region(nodes, x, v, {n: ops[n] for n in nodes}))
+        assigned |= members
+    regions.sort(key=lambda r: index[r.output])
+    return regions
+
+
+def expr_counts(expr: rg.Node) -> dict[str, int]:
+    """Node kinds of an expression (each shared node once)."""
+    counts: dict[str, int] = {}
+    seen: set[int] = set()
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        kind = type(node).__name__
+        if kind in ("Add", "Concat") and len(node.inputs) < 2:
+            kind = "Pass"
+        counts[kind] = counts.get(kind, 0) + 1
+        if isinstance(node, (rg.Add, rg.Concat)):
+            stack.extend(node.inputs)
+        elif isinstance(node, rg.Sub):
+            stack.extend((node.left, node.right))
+        elif not isinstance(node, rg.Input):
+            stack.append(node.input)
+    return counts
+
+
+def worthwhile(expr: rg.Node) -> bool:
+    """Whether fusing gains anything: a conv with something to fold into it, or a
+    multi-branch sum of batch norms (an identity conv then replaces several ops)."""
+    c = expr_counts(expr)
+    convs, bns = c.get("Conv", 0), c.get("BatchNorm", 0)
+    merges = c.get("Add", 0) + c.get("Sub", 0) + c.get("Concat", 0)
+    others = sum(v for k, v in c.items() if k not in ("Input", "Pass"))
+    if convs:
+        return others >= 2
+    return bns >= 1 and merges >= 1
