@@ -253,3 +253,16 @@ def test_chain_property_is_not_vacuous():
                      make_conv(2, 4, 2, gen, stride=1))
     x = torch.randn(1, 2, 9, 8, dtype=D, generator=gen)
     assert max_diff_ok(reduce(expr).forward(x), evaluate(expr, x))
+
+
+def test_dtype_follows_the_weights():
+    """A float32 region stays float32 even with float64 constants; the identity joins it."""
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    inp = Input(3)
+    expr = Add((Scale(conv_node(inp, conv), torch.ones(3, dtype=D)), Scale(inp, 2.0)))
+    fused = reduce(expr)
+    assert fused.dtype == torch.float32 and fused.to_module().weight.dtype == torch.float32
+    x = torch.randn(1, 3, 5, 5)
+    assert (fused.to_module()(x) - (conv(x) + 2 * x)).abs().max().item() < 1e-5
+    half = nn.Conv2d(3, 3, 1).half()
+    assert reduce(Add((conv_node(inp, half), inp))).dtype == torch.float16

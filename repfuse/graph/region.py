@@ -163,12 +163,19 @@ def _walk(expr: Node) -> list[Node]:
 
 
 def _region_dtype_device(expr: Node):
-
-    for node in _walk(expr):
-        for attr in ("weight", "running_mean", "factor", "value"):
-            t = getattr(node, attr, None)
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                return t.dtype, t.device
+    """dtype and device of the region's weights (convs first, then norms, then constants):
+    what an identity branch is cast back to."""
+    ranked = ((Conv, ("weight",)), (BatchNorm, ("weight", "running_mean")),
+              (Node, ("factor", "value")))
+    nodes = _walk(expr)
+    for kind, attrs in ranked:
+        for node in nodes:
+            if not isinstance(node, kind):
+                continue
+            for attr in attrs:
+                t = getattr(node, attr, None)
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    return t.dtype, t.device
     return torch.get_default_dtype(), torch.device("cpu")
 
 
