@@ -375,8 +375,8 @@ def _evaluate_node(node: Node, args: list, x: Tensor) -> Tensor:
         y = args[0]
         t, b, l, r = ConvSpec(1, 1, 1, padding=node.padding).padding
         if node.zero_response:
-            zero = torch.zeros_like(x[:1, :, :1, :1])
-            value = evaluate(node.input, zero).reshape(-1)
+            response = evaluate(node.input, torch.zeros_like(x[:1]))
+            value = response[0, :, response.shape[2] // 2, response.shape[3] // 2]
         else:
             value = node.value
         padded = F.pad(y, (l, r, t, b))
