@@ -51,31 +51,112 @@ def unfold(x: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
                          xp.storage_offset())
 
 
-def fold(cols: torch.Tensor, spec: ConvSpec, input_hw) -> torch.Tensor:
-    """Adjoint of ``unfold``: sums the grouped unfold-shaped ``cols`` into an input of
-    spatial size ``input_hw`` (in ``spec.layout``), dropping what lands in the padding."""
-    h, w = input_hw
+def fold_taps(tap, spec: ConvSpec, n: int, out_hw, input_hw) -> torch.Tensor:
+    """Adjoint of ``unfold`` with the columns given per tap: ``tap(i, j, out)`` adds what
+    tap (i, j) contributes for every output position into ``out``, a strided view of the
+    padded input, (N, C, OH, OW) (NCHW) or (N, OH, OW, C) (NHWC); ``tap(i, j)`` returns
+    any tensor of the result's dtype and device. Returns the sum, an input of spatial
+    size ``input_hw`` (what lands in the padding is dropped)."""
+    (h, w), (oh, ow) = input_hw, out_hw
     t, b, l, r = spec.padding
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     kh, kw = spec.kernel_size
     nchw = spec.layout == "NCHW"
-    if nchw:
-        n, _, _, _, _, oh, ow = cols.shape
-        buf = cols.new_zeros(n, spec.in_channels, h + t + b, w + l + r)
-    else:
-        n, oh, ow = cols.shape[:3]
-        buf = cols.new_zeros(n, h + t + b, w + l + r, spec.in_channels)
+    c = spec.in_channels
+    shape = (n, c, h + t + b, w + l + r) if nchw else (n, h + t + b, w + l + r, c)
+    buf = None
     for i in range(kh):
         rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
         for j in range(kw):
             cs = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
-            if nchw:
-                buf[:, :, rows, cs] += cols[:, :, :, i, j].reshape(n, -1, oh, ow)
-            else:
-                buf[:, rows, cs, :] += cols[:, :, :, i, j].reshape(n, oh, ow, -1)
+            if buf is None:
+                buf = tap(i, j).new_zeros(shape)
+            tap(i, j, buf[:, :, rows, cs] if nchw else buf[:, rows, cs, :])
     if nchw:
         return buf[:, :, t:t + h, l:l + w]
     return buf[:, t:t + h, l:l + w, :]
+
+
+def fold(cols: torch.Tensor, spec: ConvSpec, input_hw) -> torch.Tensor:
+    """Adjoint of ``unfold``: sums the grouped unfold-shaped ``cols`` into an input of
+    spatial size ``input_hw`` (in ``spec.layout``), dropping what lands in the padding."""
+    nchw = spec.layout == "NCHW"
+    n = cols.shape[0]
+    oh, ow = (cols.shape[5], cols.shape[6]) if nchw else (cols.shape[1], cols.shape[2])
+
+    def tap(i, j, out=None):
+        c = cols[:, :, :, i, j]
+        c = c.reshape(n, -1, oh, ow) if nchw else c.reshape(n, oh, ow, -1)
+        return c if out is None else out.add_(c)
+
+    return fold_taps(tap, spec, n, (oh, ow), input_hw)
+
+
+# ------------------------------------------------------------------ depthwise
+# With one input channel per group the GEMMs degenerate into batches of tiny products;
+# the depthwise forms below apply the same unfold view tap by tap instead.
+def _dw_tap(u: torch.Tensor, spec: ConvSpec, i: int, j: int) -> torch.Tensor:
+    """Tap (i, j) of the unfold view, shaped to broadcast against the grouped output
+    (N, g, 1, OH, OW) (NCHW) / (N, OH, OW, g, 1) (NHWC)."""
+    if spec.layout == "NCHW":
+        return u[:, :, :, i, j]
+    return u[:, :, :, i, j, :, :]
+
+
+def _dw_weight(weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """(g, O/g, KH, KW) view of a depthwise weight; its tap (i, j) is reshaped to
+    broadcast against the grouped output."""
+    return weight.reshape(spec.groups, spec.out_per_group, *spec.kernel_size)
+
+
+def _dw_w(w4: torch.Tensor, spec: ConvSpec, i: int, j: int) -> torch.Tensor:
+    wt = w4[:, :, i, j]
+    return wt.reshape(1, *wt.shape, 1, 1) if spec.layout == "NCHW" else wt
+
+
+def _grouped_out(t: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """An output-shaped tensor as (N, g, O/g, OH, OW) / (N, OH, OW, g, O/g)."""
+    g, og = spec.groups, spec.out_per_group
+    if spec.layout == "NCHW":
+        return t.reshape(t.shape[0], g, og, t.shape[2], t.shape[3])
+    return t.reshape(*t.shape[:3], g, og)
+
+
+def _dw_conv2d(x, weight, spec: ConvSpec) -> torch.Tensor:
+    u, w4 = unfold(x, spec), _dw_weight(weight, spec)
+    y = None
+    for i in range(spec.kernel_size[0]):
+        for j in range(spec.kernel_size[1]):
+            ut, wt = _dw_tap(u, spec, i, j), _dw_w(w4, spec, i, j)
+            y = ut * wt if y is None else y.addcmul_(ut, wt)
+    if spec.layout == "NCHW":
+        return y.reshape(y.shape[0], -1, y.shape[3], y.shape[4])
+    return y.reshape(*y.shape[:3], -1)
+
+
+def _dw_conv2d_input(n, hw, weight, grad_output, spec: ConvSpec) -> torch.Tensor:
+    go, w4 = _grouped_out(grad_output, spec), _dw_weight(weight, spec)
+    red = 2 if spec.layout == "NCHW" else 4
+    out_hw = spatial_size(grad_output, spec.layout)
+
+    def tap(i, j, out=None):
+        wt = _dw_w(w4, spec, i, j)
+        if out is None:
+            return wt
+        if spec.out_per_group == 1:
+            return out.addcmul_(go.select(red, 0), wt.select(2 if red == 2 else 1, 0))
+        return out.add_((go * wt).sum(red))
+
+    return fold_taps(tap, spec, n, out_hw, hw)
+
+
+def _dw_conv2d_weight(x, weight_size, grad_output, spec: ConvSpec) -> torch.Tensor:
+    u, go = unfold(x, spec), _grouped_out(grad_output, spec)
+    dims = (0, 3, 4) if spec.layout == "NCHW" else (0, 1, 2)
+    kh, kw = spec.kernel_size
+    taps = [(go * _dw_tap(u, spec, i, j)).sum(dims) for i in range(kh) for j in range(kw)]
+    gw = torch.stack(taps, -1).reshape(spec.groups, spec.out_per_group, kh, kw)
+    return gw.reshape(tuple(weight_size))
 
 
 def _k(spec: ConvSpec) -> int:
@@ -106,6 +187,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n, _, h, w = spec.check_input(x.shape)
     oh, ow = spec.output_size((h, w))
     g, og, o = spec.groups, spec.out_per_group, spec.out_channels
+    if spec.in_per_group == 1 and g > 1:
+        y = _dw_conv2d(x, weight, spec)
+        return y if bias is None else y + (bias.view(1, o, 1, 1) if spec.layout == "NCHW"
+                                           else bias)
     wm = weight.reshape(g, og, _k(spec))
     if spec.layout == "NCHW":
         y = torch.matmul(wm, _rows(x, spec)).reshape(n, o, oh, ow)
@@ -122,6 +207,8 @@ def conv2d_input(input_size, weight: torch.Tensor, grad_output: torch.Tensor,
     oh, ow = spec.output_size((h, w))
     g, og = spec.groups, spec.out_per_group
     kh, kw = spec.kernel_size
+    if spec.in_per_group == 1 and g > 1:
+        return _dw_conv2d_input(n, (h, w), weight, grad_output, spec)
     wm = weight.reshape(g, og, _k(spec))
     if spec.layout == "NCHW":
         cols = torch.matmul(wm.transpose(1, 2), _go(grad_output, spec))
@@ -135,9 +222,12 @@ def conv2d_input(input_size, weight: torch.Tensor, grad_output: torch.Tensor,
 def conv2d_weight(x: torch.Tensor, weight_size, grad_output: torch.Tensor,
                   spec: ConvSpec) -> torch.Tensor:
     """Gradient of the forward convolution with respect to its weight (``spec.layout``)."""
+    if spec.in_per_group == 1 and spec.groups > 1:
+        return _dw_conv2d_weight(x, weight_size, grad_output, spec)
     go = _go(grad_output, spec)
     if spec.layout == "NCHW":
-        gw = torch.einsum("ngol,ngkl->gok", go, _rows(x, spec))
+        # one GEMM per (sample, group), summed over the batch
+        gw = torch.matmul(go, _rows(x, spec).transpose(-1, -2)).sum(0)
     else:
         gw = torch.matmul(go.transpose(1, 2), _rows(x, spec))
     return gw.reshape(tuple(weight_size))
