@@ -79,6 +79,15 @@ def drop_dead(graph: fx.Graph) -> None:
                 changed = True
 
 
+class NamedGraphModule(fx.GraphModule):
+    """A GraphModule that keeps its class name (the fused module's) when deep-copied."""
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        res.__class__.__name__ = type(self).__name__
+        return res
+
+
 def build_graph_module(module: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Module],
                        resolve) -> fx.GraphModule:
     """A GraphModule named like ``module``'s class that holds only what ``graph`` uses."""
@@ -90,7 +99,7 @@ def build_graph_module(module: nn.Module, graph: fx.Graph, new_modules: dict[str
                 attrs[n.target] = new_modules[n.target]
             else:
                 attrs[n.target] = resolve(module, n.target)
-    gm = fx.GraphModule(attrs, graph, class_name=type(module).__name__)
+    gm = NamedGraphModule(attrs, graph, class_name=type(module).__name__)
     gm.training = False
     return gm
 
