@@ -145,7 +145,8 @@ class NoRunningStats(nn.Module):
 class ConstantWeight(nn.Module):
     def __init__(self, c=4):
         super().__init__()
-        self.w = torch.randn(c, c, 3, 3, dtype=torch.float64)  # a plain attribute: not a parameter or buffer
+        # a plain attribute: not a parameter or buffer
+        self.w = torch.randn(c, c, 3, 3, dtype=torch.float64)
         self.bn = nn.BatchNorm2d(c)
         self.pw = conv_bn(c, c, 1, padding=0)
 
