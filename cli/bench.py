@@ -65,7 +65,7 @@ def _export(model, x, folder: str, name: str):
 
 def _torch_rows(source, fused, x, opts, notes):
     rows = []
-    train = source.model.eval()
+    train = source.model
     rows.append(("torch eager, NCHW", latency_ms(train, x, **opts), latency_ms(fused, x, **opts)))
     cl = torch.channels_last
     train_cl = copy.deepcopy(train).to(memory_format=cl)
@@ -193,7 +193,7 @@ def bench(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, inpu
     rows = []
     with _threads(threads), status(err, "timing"):
         if source.kind == "torch":
-            rows += _torch_rows(source, result.model.eval(), x, opts, notes)
+            rows += _torch_rows(source, result.model, x, opts, notes)
         if not no_onnx:
             rows += _ort_rows(source, result, x, opts, threads or torch.get_num_threads(), notes)
     if not rows:

@@ -40,7 +40,7 @@ def _writer(fmt: str, source, result, x, *, check: bool, tol):
     """A function writing the fused model to a given (temporary) path in format ``fmt``."""
     if source.kind == "onnx":
         return lambda tmp: write_onnx_proto(result.model, tmp)
-    fused = result.model.eval()
+    fused = result.model
     if fmt == ".onnx":
         return lambda tmp: repfuse.export_onnx(fused, (x,), os.fspath(tmp), check=check, tol=tol)
     if fmt == ".pt2":

@@ -28,6 +28,7 @@ from repfuse.modelfile import (
     load_pickled_module,
     onnx_input_shape,
     program_input_shape,
+    program_module,
 )
 
 
@@ -201,7 +202,8 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
         if suffix == ".pt2":
             program = load_exported_program(path, trust_pickle=trust_pickle)
             shape = input_shape or program_input_shape(program) or DEFAULT_SHAPE
-            model, label = program.module(), f"{path.name} (torch.export)"
+            example = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+            model, label = program_module(program, example), f"{path.name} (torch.export)"
         else:
             model = load_pickled_module(path, trust_pickle=trust_pickle)
             shape = input_shape or DEFAULT_SHAPE
@@ -228,11 +230,20 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
         state_dict = load_checkpoint(weights, trust_pickle=trust_pickle, notes=source.notes)
         source.notes += load_weights(source.model, state_dict, source=os.fspath(weights),
                                      model_name=source.label)
-    source.model.eval()
+    set_eval(source.model)
     check_model(source.model, source=source.label)
     if source.kind == "torch":
         probe(source, seed)
     return source
+
+
+def set_eval(model: nn.Module) -> None:
+    """Eval mode; modules unlifted from a ``torch.export`` program refuse ``.eval()`` (they
+    keep the mode they were exported in), which is fine."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def run(*args, cwd: Path | None = None, **kwargs):
     if cwd is not None:
         os.chdir(cwd)
     try:
-        return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+        return CliRunner(env={"COLUMNS": "200"}).invoke(cli, [str(a) for a in args], **kwargs)
     finally:
         os.chdir(old)
 

@@ -37,6 +37,7 @@ from repfuse.modelfile import (  # noqa: E402
     load_pickled_module,
     onnx_input_shape,
     program_input_shape,
+    program_module,
 )
 
 
@@ -287,6 +288,20 @@ def test_exported_program_needs_trust(tmp_path):
     assert program_input_shape(loaded) == (2, 3, 8, 8)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(loaded.module()(x), m(x))
+
+
+def test_exported_program_lowered_for_fusion(tmp_path):
+    import torch.nn.functional as F
+
+    m = hostile_corpus.tiny_module(tmp_path)
+    x = torch.randn(2, 3, 8, 8)
+    module = program_module(torch.export.export(m, (x,)), x)
+    targets = {n.target for n in module.graph.nodes if n.op == "call_function"}
+    assert F.conv2d in targets and F.batch_norm in targets
+    assert not any("aten.conv2d" in str(t) or "aten.batch_norm" in str(t) for t in targets)
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), m(x))
 
 
 def test_onnx_loads_and_reports_shape(tmp_path):
