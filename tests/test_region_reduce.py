@@ -168,6 +168,24 @@ def test_random_sums_of_branches(data, c, n, h, w, seed):
     x = torch.randn(2, c, h, w, dtype=D, generator=gen)
     check(expr, x)
     assert len(describe(expr)) >= 1
+    check_adjoint(expr, x, gen)
+
+
+def check_adjoint(expr, x, gen):
+    """Gradients of <fused(x), g> and <training form(x), g> w.r.t. every parameter agree:
+    autograd through reduce() is the re-parameterization map's adjoint."""
+    params = [t for t in parameters(expr).values() if t.requires_grad]
+    if not params:
+        return
+    fused = reduce(expr)
+    g = torch.randn(fused.forward(x).shape, dtype=D, generator=gen)
+    got = torch.autograd.grad((fused.forward(x) * g).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((evaluate(expr, x) * g).sum(), params, allow_unused=True)
+    for a, b in zip(got, want):
+        assert a is not None or b is not None
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        assert (a - b).abs().max().item() < TOL
 
 
 def test_refusals_name_the_node():
@@ -237,6 +255,7 @@ def test_random_chains_exact_or_refused(data, n, seed):
         assert str(err)
         return
     assert max_diff_ok(fused.forward(x), want)
+    check_adjoint(expr, x, gen)
 
 
 def max_diff_ok(a, b):
