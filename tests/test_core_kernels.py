@@ -206,3 +206,18 @@ def test_make_spec_padding_forms_agree():
     x, w = _x(), torch.randn(3, 4, 3, 5, dtype=F64)
     torch.testing.assert_close(core.conv2d(x, w, padding="same"),
                                F.conv2d(x, w, padding="same"), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["reference", "native"])
+def test_strided_views_are_read_by_their_strides(algorithm):
+    """NHWC inputs given as permuted (non-contiguous) views, and sliced NCHW inputs."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 6, 9, 11, generator=gen, dtype=F64)
+    w = torch.randn(4, 3, 3, 2, generator=gen, dtype=F64)
+    x = base[:, ::2, 1:, ::2]
+    want = F.conv2d(x, w, None, 2, 1)
+    got = core.conv2d(x, w, None, 2, 1, algorithm=algorithm)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    got = core.conv2d(x.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1), None, 2, 1, layout="NHWC",
+                      algorithm=algorithm)
+    torch.testing.assert_close(got, nhwc(want), atol=1e-12, rtol=0)
