@@ -214,12 +214,16 @@ class _Plan:
         return torch.where(self.cross[..., None], xp, xp.new_zeros(()))
 
     def scatter_sub(self, dx, dp):
-        """``dx`` (N, C, H, W) minus the patch gradients ``dp`` (P, KH, KW, C) added back
-        at the input positions they read (duplicates accumulate)."""
+        """``dx`` (N, C, H, W) minus the patch gradients ``dp`` (P, KH, KW, C) of the
+        cross taps, added back at the input positions they read (duplicates accumulate;
+        the other taps go to a discarded slot, so ``dp`` needs no masking)."""
         n, c, h, w = dx.shape
-        flat = self.flat.reshape(-1)
+        discard = n * h * w
+        flat = torch.where(self.cross, self.flat, discard).reshape(-1)
         uniq, inverse = torch.unique(flat, return_inverse=True)
         acc = dp.new_zeros(uniq.numel(), c).index_add_(0, inverse, dp.reshape(-1, c))
+        if uniq[-1] == discard:
+            uniq, acc = uniq[:-1], acc[:-1]
         hw = h * w
         cols = (uniq // hw)[:, None] * (c * hw) + torch.arange(c, device=dx.device) * hw \
             + (uniq % hw)[:, None]
@@ -260,9 +264,7 @@ def _fast_conv2d_input(input_size, weight, grad_output, spec, rin, rout):
         dyp = grad_output[plan.pn, :, plan.ph, plan.pw]  # (P, O)
         p = dyp.shape[0]
         dp = torch.einsum("pgo,gocij->pijgc", dyp.reshape(p, g, og), wg)
-        dp = torch.where(plan.cross[..., None], dp.reshape(p, *plan.cross.shape[1:], c),
-                         dp.new_zeros(()))
-        dx = plan.scatter_sub(dx.contiguous(), dp)
+        dx = plan.scatter_sub(dx.contiguous(), dp.reshape(p, *plan.cross.shape[1:], c))
     return dx
 
 
