@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
+from hypothesis import strategies as st
 
 import repfuse.core as core
 from repfuse.errors import GeometryError
@@ -118,6 +119,40 @@ def test_transposed_low_precision(dtype, tol, layout):
         for got, want in ((y, yl), (gx, gxl), (gw, gwl)):
             assert got.dtype == dtype
             torch.testing.assert_close(got.to(F64), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("algorithm", ["reference", "native"])
+@given(geo=geometries(transposed=True),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_transposed_kernels_low_precision_geometry(algorithm, geo, dtype):
+    """Inputs rounded to ``dtype``: results within a few units of ``dtype``'s precision
+    (relative to the sums of |products|) of float64 on the same values."""
+    c = deconv_case(geo)
+    if c is None:
+        return
+    x, w, b, gy = (c[k].to(dtype).to(F64) for k in ("x", "w", "b", "gy"))
+    results = []
+    for vals in ((x, w, b, gy), (x.abs(), w.abs(), b.abs(), gy.abs())):
+        xg, wg = vals[0].clone().requires_grad_(), vals[1].clone().requires_grad_()
+        y = torch_deconv(xg, wg, vals[2], geo)
+        results.append((y.detach(), *torch.autograd.grad(y, (xg, wg), vals[3])))
+    (xl, wl, gyl), want = in_layout(dict(x=x, w=w, gy=gy, y=results[0][0], gx=results[0][1],
+                                         gw=results[0][2]), geo)
+    _, bound = in_layout(dict(x=x, w=w, gy=gy, y=results[1][0], gx=results[1][1],
+                              gw=results[1][2]), geo)
+    a, lay = deconv_args(geo), geo["layout"]
+    got = (core.conv_transpose2d(xl.to(dtype), wl.to(dtype), b.to(dtype), *a, layout=lay,
+                                 algorithm=algorithm),
+           core.conv_transpose2d_input(xl.shape, wl.to(dtype), gyl.to(dtype), *a, layout=lay,
+                                       algorithm=algorithm),
+           core.conv_transpose2d_weight(xl.to(dtype), wl.shape, gyl.to(dtype), *a, layout=lay,
+                                        algorithm=algorithm))
+    eps = torch.finfo(dtype).eps
+    scale = 16 if dtype == torch.float32 else 2
+    for g_, want_, bound_ in zip(got, want, bound):
+        assert g_.dtype == dtype
+        err = (g_.to(F64) - want_).abs()
+        assert bool((err <= scale * eps * bound_ + torch.finfo(dtype).tiny * eps).all())
 
 
 @pytest.mark.parametrize("groups", [1, 2])
