@@ -66,7 +66,7 @@ def export_onnx(model, example_inputs, path, *, opset=18, dynamic_batch=True, ch
     dynamic, another batch size; on disagreement ``VerificationError`` is raised with
     the figures and nothing is written. Returns a ``VerifyReport``.
     """
-    from repfuse.onnx_io import export_onnx as _export_onnx
+    from repfuse.onnx_export import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, opset=opset,
                         dynamic_batch=dynamic_batch, check=check, tol=tol)

@@ -148,6 +148,23 @@ def test_scales_shifts_pool_identity_dropout_concat():
     assert_same(m, res.model)
 
 
+def test_exporter_style_constant_subgraphs():
+    """Biases computed from Shape / Expand / CastLike of constants (the unoptimized
+    torch.export output) and statistics behind Identity nodes are constants."""
+    g = G(4)
+    zero = g.const(np.float32(0.0), as_node=True)
+    w = g.const(g.rng.standard_normal((4, 4, 3, 3)) * 0.3)
+    count = g.op("Shape", [w], start=0, end=1)
+    bias = g.op("Expand", [g.op("CastLike", [zero, "x"]), count])
+    a = g.op("Conv", ["x", g.op("Identity", [w]), bias], kernel_shape=[3, 3], pads=[1] * 4)
+    y = g.op("Add", [g.bn(a, 4), g.bn("x", 4)])
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Relu"]
+    assert len(res.model.graph.initializer) == 2  # only the fused weight and bias remain
+    assert_same(m, res.model)
+
+
 def test_pad_then_conv_becomes_one_conv_with_asymmetric_pads():
     g = G(4)
     p = g.op("Pad", ["x", _int_const(g, [0, 0, 0, 1, 0, 0, 1, 0])])
@@ -252,5 +269,9 @@ def test_random_blocks_keep_their_function(spec, opset):
         assert np.abs(a - b).max() <= 1e-5 + 1e-4 * np.abs(a).max()
     for region in res.report.fused:
         assert region.proofs.ok
-    if res.report.fused and not res.report.skipped:
+    if not res.report.skipped and not any(b.relu_inside for b in spec.branches):
+        # the whole block is one linear region: one Conv (then Relu / output Identity)
         assert "BatchNormalization" not in ops(res.model)
+        assert ops(res.model).count("Conv") <= 1
+        if res.report.fused:
+            assert ops(res.model).count("Conv") == 1

@@ -148,7 +148,7 @@ def test_export_onnx_checks_and_writes(tmp_path, opset):
 
 
 def test_export_onnx_failure_writes_nothing(tmp_path, monkeypatch):
-    import repfuse.onnx_io as io_mod
+    import repfuse.onnx_export as io_mod
 
     other = Small().eval()
     real = io_mod._export_proto

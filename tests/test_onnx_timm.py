@@ -1,7 +1,6 @@
 """fuse_onnx on exports of timm's training-form repvgg_a0 (random weights and BN
 statistics): the torch.export-based exporter (BN folded into the convs, BN identity
-branches left), its unoptimized output (Conv -> BatchNormalization with computed bias
-subgraphs) and the TorchScript exporter without constant folding (Conv ->
+branches left) and the TorchScript exporter without constant folding (Conv ->
 BatchNormalization chains, Identity copies of shared statistics)."""
 
 from __future__ import annotations
@@ -51,22 +50,13 @@ def _torchscript(model, x, opset):
     return onnx.load_from_string(buf.getvalue())
 
 
-def _dynamo_unoptimized(model, x):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (x,), None, dynamo=True, optimize=False,
-                                    verbose=False, dynamic_shapes=({0: "batch"},))
-    return program.model_proto
-
-
 @pytest.fixture(scope="module")
 def exports(repvgg, tmp_path_factory):
     x = torch.randn(1, 3, 64, 64)
     path = tmp_path_factory.mktemp("timm") / "repvgg_a0.onnx"
     report = repfuse.export_onnx(repvgg, x, path)
     assert report.ok and "dynamo" in report.notes[0]
-    return {"default": onnx.load(str(path)), "unoptimized": _dynamo_unoptimized(repvgg, x),
-            "unfolded-13": _torchscript(repvgg, x, 13)}
+    return {"default": onnx.load(str(path)), "unfolded-13": _torchscript(repvgg, x, 13)}
 
 
 def _run(model, x):
@@ -79,7 +69,7 @@ def _run(model, x):
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.parametrize("style", ["default", "unoptimized", "unfolded-13"])
+@pytest.mark.parametrize("style", ["default", "unfolded-13"])
 def test_every_block_becomes_one_conv(repvgg, exports, style):
     original = exports[style]
     before = [n.op_type for n in original.graph.node]
