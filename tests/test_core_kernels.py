@@ -142,6 +142,8 @@ def test_nhwc_native_output_needs_no_copy():
     assert y.shape == (2, 9, 9, 16) and y.is_contiguous()
     gx = core.conv2d_input(x.shape, w, y, 1, 1, layout="NHWC")
     assert gx.shape == x.shape and gx.is_contiguous()
+    gw = core.conv2d_weight(x, w.shape, y, 1, 1, layout="NHWC")
+    assert gw.shape == w.shape and gw.is_contiguous()
 
 
 # ------------------------------------------------------------------ errors
