@@ -89,3 +89,17 @@ def test_every_block_becomes_one_conv(repvgg, exports, style):
         assert rel_err(ref, _run(res.model, x)) <= 1e-5
         with torch.no_grad():
             assert rel_err(repvgg(torch.from_numpy(x)).numpy(), _run(res.model, x)) <= 1e-5
+
+
+def test_fuse_then_export_equals_export_then_fuse(repvgg, exports, tmp_path):
+    """The torch front end and the ONNX front end give the same inference model."""
+    x = torch.randn(1, 3, 64, 64)
+    fused_torch = repfuse.fuse(repvgg, x).model
+    path = tmp_path / "fused.onnx"
+    report = repfuse.export_onnx(fused_torch, x, path, opset=17)
+    assert report.ok and "TorchScript" in report.notes[0]
+    a = onnx.load(str(path))
+    b = repfuse.fuse_onnx(exports["default"]).model
+    assert [n.op_type for n in a.graph.node].count("Conv") == N_BLOCKS
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    assert rel_err(_run(a, x), _run(b, x)) <= 1e-5
