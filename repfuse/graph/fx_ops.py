@@ -26,8 +26,6 @@ Rules (what is matched / what must hold / what it becomes):
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -36,210 +34,29 @@ from torch import Tensor, nn
 
 from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as rg
-from repfuse.graph.fx_trace import META
+from repfuse.graph.fx_values import (
+    ARITH,
+    DROPOUT_FUNCS,
+    PASS_MODULES,
+    SIGS,
+    Context,
+    LinearOp,
+    bind,
+    channel_factor,
+    constant,
+    is_activation,
+    join,
+    literal,
+    pair,
+    same_shape,
+    tensor_meta,
+)
 
-Builder = Callable[[list], rg.Node]
-
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout, nn.FeatureAlphaDropout)
-_DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                  F.feature_alpha_dropout)
-_VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "contiguous")
-
-
-@dataclass(eq=False)
-class LinearOp:
-    """A linear op: its activation inputs and the builder of its expression."""
-
-    kind: str
-    inputs: list[fx.Node]
-    build: Builder
-    blocked: str = ""
-    label: str = ""
-    modules: list[nn.Module] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class Context:
-    """What classification needs to know about the module whose graph is classified."""
-
-    module: nn.Module
-    path: str
-    summaries: dict[int, Callable[[fx.Node], LinearOp | None]]
-    shared: Callable[[nn.Module], str]
-
-
-# ----------------------------------------------------------------------------- values
-def tensor_meta(node) -> tuple[tuple[int, ...], torch.dtype] | None:
-    return node.meta.get(META) if isinstance(node, fx.Node) else None
-
-
-def _is_activation(arg) -> bool:
-    meta = tensor_meta(arg)
-    return meta is not None and len(meta[0]) == 4 and meta[1].is_floating_point
-
-
-def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
-    prefix, _, name = target.rpartition(".")
-    return (module.get_submodule(prefix) if prefix else module), name
-
-
-def resolve_attr(ctx: Context, node: fx.Node) -> tuple[Tensor | None, str]:
-    """The tensor of a ``get_attr`` node and "" if it is a parameter or buffer, else why not."""
-    try:
-        owner, name = _owner(ctx.module, node.target)
-    except AttributeError:
-        return None, f"{node.target} cannot be resolved"
-    if name in owner._parameters or name in owner._buffers:
-        return getattr(owner, name), ""
-    value = getattr(owner, name, None)
-    if isinstance(value, Tensor):
-        return value, f"{_join(ctx.path, node.target)} is a tensor constant, not a parameter " \
-                      "or buffer"
-    return None, f"{node.target} is not a tensor"
-
-
-def constant(ctx: Context, arg) -> tuple[float | Tensor | None, str]:
-    """A number, or a parameter/buffer (possibly through view-like ops); else (None, why)."""
-    if isinstance(arg, bool) or arg is None:
-        return None, "not a number"
-    if isinstance(arg, (int, float)):
-        return float(arg), ""
-    if not isinstance(arg, fx.Node):
-        return None, "not a number"
-    if arg.op == "get_attr":
-        return resolve_attr(ctx, arg)
-    if arg.op == "call_method" and arg.target in _VIEW_METHODS and arg.args:
-        base, why = constant(ctx, arg.args[0])
-        if not isinstance(base, Tensor):
-            return None, why or "not a tensor"
-        rest = [a for a in arg.args[1:]]
-        if any(isinstance(a, fx.Node) for a in rest) or any(
-                isinstance(v, fx.Node) for v in arg.kwargs.values()):
-            return None, "view with computed arguments"
-        return getattr(base, arg.target)(*rest, **arg.kwargs), why
-    if arg.op == "call_function" and arg.target is operator.getitem:
-        base, why = constant(ctx, arg.args[0])
-        index = arg.args[1]
-        items = index if isinstance(index, tuple) else (index,)
-        if isinstance(base, Tensor) and all(
-                i is None or i is Ellipsis or i == slice(None) for i in items):
-            return base[index], why
-    return None, "computed in forward (not a parameter or buffer)"
-
-
-def _channel_factor(value, shape) -> float | Tensor | None:
-    """``value`` as a scalar or a (C,) tensor if broadcasting it over ``shape`` (N,C,H,W)
-    acts per channel and keeps the shape; else None."""
-    if isinstance(value, float):
-        return value
-    if not isinstance(value, Tensor) or value.dim() > 4 or not value.is_floating_point():
-        return None
-    c = shape[1]
-    if value.numel() == 1:
-        return value.reshape(1).expand(c)
-    full = (1,) * (4 - value.dim()) + tuple(value.shape)
-    if full[0] == 1 and full[1] == c and full[2:] == (1, 1):
-        return value.reshape(c)
-    return None
-
-
-# ----------------------------------------------------------------------------- binding
-_SIGS: dict = {
-    F.conv2d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-               (None, 1, 0, 1, 1)),
-    F.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training",
-                    "momentum", "eps"), (None, None, False, 0.1, 1e-5)),
-    F.avg_pool2d: (("input", "kernel_size", "stride", "padding", "ceil_mode",
-                    "count_include_pad", "divisor_override"), (None, 0, False, True, None)),
-    F.pad: (("input", "pad", "mode", "value"), ("constant", None)),
-    torch.cat: (("tensors", "dim"), (0,)),
-    torch.add: (("input", "other", "alpha"), (1,)),
-    torch.sub: (("input", "other", "alpha"), (1,)),
-    torch.mul: (("input", "other"), ()),
-    torch.div: (("input", "other", "rounding_mode"), (None,)),
-    torch.neg: (("input",), ()),
-}
-for _f in _DROPOUT_FUNCS:
-    _SIGS[_f] = (("input", "p", "training", "inplace"), (0.5, True, False))
-_SIGS[torch.concat] = _SIGS[torch.cat]
-_SIGS[torch.subtract] = _SIGS[torch.sub]
-_SIGS[torch.multiply] = _SIGS[torch.mul]
-_SIGS[torch.divide] = _SIGS[torch.div]
-_SIGS[torch.negative] = _SIGS[torch.neg]
-
-_METHOD_SIGS = {
-    "add": ("input", "other", "alpha"), "add_": ("input", "other", "alpha"),
-    "sub": ("input", "other", "alpha"), "sub_": ("input", "other", "alpha"),
-    "mul": ("input", "other"), "mul_": ("input", "other"),
-    "div": ("input", "other", "rounding_mode"), "div_": ("input", "other", "rounding_mode"),
-    "neg": ("input",), "neg_": ("input",), "contiguous": ("input",), "clone": ("input",),
-}
-
-
-def bind(node: fx.Node) -> dict | None:
-    """The node's arguments by name (defaults filled in), or None if not a known op."""
-    if node.op == "call_function" and node.target in _SIGS:
-        names, defaults = _SIGS[node.target]
-    elif node.op == "call_method" and node.target in _METHOD_SIGS:
-        names, defaults = _METHOD_SIGS[node.target], ()
-    else:
-        return None
-    if len(node.args) > len(names):
-        return None
-    out = dict(zip(names, node.args))
-    for k, v in node.kwargs.items():
-        if k in out or k not in names:
-            return None
-        out[k] = v
-    for k, v in zip(names[len(names) - len(defaults):], defaults):
-        out.setdefault(k, v)
-    if node.op == "call_method":
-        out.setdefault("alpha", 1)
-        out.setdefault("rounding_mode", None)
-    return out if all(k in out for k in names) else None
-
-
-_ARITH = {
-    operator.add: "add", operator.iadd: "add", torch.add: "add",
-    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",
-    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", torch.multiply: "mul",
-    operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
-    torch.divide: "div", operator.neg: "neg", torch.neg: "neg", torch.negative: "neg",
-}
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path and name else path or name
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
-def _literal(*values) -> bool:
-    """No fx node among the values (geometry must be known when fusing)."""
-    def has_node(v):
-        if isinstance(v, fx.Node):
-            return True
-        if isinstance(v, (list, tuple)):
-            return any(has_node(x) for x in v)
-        return False
-    return not any(has_node(v) for v in values)
-
-
-def _same_shape(node: fx.Node, *inputs) -> bool:
-    meta = tensor_meta(node)
-    return meta is not None and all(
-        tensor_meta(i) is not None and tensor_meta(i)[0] == meta[0]
-        and tensor_meta(i)[1] == meta[1] for i in inputs)
+__all__ = ["Context", "LinearOp", "classify", "inplace_target", "tensor_meta"]
 
 
 def _passthrough(node, inp, label="") -> LinearOp | None:
-    if not (_is_activation(inp) and _same_shape(node, inp)):
+    if not (is_activation(inp) and same_shape(node, inp)):
         return None
     return LinearOp("pass", [inp], lambda xs: xs[0], label=label)
 
@@ -247,9 +64,9 @@ def _passthrough(node, inp, label="") -> LinearOp | None:
 # ----------------------------------------------------------------------------- modules
 def _conv_module(node, m: nn.Conv2d, ctx: Context) -> LinearOp | None:
     inp = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    if inp is None or not _is_activation(inp):
+    if inp is None or not is_activation(inp):
         return None
-    label = _join(ctx.path, node.target)
+    label = join(ctx.path, node.target)
     blocked = ctx.shared(m)
     if not isinstance(m.weight, nn.Parameter) or (
             m.bias is not None and not isinstance(m.bias, nn.Parameter)):
@@ -262,9 +79,9 @@ def _conv_module(node, m: nn.Conv2d, ctx: Context) -> LinearOp | None:
 
 def _bn_module(node, m: nn.BatchNorm2d, ctx: Context) -> LinearOp | None:
     inp = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    if inp is None or not _is_activation(inp):
+    if inp is None or not is_activation(inp):
         return None
-    label = _join(ctx.path, node.target)
+    label = join(ctx.path, node.target)
     blocked = ctx.shared(m)
     if m.running_mean is None or m.running_var is None:
         blocked = blocked or f"batch norm {label} has no running statistics (it normalizes " \
@@ -278,7 +95,7 @@ def _bn_module(node, m: nn.BatchNorm2d, ctx: Context) -> LinearOp | None:
 
 def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
     m = ctx.module.get_submodule(node.target)
-    label = _join(ctx.path, node.target)
+    label = join(ctx.path, node.target)
     if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward \
             and type(m)._conv_forward is nn.Conv2d._conv_forward:
         return _conv_module(node, m, ctx)
@@ -287,14 +104,14 @@ def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
     if len(node.args) != 1 or node.kwargs:
         return None
     inp = node.args[0]
-    if type(m) in _PASS_MODULES:
+    if type(m) in PASS_MODULES:
         return _passthrough(node, inp, label)
     if type(m) is nn.AvgPool2d:
-        if not _is_activation(inp):
+        if not is_activation(inp):
             return None
-        k = _pair(m.kernel_size)
-        s = _pair(m.stride if m.stride is not None else m.kernel_size)
-        p = _pair(m.padding)
+        k = pair(m.kernel_size)
+        s = pair(m.stride if m.stride is not None else m.kernel_size)
+        p = pair(m.padding)
 
         def pool(xs):
             return rg.AvgPool(xs[0], k, s, p, m.count_include_pad, m.ceil_mode,
@@ -314,7 +131,7 @@ def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
 
 
 def _pad_op(inp, pad, value, label="") -> LinearOp | None:
-    if not _is_activation(inp) or len(pad) not in (2, 4) or min(pad) < 0:
+    if not is_activation(inp) or len(pad) not in (2, 4) or min(pad) < 0:
         return None
     left, right = pad[0], pad[1]
     top, bottom = (pad[2], pad[3]) if len(pad) == 4 else (0, 0)
@@ -325,14 +142,14 @@ def _pad_op(inp, pad, value, label="") -> LinearOp | None:
 # ----------------------------------------------------------------------------- functions
 def _conv_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     inp = a["input"]
-    if not _is_activation(inp) or not _literal(a["stride"], a["padding"], a["dilation"],
+    if not is_activation(inp) or not literal(a["stride"], a["padding"], a["dilation"],
                                                a["groups"]):
         return None
     weight, why = constant(ctx, a["weight"])
     if a["weight"] is not None and not isinstance(a["weight"], fx.Node):
         return None
     bias, why_b = (None, "") if a["bias"] is None else constant(ctx, a["bias"])
-    label = _join(ctx.path, getattr(a["weight"], "target", node.name))
+    label = join(ctx.path, getattr(a["weight"], "target", node.name))
     if not isinstance(weight, Tensor) or weight.dim() != 4 or (
             a["bias"] is not None and not isinstance(bias, Tensor)):
         why = why or why_b or "weight is not a 4-D tensor"
@@ -348,7 +165,7 @@ def _conv_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
 
 def _bn_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     inp = a["input"]
-    if not _is_activation(inp) or a["training"] is not False or not _literal(a["eps"]):
+    if not is_activation(inp) or a["training"] is not False or not literal(a["eps"]):
         return None
     tensors, whys = {}, []
     for k in ("running_mean", "running_var", "weight", "bias"):
@@ -360,7 +177,7 @@ def _bn_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
         if why:
             whys.append(f"{k} {why}")
     owner = getattr(a["running_mean"], "target", "") or ""
-    label = _join(ctx.path, owner.rpartition(".")[0]) if "." in owner else ctx.path or node.name
+    label = join(ctx.path, owner.rpartition(".")[0]) if "." in owner else ctx.path or node.name
     blocked = ""
     if tensors["running_mean"] is None or tensors["running_var"] is None:
         blocked = f"F.batch_norm {label} has no running statistics"
@@ -378,16 +195,16 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
     x, y = a["input"], a.get("other")
     alpha = a.get("alpha", 1)
     if kind == "neg":
-        if not (_is_activation(x) and _same_shape(node, x)):
+        if not (is_activation(x) and same_shape(node, x)):
             return None
         return LinearOp("neg", [x], lambda xs: rg.Neg(xs[0]))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         return None
     if kind == "div" and a.get("rounding_mode") is not None:
         return None
-    x_act, y_act = _is_activation(x), _is_activation(y)
+    x_act, y_act = is_activation(x), is_activation(y)
     if x_act and y_act:
-        if kind not in ("add", "sub") or not _same_shape(node, x, y):
+        if kind not in ("add", "sub") or not same_shape(node, x, y):
             return None
         if x is y:  # x + x, x - x: a scale of one input
             return LinearOp(kind, [x], lambda xs, f=(1 + alpha if kind == "add" else 1 - alpha):
@@ -401,10 +218,10 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
             return LinearOp("add", [x, y], lambda xs: rg.Add((xs[0], xs[1])))
         return LinearOp("sub", [x, y], lambda xs: rg.Sub(xs[0], xs[1]))
     act, other, act_first = (x, y, True) if x_act else (y, x, False)
-    if not _is_activation(act) or not _same_shape(node, act):
+    if not is_activation(act) or not same_shape(node, act):
         return None
     value, why = constant(ctx, other)
-    factor = _channel_factor(value, tensor_meta(act)[0]) if value is not None else None
+    factor = channel_factor(value, tensor_meta(act)[0]) if value is not None else None
     if factor is None:
         return None
     blocked = f"{node.name}: operand {why}" if why else ""
@@ -440,12 +257,12 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
 
 def _function_op(node: fx.Node, ctx: Context) -> LinearOp | None:
     target = node.target
-    if node.op == "call_function" and target in _ARITH and target not in _SIGS:
+    if node.op == "call_function" and target in ARITH and target not in SIGS:
         args = list(node.args)
         if node.kwargs or len(args) not in (1, 2):
             return None
         a = {"input": args[0], "other": args[1] if len(args) == 2 else None, "alpha": 1}
-        return _arith(_ARITH[target], a, node, ctx)
+        return _arith(ARITH[target], a, node, ctx)
     a = bind(node)
     if a is None:
         return None
@@ -454,21 +271,21 @@ def _function_op(node: fx.Node, ctx: Context) -> LinearOp | None:
         if name in ("contiguous", "clone"):
             return _passthrough(node, a["input"])
         return _arith(name, a, node, ctx)
-    if target in _ARITH:
-        return _arith(_ARITH[target], a, node, ctx)
+    if target in ARITH:
+        return _arith(ARITH[target], a, node, ctx)
     if target is F.conv2d:
         return _conv_function(a, ctx, node)
     if target is F.batch_norm:
         return _bn_function(a, ctx, node)
-    if target in _DROPOUT_FUNCS:
+    if target in DROPOUT_FUNCS:
         return _passthrough(node, a["input"]) if a["training"] is False else None
     if target is F.avg_pool2d:
         inp = a["input"]
-        if not _is_activation(inp) or not _literal(*(a[k] for k in a if k != "input")):
+        if not is_activation(inp) or not literal(*(a[k] for k in a if k != "input")):
             return None
-        k = _pair(a["kernel_size"])
-        s = k if a["stride"] in (None, [], ()) else _pair(a["stride"])
-        p = _pair(a["padding"])
+        k = pair(a["kernel_size"])
+        s = k if a["stride"] in (None, [], ()) else pair(a["stride"])
+        p = pair(a["padding"])
         label = node.name
 
         def pool(xs):
@@ -476,7 +293,7 @@ def _function_op(node: fx.Node, ctx: Context) -> LinearOp | None:
                               a["divisor_override"], label)
         return LinearOp("avgpool", [inp], pool, label=label)
     if target is F.pad:
-        if a["mode"] != "constant" or not _literal(a["pad"], a["value"]):
+        if a["mode"] != "constant" or not literal(a["pad"], a["value"]):
             return None
         value = 0.0 if a["value"] is None else float(a["value"])
         return _pad_op(a["input"], tuple(a["pad"]), value, node.name)
@@ -484,7 +301,7 @@ def _function_op(node: fx.Node, ctx: Context) -> LinearOp | None:
         parts = a["tensors"]
         if not isinstance(parts, (list, tuple)) or len(parts) < 1 or a["dim"] not in (1, -3):
             return None
-        if not all(_is_activation(p) for p in parts) or len(set(parts)) != len(parts):
+        if not all(is_activation(p) for p in parts) or len(set(parts)) != len(parts):
             return None
         return LinearOp("cat", list(parts), lambda xs: rg.Concat(tuple(xs)))
     return None
@@ -492,7 +309,7 @@ def _function_op(node: fx.Node, ctx: Context) -> LinearOp | None:
 
 def classify(node: fx.Node, ctx: Context) -> LinearOp | None:
     """The node as a linear op of a region, or None."""
-    if not _is_activation(node):
+    if not is_activation(node):
         return None
     if node.op == "call_module":
         return _module_op(node, ctx)
