@@ -53,6 +53,21 @@ def inference_ratio(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, repeats
     return statistics.median(a) / statistics.median(b)
 
 
+def bench(name: str, args) -> str:
+    """One table row for timm model ``name``."""
+    model = randomize(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    t_timm, deploy = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
+    t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
+    t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True), args.repeats)
+    xi = torch.randn(1, 3, args.infer_size, args.infer_size)
+    infer = inference_ratio(result.model, deploy, xi, 15)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    ok = "yes" if checked.report.ok else "NO"
+    return (f"{name:14} {n:7.1f}M {t_timm:8.3f} {t_fuse:8.3f} {t_fuse / t_timm:5.2f}x "
+            f"{t_verify:9.3f} {t_verify / t_timm:5.2f}x {ok:>3} {infer:10.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="repvgg_b3,repvgg_a0,mobileone_s0")
@@ -68,22 +83,7 @@ def main() -> None:
               f"{'verify s':>9} {'ratio':>6} {'ok':>3} {'infer ratio':>11}")
     print(header)
     for name in args.models.split(","):
-        model = randomize(timm.create_model(name, pretrained=False)).eval()
-        x = torch.randn(1, 3, args.size, args.size)
-        t_timm, deploy = median_time(lambda: timm.utils.reparameterize_model(model),
-                                     args.repeats)
-        t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False),
-                                     args.repeats)
-        t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True),
-                                        args.repeats)
-        xi = torch.randn(1, 3, args.infer_size, args.infer_size)
-        infer = inference_ratio(result.model, deploy, xi, 15)
-        n = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name:14} {n:7.1f}M {t_timm:8.3f} {t_fuse:8.3f} {t_fuse / t_timm:5.2f}x "
-              f"{t_verify:9.3f} {t_verify / t_timm:5.2f}x {'yes' if checked.report.ok else 'NO':>3} "
-              f"{infer:10.3f}x")
-        del deploy, result, checked
-
+        print(bench(name, args))
 
 if __name__ == "__main__":
     main()
