@@ -267,6 +267,12 @@ class ConvSpec:
             out.append(o)
         if min(out) < 1:
             ek = self.effective_kernel
+            if self.transposed:
+                raise GeometryError(
+                    f"transposed convolution of a {h}x{w} input with padding={self.padding} "
+                    f"gives an empty output {out[0]}x{out[1]} (kernel_size="
+                    f"{self.kernel_size}, stride={self.stride}, dilation={self.dilation}); "
+                    "use less padding or a larger input")
             raise GeometryError(
                 f"input {h}x{w} with padding={self.padding} gives an empty output "
                 f"{out[0]}x{out[1]} for the effective kernel {ek[0]}x{ek[1]} "
