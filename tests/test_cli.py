@@ -84,17 +84,6 @@ def train_onnx(tmp_path) -> Path:
     return hostile_corpus.onnx_file(tmp_path, "train.onnx", model)
 
 
-def fuse_ready() -> bool:
-    try:
-        repfuse.fuse(torch.nn.Conv2d(1, 1, 1), torch.randn(1, 1, 2, 2), verify=False)
-    except NotImplementedError:
-        return False
-    return True
-
-
-needs_fuse = pytest.mark.skipif(not fuse_ready(), reason="repfuse.fuse not implemented yet")
-
-
 # ----------------------------------------------------------------------------- help, version
 def test_group_help_and_version():
     result = ok(run("--help"))

@@ -84,8 +84,6 @@ def test_trusted_model_pickle_converts(tmp_path):
     out = tmp_path / "fused.pt"
     result = run(["convert", path, "--trust-pickle", "-o", out, "--input-shape",
                   hostile_corpus.SHAPE])
-    if result.exit_code != 0 and "not implemented" in result.stderr:
-        pytest.skip("repfuse.fuse not available yet")
     assert result.exit_code == 0, result.output + result.stderr
     assert out.exists()
 
@@ -101,8 +99,6 @@ def test_half_precision_checkpoints_convert(dtype, tmp_path):
     out = tmp_path / "fused.safetensors"
     result = run(["convert", "--factory", hostile_corpus.factory(tmp_path), "--weights", ckpt,
                   "-o", out, "--input-shape", hostile_corpus.SHAPE])
-    if result.exit_code != 0 and "not implemented" in result.stderr:
-        pytest.skip("repfuse.fuse not available yet")
     assert result.exit_code == 0, result.output + result.stderr
     assert str(dtype).replace("torch.", "") in result.stderr
     from safetensors.torch import load_file
