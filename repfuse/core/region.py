@@ -39,8 +39,9 @@ _FORCE: str | None = None
 # ---------------------------------------------------------------- taps
 class Taps:
     """Where every tap reads, from ``ConvSpec.tap_offsets``: ``rows`` (OH, KH) and
-    ``cols`` (OW, KW) input indices clamped into the input, and ``valid``
-    (1, OH, KH, OW, KW) bool, false where the tap reads the padding."""
+    ``cols`` (OW, KW) input indices clamped into the input, ``row_ok`` / ``col_ok`` of
+    the same shapes (false where the tap reads the padding) and their product ``valid``
+    (1, OH, KH, OW, KW)."""
 
     def __init__(self, spec: ConvSpec, in_hw, out_hw, device=None):
         idx, ok = [], []
