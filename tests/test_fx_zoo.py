@@ -329,3 +329,41 @@ def test_zoo_design_float32_with_proofs(name):
     with torch.no_grad():
         ref, out = model(x), result.model(x)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+class BNAct(nn.BatchNorm2d):
+    """Batch norm and activation in one module (as timm's BatchNormAct2d)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         False, 0.0, self.eps)
+        return self.act(x)
+
+
+class ConvNormAct(nn.Module):
+    def __init__(self, c=8, cout=8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, cout, 3, padding=1, bias=False)
+        self.bn = BNAct(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_conv_then_module_holding_bn_and_activation():
+    """The BN inside a BN+activation module folds into the conv before it."""
+    torch.manual_seed(0)
+    model = randomize_bn(Net(nn.Sequential(ConvNormAct(), ConvNormAct()))).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    result = repfuse.fuse(model, x)
+    fused = result.model
+    assert result.report.ok and len(result.report.fused) == 2
+    assert batch_norms_left(fused) == 0
+    assert type(fused.block[0]).__name__ == "ConvNormAct"
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10 * max(1.0, ref.abs().max().item()))

@@ -28,6 +28,7 @@ from torch import nn
 
 from repfuse.errors import InputError, NotFusable
 from repfuse.graph import region as rg
+from repfuse.graph.fx_inline import inline_call, should_inline
 from repfuse.graph.fx_match import Region, find_regions, ignorable_nodes, worthwhile
 from repfuse.graph.fx_ops import Context, LinearOp, classify, tensor_meta
 from repfuse.graph.fx_rewrite import (
@@ -122,6 +123,7 @@ class _Fuser:
         self.analyses: dict[int, _Analysis] = {}
         self.replaced: dict[int, nn.Module] = {}
         self.rewritten: set[int] = set()
+        self.inlined: set[int] = set()
         self.reports: list[RegionReport] = []
         self.fused: list[_Fused] = []
 
@@ -163,6 +165,14 @@ class _Fuser:
             return self.analyses[key]
         self.analyses[key] = _Analysis({}, set())  # guards recursion
         graph = mg.graph
+        for n in list(graph.nodes):
+            if n.op == "call_module":
+                sub = mg.module.get_submodule(n.target)
+                sub_mg = self.graphs.get(id(sub))
+                if should_inline(n, mg.module, sub_mg, self.plain.get(id(sub), False)
+                                 and not self.shared(sub)) and self._summary(sub_mg) is None:
+                    inline_call(graph, n, sub_mg.graph)
+                    self.inlined.add(id(sub))
         const = _mark_constants(graph)
         summaries = {}
         for n in graph.nodes:

@@ -1,0 +1,80 @@
+"""Opening a submodule call whose forward starts with a linear op (fx front end).
+
+What is matched: ``conv -> child(x)`` where the child's forward begins with a batch
+norm on its input but continues with something nonlinear (``BatchNormAct2d``: BN
+then an activation inside one module). What must hold: the conv's only user is the
+call, the child is called once, takes one tensor and returns one value. What it
+becomes: the child's graph copied into the caller's graph (its submodule and
+parameter targets prefixed with the child's path), so the conv and the BN form one
+region in the caller and fold; the rest of the child (the activation) stays.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from repfuse.graph.fx_trace import ModuleGraph
+
+
+def _produces_conv(node, module: nn.Module) -> bool:
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    if node.op == "call_function":
+        return node.target is F.conv2d
+    if node.op == "call_module":
+        try:
+            return isinstance(module.get_submodule(node.target), nn.Conv2d)
+        except AttributeError:
+            return False
+    return False
+
+
+def _starts_with_bn(child: ModuleGraph) -> bool:
+    placeholders = [n for n in child.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False
+    out = next(n for n in child.graph.nodes if n.op == "output")
+    if not isinstance(out.args[0], fx.Node):
+        return False
+    users = [u for u in placeholders[0].users
+             if not (u.op == "call_function" and u.target is getattr)]
+    if len(users) != 1:
+        return False
+    (u,) = users
+    if u.op == "call_function":
+        return u.target is F.batch_norm
+    if u.op == "call_module":
+        return isinstance(child.module.get_submodule(u.target), nn.BatchNorm2d)
+    return False
+
+
+def should_inline(call: fx.Node, module: nn.Module, child: ModuleGraph | None,
+                  single_use: bool) -> bool:
+    """Whether ``call`` (a call of ``child``'s module in ``module``'s graph) is opened."""
+    return (child is not None and child.graph is not None and single_use
+            and len(call.args) == 1 and not call.kwargs
+            and _produces_conv(call.args[0], module) and _starts_with_bn(child))
+
+
+def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> None:
+    """Replace ``call`` in ``graph`` by a copy of ``child`` (targets prefixed)."""
+    prefix = call.target
+    env: dict[fx.Node, object] = {}
+    out = None
+    with graph.inserting_before(call):
+        for n in child.nodes:
+            if n.op == "placeholder":
+                env[n] = call.args[0]
+                continue
+            if n.op == "output":
+                out = fx.map_arg(n.args[0], lambda a: env[a])
+                break
+            new = graph.node_copy(n, lambda a: env[a])
+            if n.op in ("call_module", "get_attr"):
+                new.target = f"{prefix}.{n.target}"
+            new.meta = dict(n.meta)
+            env[n] = new
+    call.replace_all_uses_with(out)
+    graph.erase_node(call)
