@@ -231,7 +231,7 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
         source.notes += load_weights(source.model, state_dict, source=os.fspath(weights),
                                      model_name=source.label)
     set_eval(source.model)
-    check_model(source.model, source=source.label)
+    source.notes += check_model(source.model, source=source.label)
     if source.kind == "torch":
         probe(source, seed)
     return source

@@ -176,22 +176,35 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], *, source: str = "weigh
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def check_batchnorm(model: nn.Module) -> None:
-    """Refuse batch norms whose running variance is zero, negative or missing.
+def check_batchnorm(model: nn.Module) -> list[str]:
+    """Refuse batch norms with a negative running variance, or one where ``var + eps <= 0``
+    (the fused scale would be NaN or infinite); return notes on zero variances.
 
-    A variance of zero or below is not a statistic a trained network can produce (``var + eps``
-    may even be negative); fusing it would bake garbage or NaN into the inference form.
+    A variance of exactly zero is legitimate: the statistics of a dead channel decay
+    geometrically and underflow to 0 in a long training run (and calibration on data gives 0
+    for a constant channel); ``var + eps`` is then still positive and the fold is exact.
     """
+    notes = []
     for name, m in model.named_modules():
         if isinstance(m, _NORMS) and m.track_running_stats and m.running_var is not None:
             var = m.running_var.detach()
-            bad = var <= 0
-            if bool(bad.any()):
-                n, low = int(bad.sum()), float(var.min())
+            where = name or "(model)"
+            negative = var < 0
+            if bool(negative.any()):
                 raise InputError(
-                    f"BatchNorm {name or '(model)'}: running_var <= 0 in {n} of {var.numel()} "
-                    f"channels (min {low:g}); these are not trained statistics, check the "
-                    "checkpoint")
+                    f"BatchNorm {where}: running_var is negative in {int(negative.sum())} of "
+                    f"{var.numel()} channels (min {float(var.min()):g}); a variance cannot be "
+                    "negative, the checkpoint is corrupt")
+            if bool((var.double() + m.eps <= 0).any()):
+                raise InputError(
+                    f"BatchNorm {where}: running_var + eps is 0 in "
+                    f"{int((var.double() + m.eps <= 0).sum())} channels (eps={m.eps:g}); "
+                    "folding it would divide by zero, check the checkpoint")
+            zero = int((var == 0).sum())
+            if zero:
+                notes.append(f"BatchNorm {where}: running_var is 0 in {zero} of {var.numel()} "
+                             f"channel(s) (dead channels); folded exactly with eps={m.eps:g}")
+    return notes
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -249,10 +262,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
     return notes
 
 
-def check_model(model: nn.Module, *, source: str = "model") -> None:
-    """Validate a model's own tensors: finite parameters/buffers, sane BN statistics."""
+def check_model(model: nn.Module, *, source: str = "model") -> list[str]:
+    """Validate a model's own tensors: finite parameters/buffers, sane BN statistics.
+    Returns notes (e.g. zero BN variances)."""
     check_finite(model.state_dict(), source=source)
-    check_batchnorm(model)
+    return check_batchnorm(model)
 
 
 def close_matches(name: str, names: list[str], n: int = 4) -> str:

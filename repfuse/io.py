@@ -143,10 +143,26 @@ def write_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         torch.save(state_dict, path)
 
 
+def export_program(module: torch.nn.Module, example_inputs: tuple, *,
+                   dynamic_batch: bool = True):
+    """``torch.export`` the module; with ``dynamic_batch`` the first dimension of every input
+    is symbolic (traced on a batch of at least 2: torch specialises sizes 0 and 1)."""
+    if dynamic_batch:
+        args = tuple(a.repeat(2, *([1] * (a.dim() - 1))) if isinstance(a, torch.Tensor)
+                     and a.dim() > 0 and a.shape[0] == 1 else a for a in example_inputs)
+        dims = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0
+                     else None for a in args)
+        try:
+            return torch.export.export(module, args, dynamic_shapes=dims)
+        except Exception:
+            pass
+    return torch.export.export(module, tuple(example_inputs))
+
+
 def write_exported_program(module: torch.nn.Module, example_inputs: tuple,
-                           path: str | os.PathLike) -> None:
+                           path: str | os.PathLike, *, dynamic_batch: bool = True) -> None:
     """``torch.export`` the module on ``example_inputs`` and save the program to ``path``."""
-    program = torch.export.export(module, example_inputs)
+    program = export_program(module, example_inputs, dynamic_batch=dynamic_batch)
     torch.export.save(program, os.fspath(path))
 
 

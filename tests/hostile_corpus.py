@@ -74,6 +74,14 @@ def build_other():
     return OtherNet()
 
 
+def build_eps0():
+    model = TinyNet(8)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 0.0
+    return model
+
+
 def broken():
     raise RuntimeError("factory exploded")
 
@@ -329,16 +337,19 @@ def c_nan_running_mean(f):
     return weights_case(f, save(f, "nan_mean.pth", sd), "block.skip.running_mean")
 
 
-def c_bn_zero_var(f):
+def c_bn_zero_var_zero_eps(f):
     sd = tiny_state_dict(f)
     sd["block.one.1.running_var"][2] = 0.0
-    return weights_case(f, save(f, "zero_var.pth", sd), "block.one.1", "running_var")
+    path = save(f, "zero_var.pth", sd)
+    return Case(convert(f, "--factory", factory(f, "build_eps0"), "--weights", str(path)), 2,
+                ("block.one.1", "running_var + eps", "eps=0"), f / "out.onnx",
+                {path: path.read_bytes()})
 
 
 def c_bn_negative_var(f):
     sd = tiny_state_dict(f)
     sd["block.skip.running_var"][:3] = -0.5
-    return weights_case(f, save(f, "neg_var.pth", sd), "block.skip", "running_var")
+    return weights_case(f, save(f, "neg_var.pth", sd), "block.skip", "running_var is negative")
 
 
 def c_safetensors_absurd_shape(f):

@@ -106,3 +106,22 @@ def test_half_precision_checkpoints_convert(dtype, tmp_path):
     fused = load_file(out)
     assert all(t.dtype == torch.float32 for t in fused.values())
     assert not any("bn" in k or "running" in k for k in fused)
+
+
+def test_zero_running_var_converts_exactly(tmp_path):
+    """A zero running variance (a dead channel) is legitimate: converted, with a note, and the
+    written program matches the training form."""
+    model = hostile_corpus.tiny_module(tmp_path)
+    with torch.no_grad():
+        model.block.one[1].running_var[2] = 0.0
+    ckpt = tmp_path / "zero_var.pth"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "fused.pt2"
+    result = run(["convert", "--factory", hostile_corpus.factory(tmp_path), "--weights", ckpt,
+                  "-o", out, "--input-shape", hostile_corpus.SHAPE])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "running_var is 0 in 1 of 8" in " ".join(result.stderr.split())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected, got = model(x), torch.export.load(str(out)).module()(x)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-6

@@ -239,12 +239,18 @@ def test_nonfinite_refused():
         check_finite({"c": torch.tensor([float("inf"), -float("inf")])})
 
 
-@pytest.mark.parametrize("value", [0.0, -1e-3])
-def test_batchnorm_variance_refused(value):
+def test_batchnorm_variance_checks():
     m = small()
-    check_batchnorm(m)
-    m[1].running_var[2] = value
-    with pytest.raises(InputError, match=r"BatchNorm 1: running_var <= 0 in 1 of 4"):
+    assert check_batchnorm(m) == []
+    m[1].running_var[2] = 0.0
+    notes = check_batchnorm(m)
+    assert len(notes) == 1 and "BatchNorm 1: running_var is 0 in 1 of 4" in notes[0]
+    m[1].eps = 0.0
+    with pytest.raises(InputError, match=r"BatchNorm 1: running_var \+ eps is 0 in 1 channels"):
+        check_batchnorm(m)
+    m[1].eps = 1e-5
+    m[1].running_var[1] = -1e-3
+    with pytest.raises(InputError, match=r"BatchNorm 1: running_var is negative in 1 of 4"):
         check_batchnorm(m)
 
 
