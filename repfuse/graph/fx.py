@@ -234,8 +234,8 @@ class _Fuser:
         self.reports.append(RegionReport(path=path, branches=branches, status="skipped",
                                          reason=reason))
 
-    def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple[Region, rg.Node, object]]:
-        """Regions of ``mg`` to fuse, with their expressions and reductions; regions
+    def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
+        """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
         that are blocked or not exact are reported and split until none is left."""
         barriers: set[fx.Node] = set()
         tried: dict[frozenset, object] = {}
@@ -257,7 +257,8 @@ class _Fuser:
                 key = frozenset(r.nodes)
                 if key not in tried:
                     try:
-                        tried[key] = rg.reduce(expr)
+                        affine = rg.reduce(expr)
+                        tried[key] = (affine, affine.to_module())
                     except (NotFusable, ValueError) as err:
                         tried[key] = err
                 result = tried[key]
@@ -283,16 +284,16 @@ class _Fuser:
         chosen = self._decide(mg, an)
         absorbed: set[fx.Node] = set()
         graph_regions = []
-        for r, expr, affine in chosen:
+        for r, expr, (affine, module) in chosen:
             absorbed |= set(r.nodes)
             only = r.nodes[0] if len(r.nodes) == 1 else None
             if only is not None and only.op == "call_module" and r.ops[only].kind == "module":
                 child = mg.module.get_submodule(only.target)
                 path = self.paths.get(id(child), _join(mg.path, only.target))
-                self.replaced[id(child)] = affine.to_module()
+                self.replaced[id(child)] = module
                 self._record(path, r, expr, affine)
             else:
-                graph_regions.append((r, expr, affine))
+                graph_regions.append((r, expr, affine, module))
         self._rewrite_children(mg, absorbed)
         if graph_regions:
             self._rewrite_graph(mg, graph_regions)
@@ -310,14 +311,14 @@ class _Fuser:
         taken = {str(n.target).split(".")[0] for n in graph.nodes
                  if n.op in ("call_module", "get_attr")}
         new_modules: dict[str, nn.Module] = {}
-        for r, expr, affine in regions:
+        for r, expr, affine, module_new in regions:
             convs = [n for n in r.nodes if r.ops[n].kind == "conv" and n.op == "call_module"]
             base = convs[0].target if len(convs) == 1 and "." not in convs[0].target \
                 and sum(r.ops[n].kind in ("conv", "module") for n in r.nodes) == 1 \
                 else "reparam_conv"
             name = base if base in {n.target for n in convs} else unique_name(
                 taken | set(new_modules), base)
-            new_modules[name] = affine.to_module()
+            new_modules[name] = module_new
             taken.add(name)
             replace_region(graph, r, name)
             self._record(_join(mg.path, name), r, expr, affine)
