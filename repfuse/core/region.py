@@ -210,11 +210,12 @@ class _Plan:
         return m_in.unsqueeze(2), m_out.unsqueeze(2)  # (K, N, 1, H, W), (K, N, 1, OH, OW)
 
     def boundary_patches(self, x):
-        """Masked input patches at the boundary positions: (P, KH, KW, C), gathered as
-        whole channel vectors from a channels-last copy of ``x``."""
-        c = x.shape[1]
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, self.flat.reshape(-1))
-        xp = rows.reshape(*self.flat.shape, c)
+        """Masked input patches at the boundary positions: (P, KH, KW, C)."""
+        shape = self.cross.shape
+        n = self.pn[:, None, None].expand(shape).reshape(-1)
+        rows = self.taps.rows[self.ph][:, :, None].expand(shape).reshape(-1)
+        cols = self.taps.cols[self.pw][:, None, :].expand(shape).reshape(-1)
+        xp = x[n, :, rows, cols].reshape(*shape, x.shape[1])
         return torch.where(self.cross[..., None], xp, xp.new_zeros(()))
 
     def scatter_sub(self, dx, dp):
