@@ -120,7 +120,7 @@ def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
             "format": fmt, "notes": source.notes, "figures": figures_dict(rows),
             "written": False, "report": report.to_dict()}
 
-    out.print(regions_table(report, title=f"{source.label}: regions"))
+    out.print(regions_table(report, title=f"{source.label}: regions", checked=not no_verify))
     if source.kind == "onnx" and (report.ops_before or report.ops_after):
         out.print(ops_table(report.ops_before, report.ops_after))
     out.print(summary_table(rows))

@@ -52,7 +52,7 @@ def inspect(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
     report = result.report
     rows = figures(source, result, x)
 
-    out.print(regions_table(report, title=f"{source.label}: regions"))
+    out.print(regions_table(report, title=f"{source.label}: regions", checked=False))
     if source.kind == "onnx" and (report.ops_before or report.ops_after):
         out.print(ops_table(report.ops_before, report.ops_after))
     out.print(summary_table(rows))

@@ -49,23 +49,33 @@ def _change(before, after) -> str:
     return f"{(after - before) / before * 100:+.1f}%"
 
 
-def regions_table(report, *, title: str = "Regions") -> Table:
+def compact_branches(branches: list[str]) -> str:
+    """``["conv3x3+bn", "conv3x3+bn", "bn"]`` -> ``"2x conv3x3+bn + bn"`` (first-seen order)."""
+    counts: dict[str, int] = {}
+    for b in branches:
+        counts[b] = counts.get(b, 0) + 1
+    return " + ".join(f"{n}x {b}" if n > 1 else b for b, n in counts.items())
+
+
+def regions_table(report, *, title: str = "Regions", checked: bool = True) -> Table:
     """One row per region: where, what branches, what it became, params, error or reason."""
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("region", overflow="fold")
     table.add_column("branches", overflow="fold")
     table.add_column("becomes")
-    table.add_column("params", justify="right")
-    table.add_column("max abs err / reason", overflow="fold")
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("max abs err / reason" if checked else "left alone because",
+                     overflow="fold")
     for r in report.regions:
         params = f"{human(r.params_before)} -> {human(r.params_after)}"
         if r.status == "fused":
-            err = sci(r.max_abs_err) if r.proofs is not None or r.max_abs_err else "not checked"
+            err = sci(r.max_abs_err) if checked else ""
             last = err if r.ok else f"[red]FAILED {sci(r.max_abs_err)}[/red]"
             becomes = r.result or "conv"
         else:
-            last, becomes, params = f"[yellow]left alone:[/yellow] {r.reason}", "-", ""
-        table.add_row(r.path or "(model)", " + ".join(r.branches), becomes, params, last)
+            last = f"[yellow]left alone:[/yellow] {r.reason}" if checked else r.reason
+            becomes, params = "-", ""
+        table.add_row(r.path or "(model)", compact_branches(r.branches), becomes, params, last)
     return table
 
 

@@ -62,8 +62,25 @@ class OtherNet(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
+class SharedConv(nn.Module):
+    """A block whose conv module is called twice: its regions cannot be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x) + self.bn(x)
+        return self.conv(torch.relu(y))
+
+
 def build():
     return TinyNet(8)
+
+
+def build_shared():
+    return SharedConv()
 
 
 def build_wide():

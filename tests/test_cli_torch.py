@@ -153,6 +153,18 @@ def test_inspect_counts(trained, tmp_path):
                                                  if p.name == "__pycache__"])
 
 
+def test_regions_left_alone_are_explained(tmp_path):
+    spec = hostile_corpus.factory(tmp_path, "build_shared")
+    result = ok(run("inspect", "--factory", spec, "--input-shape", SHAPE, "--json",
+                    tmp_path / "i.json"))
+    assert "left alone because" in result.output and "used 2 times" in result.output
+    regions = json.loads((tmp_path / "i.json").read_text())["report"]["regions"]
+    assert regions and all(r["status"] != "fused" and r["reason"] for r in regions)
+    out = tmp_path / "same.pt2"
+    result = ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", out))
+    assert "0 region(s) fused, 1 left alone" in result.output and out.exists()
+
+
 def test_inspect_timm(tmp_path):
     pytest.importorskip("timm")
     result = ok(run("inspect", "--timm", "repvgg_a0", "--input-shape", "1,3,32,32"))
