@@ -165,6 +165,24 @@ def test_regions_left_alone_are_explained(tmp_path):
     assert "0 region(s) fused, 1 left alone" in result.output and out.exists()
 
 
+def test_factory_as_module_name(tmp_path, monkeypatch):
+    (tmp_path / "pkg_tinynet.py").write_text(hostile_corpus.TINYNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = ok(run("inspect", "--factory", "pkg_tinynet:build", "--input-shape", SHAPE))
+    assert "2 region(s) would be fused" in result.output
+    result = run("inspect", "--factory", "pkg_tinynet:nope", "--input-shape", SHAPE)
+    assert result.exit_code == 2 and "no attribute 'nope'" in result.stderr
+    result = run("inspect", "--factory", "no_such_pkg_xyz:build")
+    assert result.exit_code == 2 and "no module named 'no_such_pkg_xyz'" in result.stderr
+
+
+def test_timm_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    result = run("inspect", "--timm", "repvgg_a0")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "timm, which is not installed; pip install 'repfuse[timm]'" in result.stderr
+
+
 def test_inspect_timm(tmp_path):
     pytest.importorskip("timm")
     result = ok(run("inspect", "--timm", "repvgg_a0", "--input-shape", "1,3,32,32"))
