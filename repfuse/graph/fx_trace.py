@@ -191,6 +191,9 @@ def trace_all(root: nn.Module, n_inputs: int) -> tuple[dict[int, ModuleGraph], l
         module, path, n = stack.pop()
         if id(module) in graphs:
             continue
+        if is_torch_leaf(module):  # a torch.nn layer as the model: nothing to trace
+            graphs[id(module)] = ModuleGraph(module, path, None, reason="a torch.nn layer")
+            continue
         mg = _NestedTracer(graphs, paths).trace_root(module, path, n)
         graphs[id(module)] = mg
         for g in list(graphs.values()):
