@@ -196,16 +196,16 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 def _run(model: nn.Module, args: tuple, grads: bool):
     """Run ``model`` on fresh copies of ``args``; returns (inputs needing grad, outputs)."""
     copies, leaves = [], []
-    for a in args:
-        if isinstance(a, Tensor):
-            c = a.detach().clone()
-            if grads and c.is_floating_point():
-                c.requires_grad_(True)
-                leaves.append(c)
-            copies.append(c)
-        else:
-            copies.append(a)
     with torch.set_grad_enabled(grads):
+        for a in args:
+            if isinstance(a, Tensor):
+                c = a.detach().clone()
+                if grads and c.is_floating_point():
+                    leaves.append(c.requires_grad_(True))
+                    c = c.clone()   # a non-leaf: the model may modify it in place
+                copies.append(c)
+            else:
+                copies.append(a)
         out = model(*copies)
     return leaves, out
 
@@ -234,8 +234,16 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     args = as_input_tuple(example_inputs)
     report = VerifyReport()
     with eval_mode(reference, candidate):
-        ref_leaves, ref_out = _run(reference, args, grads)
-        cand_leaves, cand_out = _run(candidate, args, grads)
+        try:
+            ref_leaves, ref_out = _run(reference, args, grads)
+        except Exception as e:
+            raise InputError(f"the reference model fails on example_inputs: "
+                             f"{type(e).__name__}: {e}") from e
+        try:
+            cand_leaves, cand_out = _run(candidate, args, grads)
+        except Exception as e:  # a candidate that crashes is a failed check
+            report.checks.append(failed("output", f"candidate raised {type(e).__name__}: {e}"))
+            return report
     ref_flat, cand_flat = flatten(ref_out, "output"), flatten(cand_out, "output")
     if [n for n, _ in ref_flat] != [n for n, _ in cand_flat]:
         report.checks.append(failed("output", (

@@ -209,3 +209,28 @@ def test_tolerance_table_and_errors():
             tolerance(torch.float32, bad)
     with pytest.raises(InputError, match="example_inputs"):
         repfuse.verify(nn.Identity(), nn.Identity(), "not a tensor")
+
+
+def test_inplace_first_op_and_crashing_candidate():
+    conv = nn.Conv2d(2, 2, 3, padding=1).double()
+
+    class InplaceFirst(nn.Module):
+        def forward(self, x):
+            return conv(torch.relu_(x))
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return conv(torch.relu(x))
+
+    class Crash(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    x0 = x.clone()
+    assert repfuse.verify(Plain(), InplaceFirst(), x).ok
+    assert torch.equal(x, x0)
+    rep = repfuse.verify(Plain(), Crash(), x)
+    assert not rep.ok and "boom" in rep.failures[0].detail
+    with pytest.raises(InputError, match="reference model fails"):
+        repfuse.verify(Crash(), Plain(), x)
