@@ -257,8 +257,9 @@ class _Fuser:
                 key = frozenset(r.nodes)
                 if key not in tried:
                     try:
-                        affine = rg.reduce(expr)
-                        tried[key] = (affine, affine.to_module())
+                        with torch.no_grad():  # the proofs differentiate their own copy
+                            affine = rg.reduce(expr)
+                            tried[key] = (affine, affine.to_module())
                     except (NotFusable, ValueError) as err:
                         tried[key] = err
                 result = tried[key]
