@@ -305,3 +305,20 @@ def test_random_repvgg_like_prove_and_catch(c, o, k, stride, dilation, identity,
     bad = w.clone()
     bad[idx] += 1e-3 * max(float(w.abs().max()), 1e-3)
     assert "output[random]" in _failed(prove_region(expr, fused.replace(weight=bad), act))
+
+
+def test_reflect_padding_and_half_module():
+    m = Maker(3)
+    x = rg.Input(4)
+    c3 = m.conv(x, 4, 4, 3, padding=1)
+    c3.spec = c3.spec.replace(padding_mode="reflect")
+    expr = rg.Add((m.bn(c3, 4), m.convbn(x, 4, 4, 1)))
+    fused = rg.reduce(expr)
+    act = torch.randn(1, 4, 9, 9)
+    assert prove_region(expr, fused, act, module=True).ok
+    bad = fused.replace(spec=fused.spec.replace(padding_mode="zeros"))
+    assert {"output[random]", "grad input"} <= _failed(prove_region(expr, bad, act))
+    half = prove_region(expr, fused.replace(dtype=torch.float16), act, module=True)
+    assert half.ok
+    module_checks = [c for c in half.checks if c.name.startswith("module")]
+    assert module_checks and all(c.rtol == 1e-2 and c.max_rel > 1e-6 for c in module_checks)
