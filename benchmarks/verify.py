@@ -12,8 +12,9 @@ For each model (default: repvgg_a0, repvgg_b3 from ``repfuse.models``; timm's wh
   (``repfuse.proofs.prove_region`` on every RepVGG block, ``repfuse.verify`` of the
   training form against the fused model with input gradients).
 
-Prints median times and the ratio of verification to one training step (target: at
-most 3x). Run with the allocator settings below, e.g.::
+Prints median times (the five measurements interleaved, one of each per round) and
+the ratio of verification to one training step (target: at most 3x). Run with the
+allocator settings below, e.g.::
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/verify.py --threads 2
@@ -33,15 +34,6 @@ from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as rg
 from repfuse.proofs import verify_models
 from repfuse.proofs_region import prove_region
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def create(name: str, use_timm: bool) -> nn.Module:
@@ -134,45 +126,57 @@ def capture_inputs(model, regions, x):
 
 
 def bench(name: str, args) -> str:
-    """One row: the training step, fuse with/without verification, and the direct parts."""
+    """One row: the training step, fuse with/without verification, and the direct parts,
+    measured interleaved (one of each per round) so that load changes hit all alike."""
     import repfuse
 
     model = create(name, args.timm)
     x = torch.randn(args.batch, 3, args.size, args.size,
                     generator=torch.Generator().manual_seed(0))
-    step = train_step(model, x)
-    step()
-    t_train = _median_time(step, args.repeats)
-
-    t_fuse = t_both = t_verify = float("nan")
-    try:
-        repfuse.fuse(model, x, verify=False)
-        t_fuse = _median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
-        results = []
-        t_both = _median_time(lambda: results.append(repfuse.fuse(model, x, verify=True)),
-                              args.repeats)
-        if not results[-1].report.ok:
-            name += " (FAILED)"
-        t_verify = t_both - t_fuse
-    except NotImplementedError:
-        pass
-
     regions = repvgg_regions(model)
     fused_model = hand_fused(model, regions)
     acts = capture_inputs(model, regions, x)
     fused = {path: rg.reduce(expr) for path, _, expr in regions}
+    failures = []
+
+    def fuse_verify():
+        report = repfuse.fuse(model, x, verify=True).report
+        if not report.ok:
+            failures.append(report)
 
     def proofs():
         for path, _, expr in regions:
             rep = prove_region(expr, fused[path], acts[path])
-            assert rep.ok, (path, [c.to_dict() for c in rep.failures])
+            if not rep.ok:
+                failures.append(rep)
 
-    t_regions = _median_time(proofs, args.repeats)
-    t_model = _median_time(lambda: verify_models(model, fused_model, x), args.repeats)
-    ratio_direct = (t_regions + t_model) / t_train
-    return (f"{name:<12} {t_train * 1e3:9.0f}ms {t_fuse * 1e3:7.0f}ms {t_both * 1e3:10.0f}ms "
-            f"{t_verify * 1e3:7.0f}ms {t_verify / t_train:5.2f}x | {t_regions * 1e3:11.0f}ms "
-            f"{t_model * 1e3:10.0f}ms {ratio_direct:5.2f}x  ({len(regions)} regions)")
+    tasks = {"train": train_step(model, x),
+             "fuse": lambda: repfuse.fuse(model, x, verify=False),
+             "fuse+verify": fuse_verify,
+             "regions": proofs,
+             "model": lambda: verify_models(model, fused_model, x)}
+    try:
+        repfuse.fuse(model, x, verify=False)
+    except NotImplementedError:
+        del tasks["fuse"], tasks["fuse+verify"]
+    for fn in tasks.values():      # warm-up
+        fn()
+    times = {k: [] for k in tasks}
+    for _ in range(args.repeats):
+        for k, fn in tasks.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    nan = float("nan")
+    t_train, t_fuse, t_both = med["train"], med.get("fuse", nan), med.get("fuse+verify", nan)
+    t_verify = t_both - t_fuse
+    t_regions, t_model = med["regions"], med["model"]
+    status = " FAILED" if failures else ""
+    return (f"{name + status:<12} {t_train * 1e3:9.0f}ms {t_fuse * 1e3:7.0f}ms "
+            f"{t_both * 1e3:10.0f}ms {t_verify * 1e3:7.0f}ms {t_verify / t_train:5.2f}x | "
+            f"{t_regions * 1e3:11.0f}ms {t_model * 1e3:10.0f}ms "
+            f"{(t_regions + t_model) / t_train:5.2f}x  ({len(regions)} regions)")
 
 
 def main() -> None:
