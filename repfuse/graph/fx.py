@@ -18,30 +18,16 @@
 from __future__ import annotations
 
 import copy
-import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from repfuse.errors import InputError, NotFusable
-from repfuse.graph import region as rg
-from repfuse.graph.fx_inline import inline_call, should_inline
-from repfuse.graph.fx_match import Region, find_regions, ignorable_nodes, worthwhile
-from repfuse.graph.fx_ops import Context, LinearOp, classify, tensor_meta
-from repfuse.graph.fx_rewrite import (
-    build_graph_module,
-    drop_dead,
-    drop_noops,
-    replace_region,
-    unique_name,
-)
-from repfuse.graph.fx_trace import CAPTURE, META, ModuleGraph, run_graphs, trace_all
-from repfuse.report import FuseReport, RegionReport
-
-log = logging.getLogger(__name__)
+from repfuse.errors import InputError
+from repfuse.graph.fx_fuser import FusedRegion, Fuser
+from repfuse.graph.fx_trace import META, run_graphs, trace_all
+from repfuse.report import FuseReport
 
 #: Spatial size of the copy of a region's real input kept for its proof.
 CAPTURE_CROP = 40
@@ -53,305 +39,6 @@ class FuseResult:
 
     model: nn.Module
     report: FuseReport
-
-
-@dataclass(eq=False)
-class _Fused:
-    region: Region
-    expr: rg.Node
-    affine: object
-    report: RegionReport
-    activation: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
-class _Analysis:
-    ops: dict
-    ign: set
-    pure: Region | None = None
-    passthrough: bool = False
-    fused: list = field(default_factory=list)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path and name else path or name
-
-
-def _resolve(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _mark_constants(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes computed from parameters and literals only (no activation flows in)."""
-    const: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "get_attr" or (n.op in ("call_function", "call_method")
-                                  and all(a in const for a in n.all_input_nodes)):
-            const.add(n)
-            n.meta.pop(META, None)
-    return const
-
-
-class _Fuser:
-    def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool) -> None:
-        self.root = root
-        self.graphs = graphs
-        self.capture = capture
-        self.paths = {id(m): p for p, m in root.named_modules()}
-        self.path_counts = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
-        self.calls: Counter = Counter()
-        self.plain: dict[int, bool] = {}
-        for mg in graphs.values():
-            if mg.graph is None:
-                continue
-            for n in mg.graph.nodes:
-                if n.op != "call_module":
-                    continue
-                sub = mg.module.get_submodule(n.target)
-                self.calls[id(sub)] += 1
-                sub_mg = graphs.get(id(sub))
-                ok = not n.kwargs and all(isinstance(a, fx.Node) for a in n.args) and (
-                    sub_mg is None or len(n.args) == sub_mg.n_inputs)
-                self.plain[id(sub)] = self.plain.get(id(sub), True) and ok
-            if mg.calls:
-                self.calls[id(mg.module)] += len(mg.calls)
-                ok = all(c == (mg.n_inputs, ()) for c in mg.calls)
-                self.plain[id(mg.module)] = self.plain.get(id(mg.module), True) and ok
-        self.analyses: dict[int, _Analysis] = {}
-        self.replaced: dict[int, nn.Module] = {}
-        self.rewritten: set[int] = set()
-        self.inlined: set[int] = set()
-        self.reports: list[RegionReport] = []
-        self.fused: list[_Fused] = []
-
-    # ------------------------------------------------------------------ helpers
-    def shared(self, m: nn.Module) -> str:
-        n_paths, n_calls = self.path_counts[id(m)], self.calls[id(m)]
-        if n_paths > 1 or n_calls > 1:
-            path = self.paths.get(id(m), type(m).__name__)
-            return (f"module {path} is used {max(n_paths, n_calls)} times; fusing one use "
-                    "would change the others (give each use its own module)")
-        return ""
-
-    def _summary(self, mg: ModuleGraph):
-        """The linear-op maker for calls of ``mg``'s module, or None if it is not linear."""
-        if not self.plain.get(id(mg.module), False):
-            return None
-        an = self.analyze(mg)
-        if an.passthrough:
-            def passthrough(inp):
-                if tensor_meta(inp) is None:
-                    return None
-                return LinearOp("pass", [inp], lambda xs: xs[0])
-            return passthrough
-        if an.pure is None:
-            return None
-        region = an.pure
-
-        def make(inp):
-            meta = tensor_meta(inp)
-            if meta is None or meta[0] != tensor_meta(region.input)[0]:
-                return None
-            return LinearOp("module", [inp], lambda xs: region.build(xs[0]), region.blocked)
-        return make
-
-    def analyze(self, mg: ModuleGraph) -> _Analysis:
-        """Classify ``mg``'s nodes and decide whether its forward is one linear region."""
-        key = id(mg.module)
-        if key in self.analyses:
-            return self.analyses[key]
-        self.analyses[key] = _Analysis({}, set())  # guards recursion
-        graph = mg.graph
-        for n in list(graph.nodes):
-            if n.op == "call_module":
-                sub = mg.module.get_submodule(n.target)
-                sub_mg = self.graphs.get(id(sub))
-                if should_inline(n, mg.module, sub_mg, self.plain.get(id(sub), False)
-                                 and not self.shared(sub)) and self._summary(sub_mg) is None:
-                    inline_call(graph, n, sub_mg.graph)
-                    self.inlined.add(id(sub))
-        const = _mark_constants(graph)
-        summaries = {}
-        for n in graph.nodes:
-            if n.op == "call_module":
-                sub = mg.module.get_submodule(n.target)
-                sub_mg = self.graphs.get(id(sub))
-                if sub_mg is not None and sub_mg.graph is not None and id(sub) not in summaries:
-                    summaries[id(sub)] = self._summary(sub_mg)
-        summaries = {k: v for k, v in summaries.items() if v is not None}
-        ctx = Context(mg.module, mg.path, summaries, self.shared)
-        ops = {}
-        for n in graph.nodes:
-            if n in const:
-                continue
-            try:
-                op = classify(n, ctx)
-            except (ValueError, NotFusable) as err:  # impossible geometry: not linear
-                log.debug("fx: %s not linear: %s", n.name, err)
-                op = None
-            if op is not None:
-                ops[n] = op
-        ign = ignorable_nodes(graph)
-        an = _Analysis(ops, ign)
-        self._check_pure(mg, an, const)
-        self.analyses[key] = an
-        return an
-
-    def _check_pure(self, mg: ModuleGraph, an: _Analysis, const: set) -> None:
-        graph = mg.graph
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        out = next(n for n in graph.nodes if n.op == "output")
-        if not placeholders or mg.n_inputs != 1 or not isinstance(out.args[0], fx.Node):
-            return
-        x, v = placeholders[0], out.args[0]
-        if any(n.users and n.users.keys() - an.ign for n in placeholders[1:]):
-            return
-        if v is x:
-            an.passthrough = all(n.op in ("placeholder", "output", "get_attr") or n in an.ign
-                                 or n in const for n in graph.nodes)
-            return
-        regions = find_regions(graph, an.ops, set(), an.ign, mg.module)
-        r = next((r for r in regions if r.output is v), None)
-        if r is None or r.input is not x:
-            return
-        members = set(r.nodes)
-        if all(n in members or n.op in ("placeholder", "output", "get_attr") or n in an.ign
-               or n in const for n in graph.nodes):
-            an.pure = r
-
-    # ------------------------------------------------------------------ rewriting
-    def _report_skip(self, path: str, expr, reason: str) -> None:
-        try:
-            branches = rg.describe(expr)
-        except Exception:  # noqa: BLE001 - a description must never stop fusion
-            branches = []
-        if any(r.path == path and r.reason == reason and r.status == "skipped"
-               for r in self.reports):
-            return
-        self.reports.append(RegionReport(path=path, branches=branches, status="skipped",
-                                         reason=reason))
-
-    def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
-        """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
-        that are blocked or not exact are reported and split until none is left."""
-        barriers: set[fx.Node] = set()
-        tried: dict[frozenset, object] = {}
-        while True:
-            regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module)
-            chosen, restart = [], False
-            for r in regions:
-                if r.is_passthrough:
-                    continue
-                expr = r.expr()
-                if not worthwhile(expr):
-                    continue
-                where = _join(mg.path, r.output.name)
-                if r.blocked:
-                    self._report_skip(where, expr, r.blocked)
-                    barriers |= {n for n in r.nodes if r.ops[n].blocked}
-                    restart = True
-                    break
-                key = frozenset(r.nodes)
-                if key not in tried:
-                    try:
-                        with torch.no_grad():  # the proofs differentiate their own copy
-                            affine = rg.reduce(expr)
-                            tried[key] = (affine, affine.to_module())
-                    except (NotFusable, ValueError) as err:
-                        tried[key] = err
-                result = tried[key]
-                if isinstance(result, Exception):
-                    self._report_skip(where, expr, str(result))
-                    geometric = {n for n in r.nodes if r.ops[n].kind in ("avgpool", "pad")}
-                    barriers |= geometric or {r.output}
-                    restart = True
-                    break
-                chosen.append((r, expr, result))
-            if not restart:
-                return chosen
-
-    def rewrite(self, mg: ModuleGraph) -> None:
-        """Fuse the regions of ``mg``'s module (and, below it, of the modules it calls)."""
-        if id(mg.module) in self.rewritten or mg.graph is None:
-            return
-        self.rewritten.add(id(mg.module))
-        if mg.module is not self.root and not self.plain.get(id(mg.module), False):
-            self._rewrite_children(mg, set())
-            return
-        an = self.analyze(mg)
-        chosen = self._decide(mg, an)
-        absorbed: set[fx.Node] = set()
-        graph_regions = []
-        for r, expr, (affine, module) in chosen:
-            absorbed |= set(r.nodes)
-            only = r.nodes[0] if len(r.nodes) == 1 else None
-            if only is not None and only.op == "call_module" and r.ops[only].kind == "module":
-                child = mg.module.get_submodule(only.target)
-                path = self.paths.get(id(child), _join(mg.path, only.target))
-                self.replaced[id(child)] = module
-                self._record(path, r, expr, affine)
-            else:
-                graph_regions.append((r, expr, affine, module))
-        self._rewrite_children(mg, absorbed)
-        if graph_regions:
-            self._rewrite_graph(mg, graph_regions)
-
-    def _rewrite_children(self, mg: ModuleGraph, absorbed: set) -> None:
-        for n in mg.graph.nodes:
-            if n.op == "call_module" and n not in absorbed:
-                sub = mg.module.get_submodule(n.target)
-                sub_mg = self.graphs.get(id(sub))
-                if sub_mg is not None and id(sub) not in self.replaced:
-                    self.rewrite(sub_mg)
-
-    def _rewrite_graph(self, mg: ModuleGraph, regions) -> None:
-        graph, module = mg.graph, mg.module
-        taken = {str(n.target).split(".")[0] for n in graph.nodes
-                 if n.op in ("call_module", "get_attr")}
-        new_modules: dict[str, nn.Module] = {}
-        for r, expr, affine, module_new in regions:
-            convs = [n for n in r.nodes if r.ops[n].kind == "conv" and n.op == "call_module"]
-            base = convs[0].target if len(convs) == 1 and "." not in convs[0].target \
-                and sum(r.ops[n].kind in ("conv", "module") for n in r.nodes) == 1 \
-                else "reparam_conv"
-            name = base if base in {n.target for n in convs} else unique_name(
-                taken | set(new_modules), base)
-            new_modules[name] = module_new
-            taken.add(name)
-            replace_region(graph, r, name)
-            self._record(_join(mg.path, name), r, expr, affine)
-        drop_noops(graph, module)
-        drop_dead(graph)
-        gm = build_graph_module(module, graph, new_modules, _resolve)
-        self.replaced[id(module)] = gm
-
-    def _record(self, path: str, r: Region, expr, affine) -> None:
-        module_params = affine.weight.numel() + affine.bias.numel()
-        report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
-                              params_before=rg.count_params(expr), params_after=module_params,
-                              cast_error=affine.cast_error())
-        self.reports.append(report)
-        act = r.input.meta.get(CAPTURE)
-        self.fused.append(_Fused(r, expr, affine, report, act))
-
-    # ------------------------------------------------------------------ result
-    def result(self) -> nn.Module:
-        """The fused model: every replaced module swapped in, bottom-up."""
-        def swap(module: nn.Module, seen: set) -> nn.Module:
-            module = self.replaced.get(id(module), module)
-            if id(module) in seen:
-                return module
-            seen.add(id(module))
-            for name, child in list(module._modules.items()):
-                if child is not None:
-                    new = swap(child, seen)
-                    if new is not child:
-                        module._modules[name] = new
-            return module
-        return swap(self.root, set())
 
 
 # ---------------------------------------------------------------------- copying
@@ -420,7 +107,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     except Exception as err:
         raise InputError(f"running the model on example_inputs failed: "
                          f"{type(err).__name__}: {err}; pass inputs the model accepts") from err
-    fuser = _Fuser(work, graphs, verify)
+    fuser = Fuser(work, graphs, verify)
     for mg in [graphs[id(work)]] + [g for g in graphs.values() if g.calls]:
         fuser.rewrite(mg)
     fused = fuser.result()
@@ -442,7 +129,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     return FuseResult(fused, report)
 
 
-def _verify(report: FuseReport, fused_regions: list[_Fused], model: nn.Module,
+def _verify(report: FuseReport, fused_regions: list[FusedRegion], model: nn.Module,
             fused: nn.Module, args: tuple, tol) -> None:
     from repfuse.proofs import prove_region, verify_models
 
