@@ -114,7 +114,7 @@ def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
     with status(err, "fusing" + ("" if no_verify else " and verifying each region")):
         result, x = fuse_source(source, verify=not no_verify, tol=tol, seed=seed)
     report = result.report
-    rows = figures(source, result, x)
+    rows = figures(source, result, x, macs=False)
     data = {"command": "convert", "model": source.label, "kind": source.kind,
             "input_shape": list(source.input_shape), "output": os.fspath(output),
             "format": fmt, "notes": source.notes, "figures": figures_dict(rows),

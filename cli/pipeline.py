@@ -32,7 +32,7 @@ def fuse_source(source: Source, *, verify: bool, tol=None, seed: int = 0):
     return repfuse.fuse(source.model, x, verify=verify, tol=tol), x
 
 
-def figures(source: Source, result, x) -> list[tuple[str, object, object]]:
+def figures(source: Source, result, x, *, macs: bool = True) -> list[tuple[str, object, object]]:
     """(name, training form, fused) rows: parameters, and MACs for torch models."""
     report = result.report
     if source.kind == "onnx":
@@ -40,7 +40,8 @@ def figures(source: Source, result, x) -> list[tuple[str, object, object]]:
                 ("nodes", sum(report.ops_before.values()), sum(report.ops_after.values()))]
     before, after = count_params(source.model), count_params(result.model)
     rows = [("parameters", before, after)]
-    rows.append(("MACs", count_macs(source.model, x), count_macs(result.model, x)))
+    if macs:
+        rows.append(("MACs", count_macs(source.model, x), count_macs(result.model, x)))
     return rows
 
 
