@@ -264,3 +264,15 @@ def test_net_paths_and_classes_kept():
     assert type(fused.block[0]).__name__ == "RepVGG"
     assert [r.path for r in result.report.fused] == ["block.0.reparam_conv",
                                                       "block.1.reparam_conv"]
+
+
+def test_fused_model_saves_and_loads_with_class_names(tmp_path):
+    model = make("repvgg")
+    x = x64(1, 3, 10, 10)
+    fused = repfuse.fuse(model, x, verify=False).model
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)  # our own file, written just above
+    assert type(loaded.block).__name__ == "RepVGG"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))

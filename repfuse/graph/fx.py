@@ -29,9 +29,6 @@ from repfuse.graph.fx_fuser import FusedRegion, Fuser
 from repfuse.graph.fx_trace import META, run_graphs, trace_all
 from repfuse.report import FuseReport
 
-#: Spatial size of the copy of a region's real input kept for its proof.
-CAPTURE_CROP = 40
-
 
 @dataclass
 class FuseResult:
@@ -134,10 +131,7 @@ def _verify(report: FuseReport, fused_regions: list[FusedRegion], model: nn.Modu
     from repfuse.proofs import prove_region, verify_models
 
     for f in fused_regions:
-        act = f.activation
-        if act is not None:
-            act = act[:, :, :CAPTURE_CROP, :CAPTURE_CROP]
-        proofs = prove_region(f.expr, f.affine, act, tol=tol)
+        proofs = prove_region(f.expr, f.affine, f.activation, tol=tol)
         f.report.proofs = proofs
         outs = [c for c in proofs.checks if c.name.startswith("output")] or proofs.checks
         if outs:

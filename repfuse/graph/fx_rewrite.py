@@ -101,6 +101,7 @@ def build_graph_module(module: nn.Module, graph: fx.Graph, new_modules: dict[str
                 attrs[n.target] = resolve(module, n.target)
     gm = NamedGraphModule(attrs, graph, class_name=type(module).__name__)
     gm.training = False
+    gm.__dict__["_graphmodule_cls_name"] = type(module).__name__  # kept by pickling
     return gm
 
 

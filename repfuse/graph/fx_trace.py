@@ -30,6 +30,8 @@ _CONTAINERS = (nn.Sequential,)
 META = "repfuse_value"
 #: Key of a captured copy (first two samples) of a node's value in ``node.meta``.
 CAPTURE = "repfuse_capture"
+#: Spatial size of the captured copies (the top-left window).
+CAPTURE_CROP = 40
 
 
 def is_torch_leaf(module: nn.Module) -> bool:
@@ -119,7 +121,7 @@ class _NestedTracer(fx.Tracer):
         reasons = []
         try:
             for flat in (False, True):
-                self.graph = fx.Graph(tracer_cls=type(self))
+                self.graph = fx.Graph()  # a plain Graph: fused modules pickle with fx.Tracer
                 self.root = m
                 self.tensor_attrs = _tensor_attrs(m)
                 self.stack.append(_frame(m, path, flat))
@@ -208,8 +210,8 @@ def trace_all(root: nn.Module, n_inputs: int) -> tuple[dict[int, ModuleGraph], l
 def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
-        if capture is not None and capture(node) and value.dim() >= 1:
-            node.meta[CAPTURE] = value[:2].detach().clone()
+        if capture is not None and capture(node) and value.dim() == 4:
+            node.meta[CAPTURE] = value[:2, :, :CAPTURE_CROP, :CAPTURE_CROP].detach().clone()
 
 
 class _GraphRunner(fx.Interpreter):
