@@ -194,8 +194,12 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
                                        "its weights are inside it")
             proto = load_onnx(path)
             check_runnable(proto, model_file)
-            shape = input_shape or onnx_input_shape(proto) or DEFAULT_SHAPE
-            return Source("onnx", f"{path.name} (ONNX)", proto, tuple(shape), files, path=path)
+            shape = onnx_input_shape(proto) or input_shape or DEFAULT_SHAPE
+            source = Source("onnx", f"{path.name} (ONNX)", proto, tuple(shape), files, path=path)
+            if input_shape and tuple(input_shape) != tuple(shape):
+                source.notes.append("--input-shape is not used for an ONNX model: its checks "
+                                    "use the shapes the file declares")
+            return source
         if suffix == ".safetensors":
             raise InputError(f"{model_file} is a weights file, not a model; pass it as --weights "
                              "together with --arch, --factory or --timm")

@@ -61,6 +61,13 @@ def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
         raise InputError(f"output {os.fspath(out)!r} is a directory; give a file name")
     if (out.exists() or out.is_symlink()) and not force:
         raise InputError(f"output {os.fspath(out)!r} already exists; pass --force to replace it")
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"output {os.fspath(out)!r}: {os.fspath(ancestor)!r} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"output {os.fspath(out)!r}: cannot write in {os.fspath(ancestor)!r}")
     return out
 
 

@@ -509,6 +509,12 @@ def c_output_is_directory(f):
     return Case(convert(f, "--factory", factory(f), out="adir.onnx"), 2, ("directory",), None)
 
 
+def c_output_parent_is_file(f):
+    (f / "plain.txt").write_text("a file")
+    return Case(convert(f, "--factory", factory(f), out="plain.txt/sub/out.onnx"), 2,
+                ("plain.txt", "not a directory"), f / "plain.txt" / "sub" / "out.onnx")
+
+
 def c_json_is_output(f):
     args = convert(f, "--factory", factory(f)) + ["--json", str(f / "out.onnx")]
     return Case(args, 2, ("--json",), f / "out.onnx")
