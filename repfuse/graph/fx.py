@@ -137,5 +137,11 @@ def _verify(report: FuseReport, fused_regions: list[FusedRegion], model: nn.Modu
         if outs:
             f.report.max_abs_err = max(c.max_abs for c in outs)
             f.report.max_rel_err = max(c.max_rel for c in outs)
-    report.model_checks = verify_models(model, fused, args, grads=True, tol=tol)
+    try:
+        report.model_checks = verify_models(model, fused, args, grads=True, tol=tol)
+    except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
+        report.model_checks = verify_models(model, fused, args, grads=False, tol=tol)
+        first = str(err).splitlines()[0][:200]
+        report.model_checks.notes.append(f"input gradients not compared: the model's "
+                                         f"backward fails ({first})")
     report.verified = True
