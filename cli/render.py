@@ -60,12 +60,14 @@ def compact_branches(branches: list[str]) -> str:
 def regions_table(report, *, title: str = "Regions", checked: bool = True) -> Table:
     """One row per region: where, what branches, what it became, params, error or reason."""
     table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("region", overflow="fold")
-    table.add_column("branches", overflow="fold")
-    table.add_column("becomes")
+    table.add_column("region", no_wrap=True)
+    table.add_column("branches", overflow="fold", ratio=1)
+    table.add_column("becomes", no_wrap=True)
     table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("max abs err / reason" if checked else "left alone because",
-                     overflow="fold")
+    skipped = any(r.status != "fused" for r in report.regions)
+    last_title = ("max abs err / reason" if skipped else "max abs err") if checked \
+        else "left alone because"
+    table.add_column(last_title, overflow="fold", ratio=1 if skipped else None)
     for r in report.regions:
         params = f"{human(r.params_before)} -> {human(r.params_after)}"
         if r.status == "fused":
