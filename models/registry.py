@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -52,6 +53,12 @@ def create(name: str, *, seed: int | None = None, realistic_bn: bool = True,
     from repfuse.models.init import CALIBRATION_SHAPE, init_model
 
     build = builder(name)
+    try:
+        inspect.signature(build).bind(num_classes=num_classes, **kwargs)
+    except TypeError:
+        accepted = ", ".join(inspect.signature(build).parameters)
+        raise InputError(f"architecture {name!r} takes no option(s) "
+                         f"{', '.join(sorted(kwargs))}; it accepts: {accepted}") from None
     return init_model(lambda: build(num_classes=num_classes, **kwargs), seed=seed,
                       realistic_bn=realistic_bn,
                       calibration_shape=calibration_shape or CALIBRATION_SHAPE)

@@ -105,6 +105,11 @@ def test_unknown_name_lists_close_matches(typo, expected):
     assert typo in str(info.value) and "\n" not in str(info.value)
 
 
+def test_unknown_option_is_an_input_error():
+    with pytest.raises(InputError, match="width.*num_classes"):
+        models.create("repvgg_a0", width=2)
+
+
 def test_register_twice_rejected():
     def repvgg_a0(num_classes=1000):
         return nn.Identity()
