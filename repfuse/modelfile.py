@@ -70,7 +70,23 @@ def load_onnx(path: str | os.PathLike):
     _check_shapes(header, source)
     del header
     model, _ = load_checked(source, check=True)
+    _check_finite_initializers(model, source)
     return model
+
+
+def _check_finite_initializers(model, source: str) -> None:
+    """Refuse NaN or infinite values in floating-point initializers, naming the first one."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and array.size:
+            bad = ~np.isfinite(array.astype(np.float64, copy=False))
+            if bad.any():
+                kind = "NaN" if np.isnan(array.astype(np.float64)).any() else "infinite"
+                raise InputError(f"{source}: initializer {init.name!r} has {int(bad.sum())} "
+                                 f"{kind} value(s) of {array.size}; the model is corrupt")
 
 
 def onnx_input_shape(model) -> tuple[int, ...] | None:

@@ -430,6 +430,14 @@ def c_onnx_ir_too_new(f):
     return onnx_case(f, path, "future.onnx", "ir_version 99")
 
 
+def c_onnx_nan_initializer(f):
+    model = onnx_conv_model()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] = float("nan")
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    return onnx_case(f, onnx_file(f, "nan.onnx", model), "'W'", "NaN")
+
+
 def c_onnx_to_pt(f):
     path = onnx_file(f, "fine.onnx", onnx_conv_model())
     return onnx_case(f, path, ".pt", "only be written as .onnx", out="out.pt")
@@ -562,6 +570,11 @@ def c_factory_bad_syntax(f):
 def c_bad_tol(f):
     return Case(convert(f, "--factory", factory(f), "--tol", "tiny"), 2, ("--tol",),
                 f / "out.onnx")
+
+
+def c_tol_too_tight(f):
+    return Case(convert(f, "--factory", factory(f), "--tol", "1e-30"), 1,
+                ("verification failed", "nothing written"), f / "out.onnx")
 
 
 def c_missing_weights_file(f):
