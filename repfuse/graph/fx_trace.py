@@ -55,30 +55,58 @@ class ModuleGraph:
     ran: bool = False
 
 
+class _Lookup:
+    """id -> relative name within a module: direct members first, the subtree on a miss."""
+
+    def __init__(self, direct: dict[int, str], full) -> None:
+        self.direct, self.full, self.all = direct, full, None
+
+    def get(self, key: int, default=None):
+        if key in self.direct:
+            return self.direct[key]
+        if self.all is None:
+            self.all = self.full()
+        return self.all.get(key, default)
+
+
 @dataclass(eq=False)
 class _Frame:
     module: nn.Module
     path: str
     flat: bool
-    names: dict[int, str]
-    tensors: dict[int, str]
+    names: _Lookup
+    tensors: _Lookup
     cache: dict = field(default_factory=dict)
 
 
 def _frame(module: nn.Module, path: str, flat: bool) -> _Frame:
-    names = {id(m): n for n, m in module.named_modules() if n}
-    tensors = {id(t): n for n, t in module.named_parameters()}
-    tensors.update({id(t): n for n, t in module.named_buffers()})
-    return _Frame(module, path, flat, names, tensors)
+    names = _Lookup({id(m): n for n, m in module._modules.items() if m is not None},
+                    lambda: {id(m): n for n, m in module.named_modules() if n})
+    direct = {id(t): n for n, t in module._parameters.items() if t is not None}
+    direct.update({id(t): n for n, t in module._buffers.items() if t is not None})
+
+    def full():
+        out = {id(t): n for n, t in module.named_parameters()}
+        out.update({id(t): n for n, t in module.named_buffers()})
+        return out
+    return _Frame(module, path, flat, names, _Lookup(direct, full))
 
 
-def _tensor_attrs(module: nn.Module) -> dict:
-    out = {}
-    for prefix, m in module.named_modules():
-        for k, v in m.__dict__.items():
-            if isinstance(v, Tensor):
-                out[v] = f"{prefix}.{k}" if prefix else k
-    return out
+class _TensorAttrs(dict):
+    """fx's tensor-attribute table for one module, built on first use."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.built = module, False
+
+    def get(self, key, default=None):
+        if not self.built:
+            self.built = True
+            for prefix, m in self.module.named_modules():
+                for k, v in m.__dict__.items():
+                    if isinstance(v, Tensor):
+                        self[v] = f"{prefix}.{k}" if prefix else k
+        return super().get(key, default)
 
 
 class _NestedTracer(fx.Tracer):
@@ -123,7 +151,7 @@ class _NestedTracer(fx.Tracer):
             for flat in (False, True):
                 self.graph = fx.Graph()  # a plain Graph: fused modules pickle with fx.Tracer
                 self.root = m
-                self.tensor_attrs = _tensor_attrs(m)
+                self.tensor_attrs = _TensorAttrs(m)
                 self.stack.append(_frame(m, path, flat))
                 try:
                     concrete, required = _concrete_args(m, n_inputs)
