@@ -276,3 +276,36 @@ def test_fused_model_saves_and_loads_with_class_names(tmp_path):
     assert type(loaded.block).__name__ == "RepVGG"
     with torch.no_grad():
         assert torch.equal(loaded(x), fused(x))
+
+
+class TwoOut(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.a, self.b = conv_bn(c, c, 3), conv_bn(c, c, 1, padding=0)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+class Unpacks(nn.Module):
+    """Unpacks a submodule's tuple: traced through the submodule instead of as a leaf."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.two = TwoOut(c)
+        self.id = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        a, b = self.two(x)
+        return F.relu(a + b + self.id(x))
+
+
+def test_module_unpacking_a_tuple_is_traced_through():
+    model = randomize_bn(Unpacks()).double().eval()
+    x = x64(1, 8, 10, 10)
+    result = repfuse.fuse(model, x)
+    assert [sorted(r.branches) for r in result.report.fused] == [
+        ["bn", "conv1x1+bn", "conv3x3+bn"]]
+    assert count_convs(result.model) == 1 and result.report.ok
+    with torch.no_grad():
+        assert close(result.model(x), model(x))

@@ -7,9 +7,13 @@ call, the child is called once, takes one tensor and returns one value. What it
 becomes: the child's graph copied into the caller's graph (its submodule and
 parameter targets prefixed with the child's path), so the conv and the BN form one
 region in the caller and fold; the rest of the child (the activation) stays.
+A child that returns a tuple the caller only indexes is opened the same way, so
+regions can span its outputs.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -50,12 +54,25 @@ def _starts_with_bn(child: ModuleGraph) -> bool:
     return False
 
 
+def _returns_tuple(call: fx.Node, child: ModuleGraph) -> bool:
+    """The child returns a tuple of values that the caller only indexes."""
+    placeholders = [n for n in child.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in child.graph.nodes if n.op == "output")
+    return (len(placeholders) == 1 and isinstance(out.args[0], (tuple, list))
+            and all(isinstance(v, fx.Node) for v in out.args[0]) and bool(call.users)
+            and all(u.op == "call_function" and u.target is operator.getitem
+                    and isinstance(u.args[1], int) for u in call.users))
+
+
 def should_inline(call: fx.Node, module: nn.Module, child: ModuleGraph | None,
                   single_use: bool) -> bool:
-    """Whether ``call`` (a call of ``child``'s module in ``module``'s graph) is opened."""
-    return (child is not None and child.graph is not None and single_use
-            and len(call.args) == 1 and not call.kwargs
-            and _produces_conv(call.args[0], module) and _starts_with_bn(child))
+    """Whether ``call`` (a call of ``child``'s module in ``module``'s graph) is opened:
+    a conv followed by a module that starts with a BN, or a module returning a tuple."""
+    if child is None or child.graph is None or not single_use or len(call.args) != 1 \
+            or call.kwargs:
+        return False
+    return (_produces_conv(call.args[0], module) and _starts_with_bn(child)) \
+        or _returns_tuple(call, child)
 
 
 def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> None:
@@ -76,5 +93,10 @@ def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> None:
                 new.target = f"{prefix}.{n.target}"
             new.meta = dict(n.meta)
             env[n] = new
-    call.replace_all_uses_with(out)
+    if isinstance(out, (tuple, list)):
+        for u in list(call.users):
+            u.replace_all_uses_with(out[u.args[1]])
+            graph.erase_node(u)
+    else:
+        call.replace_all_uses_with(out)
     graph.erase_node(call)
