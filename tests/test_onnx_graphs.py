@@ -231,6 +231,18 @@ def test_not_fusable_region_is_reported():
     assert_same(m, res.model)
 
 
+def test_batchnorm_on_other_ranks_is_left_alone():
+    g = G(4)
+    flat = g.op("Reshape", [g.op("Relu", ["x"]), _int_const(g, [0, 4, -1])])  # (N, 4, 64)
+    y = g.bn(flat, 4)
+    m = g.model(g.op("Relu", [y]), 18)
+    m.graph.output[0].type.tensor_type.shape.Clear()
+    res = repfuse.fuse_onnx(m)
+    assert "BatchNormalization" in ops(res.model)
+    assert res.report.skipped and "rank 3" in res.report.skipped[0].reason
+    assert_same(m, res.model)
+
+
 def test_idempotent_and_model_proto_not_modified():
     _, m = repvgg_block()
     before = m.SerializeToString()

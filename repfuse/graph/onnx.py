@@ -129,6 +129,12 @@ def _channels(value: ir.Value, cand: Candidate, ops: dict[ir.Node, LinearOp]) ->
 
 def build_expression(cand: Candidate, ops: dict[ir.Node, LinearOp]) -> rg.Node:
     """The region expression of ``cand`` (shared sub-expressions stay shared)."""
+    shape = cand.input.shape
+    has_conv = any(ops[n].kind == "conv" for n in cand.nodes)
+    if (shape is not None and len(shape) != 4) or (shape is None and not has_conv):
+        rank = "unknown" if shape is None else len(shape)
+        raise NotFusable(f"the region input '{cand.input.name}' has rank {rank}; only 4-D "
+                         "(N, C, H, W) regions become a Conv")
     channels = _channels(cand.input, cand, ops)
     if channels is None:
         raise NotFusable(f"the channel count of '{cand.input.name}' is unknown "
