@@ -59,6 +59,12 @@ def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
                         ops_after=op_counts(fused))
     report.notes.append(f"{len(report.fused)} region(s) fused, {len(report.skipped)} left as "
                         f"they are in {source}")
+    overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
+    if overridable:
+        report.notes.append(
+            f"{len(overridable)} initializer(s) are also graph inputs (overridable at run time), "
+            "so nodes reading them were not fused; re-export with "
+            "keep_initializers_as_inputs=False to fuse them")
     try:
         onnx.checker.check_model(fused)
     except onnx.checker.ValidationError as exc:

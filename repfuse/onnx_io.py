@@ -261,15 +261,33 @@ def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
                      tol=None, batches: Sequence[int] = (1, 3), seed: int = 0) -> VerifyReport:
     """Run both models with onnxruntime (no graph optimizations) on the same random
     inputs; checks per batch size (the second one only when the batch is dynamic)."""
-    ref_sess, cand_sess = ort_session(reference), ort_session(candidate)
+    try:
+        ref_sess = ort_session(reference)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
+        raise InputError(f"onnxruntime cannot load the original model ({_first_line(exc)}); "
+                         "pass verify=False to skip the check") from None
+    cand_sess = ort_session(candidate)
     report = VerifyReport(notes=["onnxruntime, graph optimizations disabled, random inputs"])
     batches = batches if _has_dynamic_batch(reference) else batches[:1]
     for k, batch in enumerate(batches):
         feeds = random_feeds(reference, batch=batch, seed=seed + k)
-        report.checks += compare_outputs(f"onnxruntime outputs, batch {batch}",
-                                         ref_sess.run(None, feeds), cand_sess.run(None, feeds),
-                                         tol)
+        try:
+            expected = ref_sess.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
+            raise InputError(f"onnxruntime cannot run the original model on random inputs "
+                             f"({shapes}): {_first_line(exc)}; pass verify=False to skip the "
+                             "check") from None
+        report.checks += compare_outputs(f"onnxruntime outputs, batch {batch}", expected,
+                                         cand_sess.run(None, feeds), tol)
     return report
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _has_dynamic_batch(proto: onnx.ModelProto) -> bool:

@@ -287,3 +287,26 @@ def test_random_blocks_keep_their_function(spec, opset):
         assert ops(res.model).count("Conv") <= 1
         if res.report.fused:
             assert ops(res.model).count("Conv") == 1
+
+
+def test_overridable_initializers_are_not_fused_and_noted():
+    _, m = repvgg_block()
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT,
+                                                           list(t.dims)))
+    res = repfuse.fuse_onnx(m)
+    assert res.report.fused == [] and ops(res.model) == ops(m)
+    assert any("keep_initializers_as_inputs" in n for n in res.report.notes)
+
+
+def test_model_that_cannot_run_on_random_inputs():
+    g = G(4)
+    y = g.op("Reshape", [g.op("Relu", [g.bn(g.conv("x", 4, 4, 3), 4)]),
+                         _int_const(g, [-1, 4 * 7 * 7])])
+    m = g.model(y, 18, size="S")
+    m.graph.output[0].type.tensor_type.shape.Clear()
+    with pytest.raises(repfuse.errors.InputError, match="cannot run the original model.*"
+                                                        "verify=False"):
+        repfuse.fuse_onnx(m)
+    res = repfuse.fuse_onnx(m, verify=False)
+    assert ops(res.model) == ["Conv", "Relu", "Reshape"]
