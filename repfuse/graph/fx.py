@@ -102,8 +102,9 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     try:
         run_graphs(work, graphs, opaque, args, _capture if verify else None)
     except Exception as err:
-        raise InputError(f"running the model on example_inputs failed: "
-                         f"{type(err).__name__}: {err}; pass inputs the model accepts") from err
+        first = (str(err).splitlines() or [""])[0][:300]
+        raise InputError(f"running the model on example_inputs failed ({type(err).__name__}: "
+                         f"{first}); pass inputs the model accepts") from err
     fuser = Fuser(work, graphs, verify)
     for mg in [graphs[id(work)]] + [g for g in graphs.values() if g.calls]:
         fuser.rewrite(mg)
