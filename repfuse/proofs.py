@@ -210,8 +210,11 @@ def _run(model: nn.Module, args: tuple, grads: bool):
     return leaves, out
 
 
-def _input_grads(leaves: list[Tensor], outs: list[Tensor], upstream: list[Tensor]) -> list:
-    pairs = [(o, g) for o, g in zip(outs, upstream) if o.requires_grad]
+def _input_grads(leaves: list[Tensor], outs: list[tuple[str, Any]],
+                 upstream: dict[str, Tensor]) -> list:
+    """Gradients w.r.t. ``leaves`` of sum <out, upstream[name]> (None where unused)."""
+    pairs = [(o, upstream[n].to(o.device, o.dtype)) for n, o in outs
+             if n in upstream and isinstance(o, Tensor) and o.requires_grad]
     if not pairs or not leaves:
         return [None] * len(leaves)
     return list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
@@ -233,49 +236,48 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     """
     args = as_input_tuple(example_inputs)
     report = VerifyReport()
+    gen = torch.Generator().manual_seed(SEED)
     with eval_mode(reference, candidate):
+        # the reference first, its graph freed before the candidate runs (peak memory)
         try:
             ref_leaves, ref_out = _run(reference, args, grads)
         except Exception as e:
             raise InputError(f"the reference model fails on example_inputs: "
                              f"{type(e).__name__}: {e}") from e
+        ref_flat = flatten(ref_out, "output")
+        upstream = {name: torch.randn(r.shape, generator=gen, dtype=torch.float64)
+                    for name, r in ref_flat if isinstance(r, Tensor) and r.is_floating_point()}
+        ref_grads = _input_grads(ref_leaves, ref_flat, upstream)
+        ref_flat = [(n, r.detach() if isinstance(r, Tensor) else r) for n, r in ref_flat]
+        del ref_out
         try:
             cand_leaves, cand_out = _run(candidate, args, grads)
         except Exception as e:  # a candidate that crashes is a failed check
             report.checks.append(failed("output", f"candidate raised {type(e).__name__}: {e}"))
             return report
-    ref_flat, cand_flat = flatten(ref_out, "output"), flatten(cand_out, "output")
+    cand_flat = flatten(cand_out, "output")
     if [n for n, _ in ref_flat] != [n for n, _ in cand_flat]:
         report.checks.append(failed("output", (
             f"output structure differs: candidate gives {[n for n, _ in cand_flat]}, "
             f"reference {[n for n, _ in ref_flat]}")))
         return report
-    ref_tensors, cand_tensors, upstream = [], [], []
-    gen = torch.Generator().manual_seed(SEED)
     dtypes = []
+    comparable = {}
     for (name, r), (_, c) in zip(ref_flat, cand_flat):
         if not isinstance(r, Tensor) or not isinstance(c, Tensor):
-            same = (type(r) is type(c)) and r == c
-            report.checks.append(Check(name, 0.0 if same else float("inf"),
-                                       0.0 if same else float("inf"), 0.0, 0.0, bool(same),
-                                       "" if same else f"{c!r} != reference {r!r}"))
+            report.checks.append(_compare_values(name, r, c))
             continue
         report.checks.append(compare(name, r, c, tol))
         dtypes.append(r.dtype)
-        if r.is_floating_point() and c.is_floating_point() and r.shape == c.shape:
-            g = torch.randn(r.shape, generator=gen, dtype=torch.float64)
-            ref_tensors.append(r)
-            cand_tensors.append(c)
-            upstream.append(g)
+        if name in upstream and c.is_floating_point() and r.shape == c.shape:
+            comparable[name] = c
     report.dtype = str(least_precise(*dtypes)).replace("torch.", "") if dtypes else "float64"
     if not grads or not ref_leaves:
         return report
     if not report.ok:
         report.notes.append("outputs differ; input gradients compared anyway")
-    ref_grads = _input_grads(ref_leaves, ref_tensors,
-                             [g.to(r.device, r.dtype) for g, r in zip(upstream, ref_tensors)])
-    cand_grads = _input_grads(cand_leaves, cand_tensors,
-                              [g.to(c.device, c.dtype) for g, c in zip(upstream, cand_tensors)])
+    cand_grads = _input_grads(cand_leaves, list(comparable.items()),
+                              {n: upstream[n] for n in comparable})
     floating = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
     names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
     for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
@@ -288,8 +290,20 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     return report
 
 
-def prove_region(expr, fused, example_activation=None, *, tol=None) -> VerifyReport:
+def _compare_values(name: str, r, c) -> Check:
+    """Non-tensor output leaves: equal type and value."""
+    try:
+        same = type(r) is type(c) and bool(r == c)
+    except Exception:
+        same = False
+    inf = float("inf")
+    return Check(name, 0.0 if same else inf, 0.0 if same else inf, 0.0, 0.0, same,
+                 "" if same else f"{c!r} != reference {r!r}")
+
+
+def prove_region(expr, fused, example_activation=None, *, tol=None,
+                 module: bool = False) -> VerifyReport:
     """Per-region proofs; see ``repfuse.proofs_region.prove_region``."""
     from repfuse.proofs_region import prove_region as _prove_region
 
-    return _prove_region(expr, fused, example_activation, tol=tol)
+    return _prove_region(expr, fused, example_activation, tol=tol, module=module)
