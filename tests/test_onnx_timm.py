@@ -83,6 +83,9 @@ def test_every_block_becomes_one_conv(repvgg, exports, style):
     assert res.report.ok and res.report.verified
     assert res.report.ops_after["Conv"] == N_BLOCKS
     assert res.report.params_after < res.report.params_before
+    if style == "default":  # regions are named after the torch module holding them
+        paths = sorted(r.path.split()[0] for r in res.report.fused)
+        assert paths[-3:] == ["stages.2.9", "stages.3.0", "stem"]
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
         ref = _run(original, x)

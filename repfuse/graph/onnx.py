@@ -11,6 +11,7 @@ initializers (ONNX pads may be asymmetric).
 
 from __future__ import annotations
 
+import ast
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,42 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return self.sink.name or self.output.name or self.sink.op_type
+        """The sink node's name, prefixed by the torch module that holds the whole
+        region when the exporter recorded module scopes."""
+        name = self.sink.name or self.output.name or self.sink.op_type
+        module = _common_scope(self.nodes)
+        return f"{module} ({name})" if module else name
+
+
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _scopes(node: ir.Node) -> list[str] | None:
+    text = node.metadata_props.get(_SCOPES)
+    if not text:
+        return None
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    return [str(s) for s in scopes[:-1]] if isinstance(scopes, list) else None
+
+
+def _common_scope(nodes: list[ir.Node]) -> str:
+    """The innermost module scope shared by every node (torch.export-based exports)."""
+    common: list[str] | None = None
+    for node in nodes:
+        scopes = _scopes(node)
+        if scopes is None:
+            continue
+        if common is None:
+            common = scopes
+        else:
+            n = 0
+            while n < min(len(common), len(scopes)) and common[n] == scopes[n]:
+                n += 1
+            common = common[:n]
+    return next((s for s in reversed(common or []) if s), "")
 
 
 def linear_ops(graph: ir.Graph) -> dict[ir.Node, LinearOp]:
