@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 from repfuse.cli.context import set_stage
-from repfuse.cli.measure import latency_ms
+from repfuse.cli.measure import paired_latency_ms
 from repfuse.cli.options import model_options, output_options
 from repfuse.cli.pipeline import fuse_source
 from repfuse.cli.render import consoles, status, write_json
@@ -66,13 +66,13 @@ def _export(model, x, folder: str, name: str):
 def _torch_rows(source, fused, x, opts, notes):
     rows = []
     train = source.model
-    rows.append(("torch eager, NCHW", latency_ms(train, x, **opts), latency_ms(fused, x, **opts)))
+    rows.append(("torch eager, NCHW", *paired_latency_ms(train, x, fused, x, **opts)))
     cl = torch.channels_last
     train_cl = copy.deepcopy(train).to(memory_format=cl)
     fused_cl = copy.deepcopy(fused).to(memory_format=cl)
     x_cl = x.contiguous(memory_format=cl)
-    rows.append(("torch eager, channels_last", latency_ms(train_cl, x_cl, **opts),
-                 latency_ms(fused_cl, x_cl, **opts)))
+    rows.append(("torch eager, channels_last",
+                 *paired_latency_ms(train_cl, x_cl, fused_cl, x_cl, **opts)))
     return rows
 
 
@@ -95,8 +95,8 @@ def _ort_rows(source, result, x, opts, threads, notes):
         xa = torch.randn(shape, generator=torch.Generator().manual_seed(0)).numpy()
         train_run = _ort_runner(train_proto, threads)
         fused_run = _ort_runner(fused_proto, threads)
-        return [("ONNX Runtime (all graph optimizations)", latency_ms(train_run, xa, **opts),
-                 latency_ms(fused_run, xa, **opts))]
+        return [("ONNX Runtime (all graph optimizations)",
+                 *paired_latency_ms(train_run, xa, fused_run, xa, **opts))]
     except Exception as exc:   # a backend that cannot run the model is a note, not a failure
         notes.append(f"ONNX Runtime row skipped: {type(exc).__name__}: {first_line(exc)}")
         return []
@@ -149,7 +149,8 @@ def _plot(plt, rows, title: str, path, force: bool, inputs) -> None:
 def bench(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, input_shape, seed,
           repeat, warmup, threads, no_onnx, plot, force, json_path, quiet):
     """Latency of the training form against the fused form: torch eager (NCHW and
-    channels_last) and ONNX Runtime when installed, median of --repeat runs, in one process.
+    channels_last) and ONNX Runtime when installed; median of --repeat runs, the two forms
+    timed alternately in one process so that both see the same machine load.
 
     Takes the same model options as `repfuse convert`; the fused model is verified first.
 

@@ -27,16 +27,21 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int | None:
 
 
 @torch.inference_mode()
-def latency_ms(fn, x, *, repeat: int = 20, warmup: int = 3, budget_s: float = 20.0) -> float:
-    """Median wall time of ``fn(x)`` in milliseconds (stops early after ``budget_s``)."""
+def paired_latency_ms(fn_a, x_a, fn_b, x_b, *, repeat: int = 20, warmup: int = 3,
+                      budget_s: float = 30.0) -> tuple[float, float]:
+    """Median wall times (ms) of ``fn_a(x_a)`` and ``fn_b(x_b)``, measured alternately (a, b,
+    b, a, ...) so that both see the same machine load; stops early after ``budget_s``."""
     for _ in range(warmup):
-        fn(x)
-    times = []
+        fn_a(x_a)
+        fn_b(x_b)
+    times_a, times_b = [], []
     start = time.perf_counter()
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
+    for i in range(max(1, repeat)):
+        order = ((fn_a, x_a, times_a), (fn_b, x_b, times_b))
+        for fn, x, out in (order if i % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            fn(x)
+            out.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > budget_s and len(times_a) >= 3:
             break
-    return statistics.median(times)
+    return statistics.median(times_a), statistics.median(times_b)

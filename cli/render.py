@@ -67,7 +67,8 @@ def regions_table(report, *, title: str = "Regions", checked: bool = True) -> Ta
     skipped = any(r.status != "fused" for r in report.regions)
     last_title = ("max abs err / reason" if skipped else "max abs err") if checked \
         else "left alone because"
-    table.add_column(last_title, overflow="fold", ratio=1 if skipped else None)
+    if checked or skipped:
+        table.add_column(last_title, overflow="fold", ratio=1 if skipped else None)
     for r in report.regions:
         params = f"{human(r.params_before)} -> {human(r.params_after)}"
         if r.status == "fused":
@@ -77,7 +78,8 @@ def regions_table(report, *, title: str = "Regions", checked: bool = True) -> Ta
         else:
             last = f"[yellow]left alone:[/yellow] {r.reason}" if checked else r.reason
             becomes, params = "-", ""
-        table.add_row(r.path or "(model)", compact_branches(r.branches), becomes, params, last)
+        cells = [r.path or "(model)", compact_branches(r.branches), becomes, params, last]
+        table.add_row(*cells[:len(table.columns)])
     return table
 
 

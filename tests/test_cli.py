@@ -314,3 +314,13 @@ def test_bench_plot(train_onnx, tmp_path):
 def test_bench_plot_refuses_non_png(train_onnx, tmp_path):
     pytest.importorskip("matplotlib")
     one_error(run("bench", train_onnx, "--plot", tmp_path / "b.jpg"), 2, ".png")
+
+
+def test_paired_latency_alternates():
+    from repfuse.cli.measure import paired_latency_ms
+
+    calls = []
+    a, b = paired_latency_ms(lambda x: calls.append(("a", x)), 1, lambda x: calls.append(("b", x)),
+                             2, repeat=3, warmup=1)
+    assert [c[0] for c in calls] == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert a >= 0 and b >= 0
