@@ -45,7 +45,7 @@ def measure(fn, peer, budget: float) -> tuple[list[float], list[float]]:
     seconds in all."""
     fn(), peer()  # warm up
     first = _timed(fn) + _timed(peer)
-    reps = max(3, min(25, int(budget / max(first, 1e-6))))
+    reps = max(7, min(25, int(budget / max(first, 1e-6))))
     a, b = [], []
     for _ in range(reps):
         a.append(_timed(fn))
