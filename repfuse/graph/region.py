@@ -32,7 +32,7 @@ from torch import Tensor
 
 from repfuse import algebra as A
 from repfuse.core.spec import ConvSpec, Pad4, Pair
-from repfuse.errors import NotFusable
+from repfuse.errors import InputError, NotFusable
 
 
 @dataclass(eq=False)
@@ -272,11 +272,25 @@ def _reduce_node(node: Node, args: list, dtype, device):
     raise NotFusable(f"{type(node).__name__} is not a linear region node")
 
 
+def _check_materialized(expr: Node) -> None:
+    """Refuse tensors without values (``meta`` device): nothing exact can be computed."""
+    for node in _walk(expr):
+        for t in vars(node).values():
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                raise InputError(
+                    f"{_label(node)} holds a tensor on the 'meta' device, which has no "
+                    "values; materialize the model first (model.to_empty(device='cpu') "
+                    "and load_state_dict) and fuse again")
+
+
 def reduce(expr: Node):
     """The region as one ``AffineConv`` (float64, differentiable in the node tensors).
 
-    Raises ``NotFusable`` naming the node whose operation would not be exact."""
+    Raises ``NotFusable`` naming the node whose operation would not be exact or whose
+    values make the fused kernel NaN or infinite, and ``InputError`` for tensors without
+    values (``meta`` device)."""
 
+    _check_materialized(expr)
     dtype, device = _region_dtype_device(expr)
     memo: dict[int, object] = {}
     for node in _walk(expr):
@@ -293,7 +307,27 @@ def reduce(expr: Node):
             new = NotFusable(f"{_label(node)}: {err}")
             new.node = node  # type: ignore[attr-defined]
             raise new from err
-    return _affine(memo[id(expr)])
+    out = _affine(memo[id(expr)])
+    if not _finite(out):
+        culprit = next((n for n in _walk(expr) if not _finite(memo[id(n)])), expr)
+        err = NotFusable(f"{_label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
+                         "parameters, running_var + eps <= 0, or a division by zero); fix "
+                         "the weights or leave the region unfused")
+        err.node = culprit  # type: ignore[attr-defined]
+        raise err
+    return out
+
+
+def _finite(value) -> bool:
+    """Whether a reduced value (identity, lazy conv or AffineConv) has finite entries."""
+    if isinstance(value, _Identity):
+        return True
+    if isinstance(value, _LazyConv):
+        tensors = (value.node.weight, value.node.bias)
+    else:
+        tensors = (value.weight, value.bias)
+    with torch.no_grad():
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 # ---------------------------------------------------------------------------- evaluate
