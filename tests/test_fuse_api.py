@@ -309,3 +309,28 @@ def test_module_unpacking_a_tuple_is_traced_through():
     assert count_convs(result.model) == 1 and result.report.ok
     with torch.no_grad():
         assert close(result.model(x), model(x))
+
+
+class DepthwiseThenExpand(nn.Module):
+    """A depthwise 7x7 + BN followed by a dense 1x1 expansion (FastViT's conv MLP)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = conv_bn(c, c, 7, groups=c)
+        self.fc1 = nn.Conv2d(c, 4 * c, 1)
+
+    def forward(self, x):
+        return F.gelu(self.fc1(self.dw(x)))
+
+
+def test_region_that_would_grow_is_split():
+    model = randomize_bn(DepthwiseThenExpand()).double().eval()
+    x = x64(1, 8, 12, 12)
+    result = repfuse.fuse(model, x)
+    (skipped,) = result.report.skipped
+    assert "multiply the parameters" in skipped.reason
+    assert [r.branches for r in result.report.fused] == [["conv7x7 dw+bn"]]
+    assert isinstance(result.model.fc1, nn.Conv2d) and result.model.fc1.kernel_size == (1, 1)
+    assert result.report.params_after < result.report.params_before
+    with torch.no_grad():
+        assert close(result.model(x), model(x))

@@ -36,6 +36,10 @@ from repfuse.report import RegionReport
 
 log = logging.getLogger(__name__)
 
+#: A region whose fused conv would have more than this many times the parameters of its
+#: branches (a depthwise kxk followed by a dense 1x1, say) is left as it is.
+GROWTH_LIMIT = 4
+
 
 @dataclass(eq=False)
 class FusedRegion:
@@ -241,12 +245,23 @@ class Fuser:
                     try:
                         with torch.no_grad():  # the proofs differentiate their own copy
                             affine = rg.reduce(expr)
+                        before = rg.count_params(expr)
+                        after = affine.weight.numel() + affine.bias.numel()
+                        if after > GROWTH_LIMIT * max(before, 1):
+                            growth = after / max(before, 1)
+                            raise NotFusable(
+                                f"fusing would multiply the parameters by {growth:.1f} "
+                                f"({before} -> {after}): more compute than the training form")
+                        with torch.no_grad():
                             tried[key] = (affine, affine.to_module())
                     except (NotFusable, ValueError) as err:
                         tried[key] = err
                 result = tried[key]
                 if isinstance(result, Exception):
-                    self._report_skip(where, expr, str(result))
+                    kinds = [r.ops[n].kind for n in r.nodes]
+                    if kinds.count("module") != 1 or set(kinds) - {"module", "pass"}:
+                        # (a lone submodule call reports itself when it is fused alone)
+                        self._report_skip(where, expr, str(result))
                     geometric = {n for n in r.nodes if r.ops[n].kind in ("avgpool", "pad")}
                     barriers |= geometric or {r.output}
                     restart = True
