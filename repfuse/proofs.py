@@ -49,6 +49,20 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.bfloat16: Tolerance(atol=1e-2, rtol=5e-2),
 }
 
+#: Whole-model input gradients below float64: the largest relative L2 error
+#: ||candidate - reference|| / ||reference|| accepted when the elementwise criterion
+#: fails. The input gradient of a ReLU network is discontinuous: rounding differences of
+#: the order of the output tolerance flip the few units whose pre-activation lies within
+#: rounding of zero, which changes single gradient entries by O(1) (measured on repvgg_b3
+#: and mobileone_s0 at 224x224 in float32: 0.2-0.5% relative L2, up to 2% elementwise,
+#: the same as the training form in float32 against itself in float64). Detached inputs,
+#: missing branches or wrong backward passes give errors of order 1 and still fail.
+GRAD_L2_RTOL: dict[torch.dtype, float] = {
+    torch.float32: 5e-2,
+    torch.float16: 2e-1,
+    torch.bfloat16: 3e-1,
+}
+
 _PRECISION_ORDER = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 #: Seed of the random upstream gradients and probe inputs (proofs are reproducible).
@@ -148,6 +162,29 @@ def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
     return Check(name, max_abs, max_rel, t.atol, t.rtol, ok, detail)
 
 
+def compare_grad(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
+    """``compare`` for whole-model input gradients: below float64 (and with ``tol``
+    None) a check that fails elementwise still passes when the relative L2 error is at
+    most ``GRAD_L2_RTOL`` of the dtype; the detail then says so and gives the figure."""
+    check = compare(name, reference, candidate, tol)
+    dtype = least_precise(reference.dtype, candidate.dtype)
+    if check.ok or tol is not None or dtype not in GRAD_L2_RTOL \
+            or tuple(reference.shape) != tuple(candidate.shape):
+        return check
+    a = reference.detach().to(torch.float64)
+    b = candidate.detach().to(a.device, torch.float64)
+    norm = float(a.norm())
+    l2 = float((a - b).norm()) / max(norm, torch.finfo(torch.float64).tiny)
+    if math.isfinite(l2) and l2 <= GRAD_L2_RTOL[dtype]:
+        check.ok = True
+        check.detail = (f"passed on relative L2 error {l2:.3g} <= {GRAD_L2_RTOL[dtype]:g} "
+                        f"({dtype}: isolated ReLU-kink flips under rounding); "
+                        f"elementwise: {check.detail}")
+    else:
+        check.detail = f"relative L2 error {l2:.3g}; {check.detail}".rstrip("; ")
+    return check
+
+
 def failed(name: str, detail: str, tol: Tolerance | None = None) -> Check:
     """A check that could not be computed (structure mismatch, exception): not ok."""
     t = tol or Tolerance(0.0, 0.0)
@@ -232,7 +269,8 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     respect to every floating input for one random upstream gradient (seeded, the same
     for both models) through autograd. A candidate whose output does not depend on an
     input through autograd (e.g. it detaches it) gets a zero gradient there and fails.
-    ``tol`` as in ``tolerance``; by default from the table by dtype.
+    ``tol`` as in ``tolerance``; by default from the table by dtype, and below float64
+    input gradients may instead pass on their relative L2 error (``compare_grad``).
     """
     args = as_input_tuple(example_inputs)
     report = VerifyReport()
@@ -282,7 +320,8 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
     for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
         rg = torch.zeros_like(leaf) if rg is None else rg
-        check = compare(f"grad {name}", rg, torch.zeros_like(leaf) if cg is None else cg, tol)
+        check = compare_grad(f"grad {name}", rg, torch.zeros_like(leaf) if cg is None else cg,
+                             tol)
         if cg is None:
             check.detail = (f"candidate's outputs do not depend on {name} through autograd; "
                             + check.detail).rstrip("; ")
