@@ -42,6 +42,9 @@ def _torch_pad(padding) -> tuple[int, int, int, int]:
     return (l, r, t, b)
 
 
+_CHUNK = 1 << 20  # elements per step of cast_error
+
+
 @dataclass(eq=False)
 class AffineConv:
     """y = conv(x, weight, spec) + bias, with weight (O, I/g, KH, KW) and bias (O,) in float64."""
@@ -151,9 +154,11 @@ class AffineConv:
             if self.dtype != WORK_DTYPE:
                 with torch.no_grad():
                     for t, c in zip((self.weight.detach(), self.bias.detach()), self.cast()):
-                        if t.numel():
-                            diff = torch.linalg.vector_norm(t - c, float("inf"))
-                            err = max(err, float(diff))
+                        # in chunks: no float64 temporary the size of a large weight
+                        t, c = t.reshape(-1), c.reshape(-1)
+                        for start in range(0, t.numel(), _CHUNK):
+                            diff = (t[start:start + _CHUNK] - c[start:start + _CHUNK]).abs_()
+                            err = max(err, float(diff.max()))
             self.__dict__["_cast_error"] = err
         return err
 

@@ -7,7 +7,15 @@ import math
 import torch
 
 from repfuse.algebra.affine import AffineConv, promote_dtypes
-from repfuse.algebra.embed import align, common_geometry, embed_kernel, regroup, scatter_index
+from repfuse.algebra.embed import (
+    align,
+    check_embeddable,
+    common_geometry,
+    embed_kernel,
+    regroup,
+    scatter_index,
+    tap_index,
+)
 from repfuse.algebra.scaling import negate
 from repfuse.errors import NotFusable
 
@@ -39,15 +47,31 @@ def add(*convs: AffineConv) -> AffineConv:
     for k, c in enumerate(convs):
         if k == base:
             continue
-        index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
-        values = c.weight
         if weight is None:
-            weight = first.weight.index_put(index, values, accumulate=True)
+            weight = first.weight.clone()
+        taps = _tap_slices(c.spec, target) if c.spec.groups == groups else None
+        if taps is not None:  # same groups, taps on a regular grid: a strided slice add
+            weight[:, :, taps[0], taps[1]] += c.weight
         else:
-            weight.index_put_(index, values, accumulate=True)
+            index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
+            weight.index_put_(index, c.weight, accumulate=True)
         bias = bias + c.bias
     return first.replace(weight=weight, bias=bias,
                          dtype=promote_dtypes(*(c.dtype for c in convs)))
+
+
+def _tap_slices(src, target) -> tuple[slice, slice] | None:
+    """Slices of ``target``'s kernel axes holding ``src``'s taps, when they lie on a regular
+    grid (always for one tap, or a dilated kernel embedded into a finer one)."""
+    check_embeddable(src, target)
+    out = []
+    for axis in range(2):
+        idx = tap_index(src, target, axis)
+        step = idx[1] - idx[0] if len(idx) > 1 else 1
+        if step < 1 or idx != list(range(idx[0], idx[0] + step * len(idx), step)):
+            return None
+        out.append(slice(idx[0], idx[-1] + 1, step))
+    return out[0], out[1]
 
 
 def subtract(left: AffineConv, right: AffineConv) -> AffineConv:

@@ -327,7 +327,8 @@ def _finite(value) -> bool:
     else:
         tensors = (value.weight, value.bias)
     with torch.no_grad():
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
+        # a NaN or Inf entry makes the sum non-finite (float64 sums of weights do not overflow)
+        return all(bool(torch.isfinite(t.sum())) for t in tensors if t is not None)
 
 
 # ---------------------------------------------------------------------------- evaluate
