@@ -51,10 +51,18 @@ def _writer(fmt: str, source, result, x, *, check: bool, tol):
 def _verified_text(report) -> str:
     if not report.verified:
         return "not verified (--no-verify)"
-    errs = [r.max_abs_err for r in report.fused]
-    if report.model_checks is not None:
-        errs += [c.max_abs for c in report.model_checks.checks]
-    return f"verified, max abs err {sci(max(errs))}" if errs else "verified"
+    checks = report.model_checks.checks if report.model_checks is not None else []
+    grads = [c for c in checks if c.name.startswith("grad")]
+    outs = [r.max_abs_err for r in report.fused]
+    outs += [c.max_abs for c in checks if not c.name.startswith("grad")]
+    parts = [f"outputs max abs err {sci(max(outs))}"] if outs else []
+    if grads:
+        worst = max(grads, key=lambda c: c.max_rel)
+        text = f"input gradients max rel err {sci(worst.max_rel)}"
+        if worst.detail.startswith("passed on"):
+            text += f" ({worst.detail.split(' (')[0]})"
+        parts.append(text)
+    return "verified: " + "; ".join(parts) if parts else "verified"
 
 
 @click.command()

@@ -145,6 +145,6 @@ def verify(ctx, reference, candidate, ref_weights, cand_weights, trust_pickle, i
                                "report": report.to_dict()}, inputs=inputs)
     if not report.ok:
         raise Failure(f"{candidate} differs from {reference}: {failure_summary(report)}", 1)
-    worst = max((c.max_abs for c in report.checks), default=0.0)
-    out.print(f"[green]equivalent[/green]: {len(report.checks)} check(s) passed, "
-              f"max abs err {worst:.2e}")
+    worst = max(report.checks, key=lambda c: c.max_rel, default=None)
+    figure = f", worst max rel err {worst.max_rel:.2e} ({worst.name})" if worst else ""
+    out.print(f"[green]equivalent[/green]: {len(report.checks)} check(s) passed{figure}")
