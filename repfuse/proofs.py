@@ -133,8 +133,9 @@ def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
     if a.numel() == 0:
         return Check(name, 0.0, 0.0, t.atol, t.rtol, True, "empty")
     detail = ""
-    max_abs = float((a - b).abs().max())
-    scale = float(a.abs().max())
+    max_abs = float(torch.linalg.vector_norm(a - b, float("inf")))
+    lo, hi = torch.aminmax(a)
+    scale = max(-float(lo), float(hi))
     if not (math.isfinite(max_abs) and math.isfinite(scale)):   # rare: inspect non-finites
         finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
         same_nonfinite = (a == b) | (torch.isnan(a) & torch.isnan(b))
