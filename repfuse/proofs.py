@@ -220,8 +220,11 @@ def as_input_tuple(example_inputs) -> tuple:
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put every module of ``models`` in eval mode; restore each one's flag afterwards."""
+    """Put every module of ``models`` in eval mode; restore each one's flag afterwards, and
+    the values of its buffers (a forward may update them, e.g. ``F.batch_norm`` with
+    ``training=True``)."""
     saved = [(m, m.training) for model in models for m in model.modules()]
+    buffers = {id(b): (b, b.detach().clone()) for model in models for b in model.buffers()}
     try:
         for model in models:
             model.eval()
@@ -229,6 +232,9 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, training in saved:
             m.training = training
+        with torch.no_grad():
+            for b, value in buffers.values():
+                b.copy_(value)
 
 
 def _run(model: nn.Module, args: tuple, grads: bool):

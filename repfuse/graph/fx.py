@@ -40,9 +40,10 @@ class FuseResult:
 
 # ---------------------------------------------------------------------- copying
 def _share_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
-    """A copy of the module tree that shares the parameters and buffers of ``model``."""
+    """A copy of the module tree that shares the parameters of ``model`` (never written)
+    and has its own buffers: running the copy may update buffers (``F.batch_norm`` with
+    ``training=True``), which must not reach the input model."""
     tensors = {id(t): t for t in model.parameters()}
-    tensors.update({id(t): t for t in model.buffers()})
     memo = dict(tensors)
     return copy.deepcopy(model, memo), tensors
 

@@ -28,10 +28,11 @@ from repfuse.graph.fx_rewrite import (
     build_graph_module,
     drop_dead,
     drop_noops,
+    keep_hooks,
     replace_region,
     unique_name,
 )
-from repfuse.graph.fx_trace import CAPTURE, META, ModuleGraph
+from repfuse.graph.fx_trace import CAPTURE, META, ModuleGraph, hook_reason
 from repfuse.report import RegionReport
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,10 @@ class Fuser:
 
     # ------------------------------------------------------------------ helpers
     def shared(self, m: nn.Module) -> str:
+        """Why ``m`` must not be fused away: used more than once, or hooked."""
+        hooked = hook_reason(m, self.paths.get(id(m), ""))
+        if hooked:
+            return hooked
         n_paths, n_calls = self.path_counts[id(m)], self.calls[id(m)]
         if n_paths > 1 or n_calls > 1:
             path = self.paths.get(id(m), type(m).__name__)
@@ -127,11 +132,12 @@ class Fuser:
         if not self.plain.get(id(mg.module), False):
             return None
         an = self.analyze(mg)
+        hooked = hook_reason(mg.module, mg.path)
         if an.passthrough:
             def passthrough(inp):
                 if tensor_meta(inp) is None:
                     return None
-                return LinearOp("pass", [inp], lambda xs: xs[0])
+                return LinearOp("pass", [inp], lambda xs: xs[0], hooked)
             return passthrough
         if an.pure is None:
             return None
@@ -141,7 +147,8 @@ class Fuser:
             meta = tensor_meta(inp)
             if meta is None or meta[0] != tensor_meta(region.input)[0]:
                 return None
-            return LinearOp("module", [inp], lambda xs: region.build(xs[0]), region.blocked)
+            return LinearOp("module", [inp], lambda xs: region.build(xs[0]),
+                            region.blocked or hooked)
         return make
 
     def analyze(self, mg: ModuleGraph) -> _Analysis:
@@ -323,6 +330,7 @@ class Fuser:
         drop_noops(graph, module)
         drop_dead(graph)
         gm = build_graph_module(module, graph, new_modules, _resolve)
+        keep_hooks(module, gm)
         self.replaced[id(module)] = gm
 
     def _record(self, path: str, r: Region, expr, affine) -> None:

@@ -81,6 +81,24 @@ class Region:
         return all(self.ops[n].kind == "pass" for n in self.nodes)
 
 
+#: Ops whose result may share memory with their first argument.
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "expand_as", "as_strided",
+    "t", "T", "mT", "detach", "contiguous", "split", "chunk", "unbind", "movedim",
+    "swapaxes", "swapdims", "diagonal", "unfold", "view_as_real", "real", "imag",
+    "__getitem__"})
+
+
+def view_base(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` may be a view of (conservatively), or None."""
+    if node.op not in ("call_method", "call_function") or not node.args \
+            or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.args[0] if name in _VIEW_METHODS or name == "getitem" else None
+
+
 def real_users(node: fx.Node, ign: set[fx.Node]) -> list[fx.Node]:
     return [u for u in node.users if u not in ign]
 
@@ -94,8 +112,10 @@ def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx
     linear = set()
     for n in order:
         target = inplace_target(n, module)
-        if target is not None:
-            mutators.setdefault(target, []).append(n)
+        base = target
+        while base is not None:  # writing through a view writes its base too
+            mutators.setdefault(base, []).append(n)
+            base = view_base(base)
         if n in ops and n not in barriers:
             if target is not None and (target.op == "placeholder"
                                        or len(real_users(target, ign)) != 1):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as rg
+from repfuse.graph.fx_trace import hook_reason
 from repfuse.graph.fx_values import (
     ARITH,
     DROPOUT_FUNCS,
@@ -104,6 +105,8 @@ def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
     if len(node.args) != 1 or node.kwargs:
         return None
     inp = node.args[0]
+    if hook_reason(m) and id(m) not in ctx.summaries:
+        return None  # kept as it is: fx would drop its hooks
     if type(m) in PASS_MODULES:
         return _passthrough(node, inp, label)
     if type(m) is nn.AvgPool2d:

@@ -12,6 +12,8 @@ graph still calls, so nothing of the training form remains in the hot path.
 
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 from torch import nn
 
@@ -86,6 +88,18 @@ class NamedGraphModule(fx.GraphModule):
         res = super().__deepcopy__(memo)
         res.__class__.__name__ = type(self).__name__
         return res
+
+
+_HOOK_STORES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                "_backward_pre_hooks", "_is_full_backward_hook")
+
+
+def keep_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` (the rewritten ``src``) the hooks registered on ``src``: its inputs and
+    outputs are those of ``src``, so the hooks see what they saw before."""
+    for name, value in vars(src).items():
+        if name.startswith(_HOOK_STORES) and value:
+            setattr(dst, name, copy.copy(value))
 
 
 def build_graph_module(module: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Module],

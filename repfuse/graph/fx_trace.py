@@ -41,6 +41,24 @@ def is_torch_leaf(module: nn.Module) -> bool:
         and not isinstance(module, _CONTAINERS)
 
 
+def hook_reason(module: nn.Module, path: str = "") -> str:
+    """Why ``module`` must be kept as it is: fx never runs hooks, so fusing it (or tracing
+    through it) would drop its forward / pre-forward / backward hooks. Empty if none."""
+    from torch.nn.modules import module as torch_module
+
+    kinds = [kind for kind, store in (
+        ("forward", module._forward_hooks), ("forward pre-", module._forward_pre_hooks),
+        ("backward", module._backward_hooks),
+        ("backward pre-", getattr(module, "_backward_pre_hooks", {})),
+        ("global forward", torch_module._global_forward_hooks),
+        ("global forward pre-", torch_module._global_forward_pre_hooks)) if store]
+    if not kinds:
+        return ""
+    name = path or type(module).__name__
+    return (f"module {name} has {' and '.join(kinds)} hooks, which fusion would drop "
+            "(remove the hooks before fusing)")
+
+
 @dataclass(eq=False)
 class ModuleGraph:
     """The traced graph of one module (``graph`` is None when it could not be traced)."""
@@ -134,7 +152,7 @@ class _NestedTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         fr = self.stack[-1]
-        if fr.flat and not is_torch_leaf(m):
+        if fr.flat and not is_torch_leaf(m) and not hook_reason(m):
             return forward(*args, **kwargs)
         rel = fr.names.get(id(m))
         if rel is None:
