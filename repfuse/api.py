@@ -14,9 +14,9 @@ def fuse(model, example_inputs, *, verify=True, inplace=False, tol=None):
     ``model`` is not modified unless ``inplace=True``; a model in training mode is fused
     as its eval-mode function. ``tol``: as in ``repfuse.proofs.tolerance``.
     """
-    from repfuse.graph.fx import fuse_module
+    from repfuse.torch_fuse import fuse_torch_model
 
-    return fuse_module(model, example_inputs, verify=verify, inplace=inplace, tol=tol)
+    return fuse_torch_model(model, example_inputs, verify=verify, inplace=inplace, tol=tol)
 
 
 def fuse_onnx(model, *, verify=True, tol=None):

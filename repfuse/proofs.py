@@ -232,9 +232,10 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, training in saved:
             m.training = training
-        with torch.no_grad():
+        with torch.no_grad():  # only the changed ones: a copy bumps autograd's version
             for b, value in buffers.values():
-                b.copy_(value)
+                if not torch.equal(b, value):
+                    b.copy_(value)
 
 
 def _run(model: nn.Module, args: tuple, grads: bool):

@@ -12,13 +12,14 @@
    caller, so a region spanning several modules is fused in the smallest module that
    contains it; each region is reduced (``region.reduce``) and written back
    (``fx_rewrite``); regions that cannot be fused exactly are left alone and split;
-4. optionally prove every fused region and the whole model (``repfuse.proofs``).
+4. with ``verify``, capture each region's real input activation, so that the layer
+   above (``repfuse.torch_fuse``) can prove every fused region and the whole model.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -36,6 +37,9 @@ class FuseResult:
 
     model: nn.Module
     report: FuseReport
+    #: the fused regions with their expressions, kernels and captured activations, for
+    #: the proofs (``repfuse.torch_fuse``); emptied once they have run
+    regions: list[FusedRegion] = field(default_factory=list, repr=False)
 
 
 # ---------------------------------------------------------------------- copying
@@ -85,8 +89,9 @@ def _capture(node: fx.Node) -> bool:
 
 # ---------------------------------------------------------------------- entry point
 def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
-                inplace: bool = False, tol=None) -> FuseResult:
-    """Fuse every linear region of ``model``; see ``repfuse.fuse``."""
+                inplace: bool = False) -> FuseResult:
+    """Fuse every linear region of ``model`` (see ``repfuse.fuse``); with ``verify`` the
+    regions' input activations are captured for the proofs, which run a layer above."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _args(example_inputs)
@@ -121,29 +126,4 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     report.params_after = _count(fused)
     if not report.fused:
         report.notes.append("no fusable linear regions found; the model is unchanged")
-    if verify:
-        _verify(report, fuser.fused, model, fused, args, tol)
-    for r in fuser.fused:
-        r.activation = None
-    return FuseResult(fused, report)
-
-
-def _verify(report: FuseReport, fused_regions: list[FusedRegion], model: nn.Module,
-            fused: nn.Module, args: tuple, tol) -> None:
-    from repfuse.proofs import prove_region, verify_models
-
-    for f in fused_regions:
-        proofs = prove_region(f.expr, f.affine, f.activation, tol=tol)
-        f.report.proofs = proofs
-        outs = [c for c in proofs.checks if c.name.startswith("output")] or proofs.checks
-        if outs:
-            f.report.max_abs_err = max(c.max_abs for c in outs)
-            f.report.max_rel_err = max(c.max_rel for c in outs)
-    try:
-        report.model_checks = verify_models(model, fused, args, grads=True, tol=tol)
-    except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
-        report.model_checks = verify_models(model, fused, args, grads=False, tol=tol)
-        first = str(err).splitlines()[0][:200]
-        report.model_checks.notes.append(f"input gradients not compared: the model's "
-                                         f"backward fails ({first})")
-    report.verified = True
+    return FuseResult(fused, report, fuser.fused)

@@ -1,0 +1,48 @@
+"""``fuse`` for torch models: the fx front end fuses, then every fused region and the
+whole model are proven (``repfuse.proofs``).
+
+This orchestration sits above both ``repfuse.graph`` and ``repfuse.proofs`` (as
+``repfuse.onnx_fuse`` does for ONNX), so the graph layer never imports the proofs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from repfuse.graph.fx import FuseResult, fuse_module
+from repfuse.proofs import prove_region, verify_models
+
+
+def fuse_torch_model(model: nn.Module, example_inputs, *, verify: bool = True,
+                     inplace: bool = False, tol=None) -> FuseResult:
+    """Fuse ``model`` (see ``repfuse.fuse``) and, with ``verify``, prove the result."""
+    result = fuse_module(model, example_inputs, verify=verify, inplace=inplace)
+    try:
+        if verify:
+            args = example_inputs if isinstance(example_inputs, (tuple, list)) \
+                else (example_inputs,)
+            _prove(result, model, tuple(args), tol)
+    finally:
+        for region in result.regions:
+            region.activation = None
+        result.regions = []
+    return result
+
+
+def _prove(result: FuseResult, model: nn.Module, args: tuple, tol) -> None:
+    report = result.report
+    for f in result.regions:
+        proofs = prove_region(f.expr, f.affine, f.activation, tol=tol)
+        f.report.proofs = proofs
+        outs = [c for c in proofs.checks if c.name.startswith("output")] or proofs.checks
+        if outs:
+            f.report.max_abs_err = max(c.max_abs for c in outs)
+            f.report.max_rel_err = max(c.max_rel for c in outs)
+    try:
+        report.model_checks = verify_models(model, result.model, args, grads=True, tol=tol)
+    except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
+        report.model_checks = verify_models(model, result.model, args, grads=False, tol=tol)
+        first = str(err).splitlines()[0][:200]
+        report.model_checks.notes.append(f"input gradients not compared: the model's "
+                                         f"backward fails ({first})")
+    report.verified = True
