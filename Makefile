@@ -28,7 +28,7 @@ fuzz: $(STAMP_TEST)
 	REPFUSE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 bench: $(STAMP_TEST)
-	MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 $(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/core.py
 
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check .

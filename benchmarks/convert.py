@@ -5,8 +5,7 @@ For each timm model: the median wall time of ``timm.utils.reparameterize_model``
 ``repfuse.fuse(verify=True)`` (per-region proofs and whole-model outputs and input
 gradients), and the inference time of repfuse's fused model vs timm's deploy form.
 
-    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
-        .venv/bin/python benchmarks/convert.py [--models repvgg_b3,repvgg_a0,mobileone_s0]
+    .venv/bin/python benchmarks/convert.py [--models repvgg_b3,repvgg_a0,mobileone_s0]
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import time
 import timm
 import torch
 import torch.nn as nn
+from repfuse.cli.allocator import keep_freed_memory
 
 import repfuse
 
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, "
           f"example input 1x3x{args.size}x{args.size}, median of {args.repeats}")
     header = (f"{'model':14} {'params':>8} {'timm s':>8} {'fuse s':>8} {'ratio':>6} "

@@ -12,8 +12,8 @@ fastest calls (less sensitive to other processes on the machine). Targets:
   weight gradient.
 * ``grouped`` weight gradient: no target (shown for comparison).
 
-Run with ``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (glibc
-otherwise returns large buffers to the OS on every call).
+glibc is told to keep freed buffers (``repfuse.cli.allocator``; otherwise it returns
+large buffers to the OS on every call); ``REPFUSE_SYSTEM_MALLOC=1`` keeps its defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from repfuse.cli.allocator import keep_freed_memory
 from rich.console import Console
 from rich.table import Table
 
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
                         help="run only rows whose kernel name contains this text")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
     table = Table(title=f"repfuse core vs torch native: N={N} C=O={C} {HW}x{HW} {K}x{K} "
                         f"pad 1 fp32, {args.threads} threads")
     for col in ("kernel", "algorithm", "repfuse ms", "native ms", "ratio", "best ratio",

@@ -6,8 +6,7 @@ process with onnxruntime (CPU, 2 intra-op threads, default graph optimizations),
 interleaved; the median and minimum latency per batch size are printed with the ratios
 (on a shared machine the minimum is the better estimate of the unloaded latency).
 
-    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
-        .venv/bin/python benchmarks/onnx.py [--arch repvgg_a0 mobileone_s0] [--size 224]
+    .venv/bin/python benchmarks/onnx.py [--arch repvgg_a0 mobileone_s0] [--size 224]
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
+from repfuse.cli.allocator import keep_freed_memory  # noqa: E402
 
 import repfuse  # noqa: E402
 from repfuse.onnx_io import ort_session  # noqa: E402
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
 
     print(f"onnxruntime CPU, {args.threads} threads, default graph optimizations, "
           f"input {args.size}x{args.size}, median of {args.repeats}")

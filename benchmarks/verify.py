@@ -13,11 +13,11 @@ For each model (default: repvgg_a0, repvgg_b3 from ``repfuse.models``; timm's wh
   training form against the fused model with input gradients).
 
 Prints median times (the five measurements interleaved, one of each per round) and
-the ratio of verification to one training step (target: at most 3x). Run with the
-allocator settings below, e.g.::
+the ratio of verification to one training step (target: at most 3x). glibc is told to
+keep freed buffers, as the ``repfuse`` command does (``repfuse.cli.allocator``;
+``REPFUSE_SYSTEM_MALLOC=1`` keeps its defaults). Run e.g.::
 
-    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
-        .venv/bin/python benchmarks/verify.py --threads 2
+    .venv/bin/python benchmarks/verify.py --threads 2
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from repfuse.cli.allocator import keep_freed_memory
 from torch import nn
 
 from repfuse.core.spec import ConvSpec
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--timm", action="store_true", help="timm's models instead of ours")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
     print(f"input {args.batch}x3x{args.size}x{args.size}, {args.threads} threads, "
           f"median of {args.repeats}")
     print(f"{'model':<12} {'train step':>11} {'fuse':>9} {'fuse+verify':>12} {'verify':>9} "

@@ -138,6 +138,9 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    from repfuse.cli.allocator import keep_freed_memory
+
+    keep_freed_memory()
     cli.main(args=argv, prog_name="repfuse")
 
 
