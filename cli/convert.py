@@ -13,7 +13,8 @@ from repfuse.cli.render import (
     consoles,
     failure_summary,
     ops_table,
-    regions_table,
+    region_counts,
+    region_tables,
     sci,
     status,
     summary_table,
@@ -128,7 +129,8 @@ def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
             "format": fmt, "notes": source.notes, "figures": figures_dict(rows),
             "written": False, "report": report.to_dict()}
 
-    out.print(regions_table(report, title=f"{source.label}: regions", checked=not no_verify))
+    for table in region_tables(report, title=source.label, checked=not no_verify):
+        out.print(table)
     if source.kind == "onnx" and (report.ops_before or report.ops_after):
         out.print(ops_table(report.ops_before, report.ops_after))
     out.print(summary_table(rows))
@@ -148,6 +150,5 @@ def convert(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
     if json_path:
         write_json(json_path, data, inputs=inputs + [path])
     params = next((a for n, _, a in rows if n == "parameters"), None)
-    fused, skipped = len(report.fused), len(report.skipped)
-    out.print(f"wrote {Path(path)} ({OUTPUT_FORMATS[fmt]}; {fused} region(s) fused, "
-              f"{skipped} left alone; {params:,} parameters; {_verified_text(report)})")
+    out.print(f"wrote {Path(path)} ({OUTPUT_FORMATS[fmt]}; {region_counts(report)}; "
+              f"{params:,} parameters; {_verified_text(report)})")

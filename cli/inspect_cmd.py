@@ -9,7 +9,8 @@ from repfuse.cli.pipeline import figures, figures_dict, fuse_source
 from repfuse.cli.render import (
     consoles,
     ops_table,
-    regions_table,
+    region_counts,
+    region_tables,
     status,
     summary_table,
     write_json,
@@ -52,13 +53,14 @@ def inspect(ctx, model_file, arch, factory, timm_name, weights, trust_pickle, in
     report = result.report
     rows = figures(source, result, x)
 
-    out.print(regions_table(report, title=f"{source.label}: regions", checked=False))
+    for table in region_tables(report, title=source.label, checked=False):
+        out.print(table)
     if source.kind == "onnx" and (report.ops_before or report.ops_after):
         out.print(ops_table(report.ops_before, report.ops_after))
     out.print(summary_table(rows))
     for note in report.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
-    out.print(f"{len(report.fused)} region(s) would be fused, {len(report.skipped)} left alone "
+    out.print(f"{region_counts(report, 'would be fused')} "
               f"(input shape {','.join(map(str, source.input_shape))})")
     if json_path:
         write_json(json_path, {"command": "inspect", "model": source.label, "kind": source.kind,

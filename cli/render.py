@@ -57,30 +57,45 @@ def compact_branches(branches: list[str]) -> str:
     return " + ".join(f"{n}x {b}" if n > 1 else b for b, n in counts.items())
 
 
-def regions_table(report, *, title: str = "Regions", checked: bool = True) -> Table:
-    """One row per region: where, what branches, what it became, params, error or reason."""
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("region", no_wrap=True)
-    table.add_column("branches", overflow="fold", ratio=1)
-    table.add_column("becomes", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    skipped = any(r.status != "fused" for r in report.regions)
-    last_title = ("max abs err / reason" if skipped else "max abs err") if checked \
-        else "left alone because"
-    if checked or skipped:
-        table.add_column(last_title, overflow="fold", ratio=1 if skipped else None)
-    for r in report.regions:
-        params = f"{human(r.params_before)} -> {human(r.params_after)}"
-        if r.status == "fused":
-            err = sci(r.max_abs_err) if checked else ""
-            last = err if r.ok else f"[red]FAILED {sci(r.max_abs_err)}[/red]"
-            becomes = r.result or "conv"
-        else:
-            last = f"[yellow]left alone:[/yellow] {r.reason}" if checked else r.reason
-            becomes, params = "-", ""
-        cells = [r.path or "(model)", compact_branches(r.branches), becomes, params, last]
-        table.add_row(*cells[:len(table.columns)])
-    return table
+def region_tables(report, *, title: str = "Regions", checked: bool = True) -> list[Table]:
+    """The fused regions (where, what branches, what each became, params, error) and,
+    when some were left alone, a second table of those with the reason."""
+    tables = []
+    fused = [r for r in report.regions if r.status == "fused"]
+    skipped = [r for r in report.regions if r.status != "fused"]   # left alone or split
+    if fused or not skipped:
+        table = Table(title=f"{title}: fused regions", title_justify="left")
+        table.add_column("region", overflow="fold", min_width=12)
+        table.add_column("branches", overflow="fold", min_width=14, ratio=1)
+        table.add_column("becomes", overflow="fold", min_width=8)
+        table.add_column("params", justify="right", no_wrap=True)
+        if checked:
+            table.add_column("max abs err", justify="right", no_wrap=True)
+        for r in fused:
+            cells = [r.path or "(model)", compact_branches(r.branches), r.result or "conv",
+                     f"{human(r.params_before)} -> {human(r.params_after)}"]
+            if checked:
+                cells.append(sci(r.max_abs_err) if r.ok
+                             else f"[red]FAILED {sci(r.max_abs_err)}[/red]")
+            table.add_row(*cells)
+        tables.append(table)
+    if skipped:
+        table = Table(title=f"{title}: not fused as a whole", title_justify="left")
+        table.add_column("region", overflow="fold", min_width=12)
+        table.add_column("branches", overflow="fold", min_width=14, ratio=1)
+        table.add_column("outcome", no_wrap=True)
+        table.add_column("because", overflow="fold", min_width=20, ratio=2)
+        for r in skipped:
+            outcome = "fused in parts" if r.status == "split" else "left alone"
+            table.add_row(r.path or "(model)", compact_branches(r.branches), outcome, r.reason)
+        tables.append(table)
+    return tables
+
+
+def region_counts(report, fused_verb: str = "fused") -> str:
+    """``"80 region(s) fused, 3 fused in parts, 20 left alone"`` (no split part if none)."""
+    split = f", {len(report.split)} fused in parts" if report.split else ""
+    return f"{len(report.fused)} region(s) {fused_verb}{split}, {len(report.skipped)} left alone"
 
 
 def summary_table(rows: list[tuple[str, object, object]], *, title: str = "Model") -> Table:

@@ -60,12 +60,14 @@ class VerifyReport:
 
 @dataclass
 class RegionReport:
-    """One linear region found in a graph: fused, or left alone with a reason."""
+    """One linear region found in a graph: fused, left alone with a reason, or (fx) split:
+    refused as a whole (the reason says why and where it was cut) while its parts are
+    fused and reported as regions of their own."""
 
     path: str                       # module path (fx) or node name (ONNX)
     branches: list[str]             # what was fused, e.g. ["conv3x3+bn", "conv1x1+bn", "bn"]
-    status: str = "fused"           # "fused" | "skipped"
-    reason: str = ""                # why it was skipped
+    status: str = "fused"           # "fused" | "skipped" | "split"
+    reason: str = ""                # why it was skipped or split
     result: str = ""                # what it became, e.g. "conv3x3"
     params_before: int = 0
     params_after: int = 0
@@ -104,7 +106,13 @@ class FuseReport:
 
     @property
     def skipped(self) -> list[RegionReport]:
-        return [r for r in self.regions if r.status != "fused"]
+        """Regions left alone (not fused, not even in parts)."""
+        return [r for r in self.regions if r.status == "skipped"]
+
+    @property
+    def split(self) -> list[RegionReport]:
+        """Regions refused as a whole and cut into parts, which are fused."""
+        return [r for r in self.regions if r.status == "split"]
 
     @property
     def ok(self) -> bool:

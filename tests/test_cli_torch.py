@@ -156,7 +156,8 @@ def test_regions_left_alone_are_explained(tmp_path):
     spec = hostile_corpus.factory(tmp_path, "build_shared")
     result = ok(run("inspect", "--factory", spec, "--input-shape", SHAPE, "--json",
                     tmp_path / "i.json"))
-    assert "left alone because" in result.output and "used 2 times" in result.output
+    assert "not fused as a whole" in result.output and "left alone" in result.output
+    assert "used 2 times" in result.output
     regions = json.loads((tmp_path / "i.json").read_text())["report"]["regions"]
     assert regions and all(r["status"] != "fused" and r["reason"] for r in regions)
     out = tmp_path / "same.pt2"

@@ -35,6 +35,7 @@ def _record(prefix: str, report) -> None:
     COUNTS[f"{prefix} cases"] += 1
     COUNTS[f"{prefix} regions fused"] += len(report.fused)
     COUNTS[f"{prefix} regions left alone"] += len(report.skipped)
+    COUNTS[f"{prefix} regions fused in parts"] += len(report.split)
     if not report.fused:
         COUNTS[f"{prefix} cases with nothing fused"] += 1
 
@@ -49,7 +50,7 @@ def test_fuse_is_never_wrong(spec):
         expected = block(x)
     result = repfuse.fuse(block, x, verify=True)
     report = result.report
-    for region in report.skipped:
+    for region in report.skipped + report.split:
         assert region.reason, f"region {region.path} left alone without a reason"
     for region in report.fused:
         assert region.proofs is None or region.proofs.ok, region.to_dict()

@@ -310,3 +310,33 @@ def test_model_that_cannot_run_on_random_inputs():
         repfuse.fuse_onnx(m)
     res = repfuse.fuse_onnx(m, verify=False)
     assert ops(res.model) == ["Conv", "Relu", "Reshape"]
+
+
+def test_refused_region_is_fused_in_parts():
+    """RepGhost's tail: 1x1+BN feeding a padded depthwise 3x3+BN and a BN, summed. As one
+    region the 1x1's bias would pass through the 3x3's zero padding; the pass fuses the
+    1x1+BN, then (a later pass, the new Conv as the input) the depthwise sum."""
+    g = G(4)
+    x1 = g.bn(g.conv("x", 4, 6, 1, bias=False), 6)
+    y = g.op("Add", [g.bn(g.conv(x1, 6, 6, 3, group=6, bias=False), 6), g.bn(x1, 6)])
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Conv", "Relu"]
+    (split,) = res.report.split
+    assert "zero padding" in split.reason and not res.report.skipped
+    assert len(res.report.fused) == 2
+    assert_same(m, res.model)
+
+
+def test_region_that_would_grow_is_fused_in_parts():
+    """A stride-2 depthwise 3x3+BN then a 1x1+BN (a RepGhost shortcut): one Conv would
+    have 5x the parameters, so each conv keeps its own (BN folded)."""
+    g = G(4)
+    y = g.bn(g.conv(g.bn(g.conv("x", 4, 4, 3, stride=2, group=4, bias=False), 4), 4, 16, 1,
+                    bias=False), 16)
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Conv", "Relu"]
+    (split,) = res.report.split
+    assert "multiply the parameters" in split.reason
+    assert_same(m, res.model)

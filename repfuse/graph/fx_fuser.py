@@ -11,6 +11,7 @@ writes the fused convs back (``fx_rewrite``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,13 @@ from torch import nn
 from repfuse.errors import NotFusable
 from repfuse.graph import region as rg
 from repfuse.graph.fx_inline import inline_call, should_inline
-from repfuse.graph.fx_match import Region, find_regions, ignorable_nodes, worthwhile
+from repfuse.graph.fx_match import (
+    Region,
+    dominators,
+    find_regions,
+    ignorable_nodes,
+    worthwhile,
+)
 from repfuse.graph.fx_ops import Context, LinearOp, classify, tensor_meta
 from repfuse.graph.fx_rewrite import (
     build_graph_module,
@@ -36,10 +43,6 @@ from repfuse.graph.fx_trace import CAPTURE, META, ModuleGraph, hook_reason
 from repfuse.report import RegionReport
 
 log = logging.getLogger(__name__)
-
-#: A region whose fused conv would have more than this many times the parameters of its
-#: branches (a depthwise kxk followed by a dense 1x1, say) is left as it is.
-GROWTH_LIMIT = 4
 
 
 @dataclass(eq=False)
@@ -80,6 +83,40 @@ def _mark_constants(graph: fx.Graph) -> set[fx.Node]:
             const.add(n)
             n.meta.pop(META, None)
     return const
+
+
+def _attempt(r: Region, expr: rg.Node, tried: dict):
+    """``(AffineConv, module)`` for region ``r``, or the ``NotFusable`` / ``ValueError``
+    saying why not (cached in ``tried`` by member set)."""
+    key = frozenset(r.nodes)
+    if key not in tried:
+        try:
+            with torch.no_grad():  # the proofs differentiate their own copy
+                affine = rg.reduce(expr)
+            rg.check_growth(expr, affine)
+            with torch.no_grad():
+                tried[key] = (affine, affine.to_module())
+        except (NotFusable, ValueError) as err:
+            tried[key] = err
+    return tried[key]
+
+
+def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: set,
+              tried: dict) -> fx.Node | None:
+    """The interior node of refused region ``r`` (a dominator) at which cutting it lets
+    the most of its nodes fuse (the later one on a tie), or None when no cut lets any."""
+    best, best_score = None, 0
+    for d in dominators(r):
+        score = 0
+        for part in find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts | {d}):
+            if not set(part.nodes) <= set(r.nodes) or part.blocked:
+                continue
+            expr = part.expr()
+            if worthwhile(expr) and not isinstance(_attempt(part, expr, tried), Exception):
+                score += len(part.nodes)
+        if score >= best_score and score > 0:
+            best, best_score = d, score
+    return best
 
 
 class Fuser:
@@ -216,24 +253,27 @@ class Fuser:
             an.pure = r
 
     # ------------------------------------------------------------------ rewriting
-    def _report_skip(self, path: str, expr, reason: str) -> None:
+    def _report_skip(self, path: str, expr, reason: str, status: str = "skipped") -> None:
         try:
             branches = rg.describe(expr)
         except Exception:  # noqa: BLE001 - a description must never stop fusion
             branches = []
-        if any(r.path == path and r.reason == reason and r.status == "skipped"
+        if any(r.path == path and r.reason == reason and r.status == status
                for r in self.reports):
             return
-        self.reports.append(RegionReport(path=path, branches=branches, status="skipped",
+        self.reports.append(RegionReport(path=path, branches=branches, status=status,
                                          reason=reason))
 
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
         """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
-        that are blocked or not exact are reported and split until none is left."""
+        that are blocked or not exact are reported and split until none is left: cut
+        at the interior node that lets the most of the region fuse (``_best_cut``), or,
+        when no cut helps, made smaller from the output."""
         barriers: set[fx.Node] = set()
+        cuts: set[fx.Node] = set()
         tried: dict[frozenset, object] = {}
         while True:
-            regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module)
+            regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
             chosen, restart = [], False
             for r in regions:
                 if r.is_passthrough:
@@ -247,30 +287,22 @@ class Fuser:
                     barriers |= {n for n in r.nodes if r.ops[n].blocked}
                     restart = True
                     break
-                key = frozenset(r.nodes)
-                if key not in tried:
-                    try:
-                        with torch.no_grad():  # the proofs differentiate their own copy
-                            affine = rg.reduce(expr)
-                        before = rg.count_params(expr)
-                        after = affine.weight.numel() + affine.bias.numel()
-                        if after > GROWTH_LIMIT * max(before, 1):
-                            growth = after / max(before, 1)
-                            raise NotFusable(
-                                f"fusing would multiply the parameters by {growth:.1f} "
-                                f"({before} -> {after}): more compute than the training form")
-                        with torch.no_grad():
-                            tried[key] = (affine, affine.to_module())
-                    except (NotFusable, ValueError) as err:
-                        tried[key] = err
-                result = tried[key]
+                result = _attempt(r, expr, tried)
                 if isinstance(result, Exception):
+                    cut = _best_cut(mg, an, r, barriers, cuts, tried)
                     kinds = [r.ops[n].kind for n in r.nodes]
                     if kinds.count("module") != 1 or set(kinds) - {"module", "pass"}:
                         # (a lone submodule call reports itself when it is fused alone)
-                        self._report_skip(where, expr, str(result))
-                    geometric = {n for n in r.nodes if r.ops[n].kind in ("avgpool", "pad")}
-                    barriers |= geometric or {r.output}
+                        if cut is None:
+                            self._report_skip(where, expr, str(result))
+                        else:
+                            self._report_skip(where, expr, f"{result}; cut after "
+                                              f"{_join(mg.path, cut.name)}", "split")
+                    if cut is not None:
+                        cuts.add(cut)
+                    else:
+                        geometric = {n for n in r.nodes if r.ops[n].kind in ("avgpool", "pad")}
+                        barriers |= geometric or {r.output}
                     restart = True
                     break
                 chosen.append((r, expr, result))
@@ -316,7 +348,10 @@ class Fuser:
         taken = {str(n.target).split(".")[0] for n in graph.nodes
                  if n.op in ("call_module", "get_attr")}
         new_modules: dict[str, nn.Module] = {}
+        renamed: dict[fx.Node, fx.Node] = {}   # a fused output read by a later region
         for r, expr, affine, module_new in regions:
+            if r.input in renamed:
+                r = dataclasses.replace(r, input=renamed[r.input])
             convs = [n for n in r.nodes if r.ops[n].kind == "conv" and n.op == "call_module"]
             base = convs[0].target if len(convs) == 1 and "." not in convs[0].target \
                 and sum(r.ops[n].kind in ("conv", "module") for n in r.nodes) == 1 \
@@ -325,7 +360,7 @@ class Fuser:
                 taken | set(new_modules), base)
             new_modules[name] = module_new
             taken.add(name)
-            replace_region(graph, r, name)
+            renamed[r.output] = replace_region(graph, r, name)
             self._record(_join(mg.path, name), r, expr, affine)
         drop_noops(graph, module)
         drop_dead(graph)

@@ -104,8 +104,10 @@ def real_users(node: fx.Node, ign: set[fx.Node]) -> list[fx.Node]:
 
 
 def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx.Node],
-                 ign: set[fx.Node], module) -> list[Region]:
-    """Maximal regions of ``graph`` whose members are ``ops`` minus ``barriers``."""
+                 ign: set[fx.Node], module, cuts=frozenset()) -> list[Region]:
+    """Maximal regions of ``graph`` whose members are ``ops`` minus ``barriers``; a node
+    in ``cuts`` stays linear but ends its region (it is the output of one region and
+    the input of the regions that read it)."""
     order = list(graph.nodes)
     index = {n: i for i, n in enumerate(order)}
     mutators: dict[fx.Node, list[fx.Node]] = {}
@@ -135,7 +137,7 @@ def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx
             if u in seen or u in members:
                 continue
             seen.add(u)
-            if u in linear and u not in assigned and all(
+            if u in linear and u not in assigned and u not in cuts and all(
                     w in members for w in real_users(u, ign)):
                 members.add(u)
                 for i in ops[u].inputs:
@@ -157,6 +159,30 @@ def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx
         assigned |= members
     regions.sort(key=lambda r: index[r.output])
     return regions
+
+
+def dominators(region: Region) -> list[fx.Node]:
+    """Members other than the output that every path from the region's input to its
+    output passes through, in graph order: where the region can be cut in two (the
+    part up to the node, and the part reading only that node)."""
+    out = []
+    for m in region.nodes:
+        if m is region.output:
+            continue
+        stack, seen, reached = [region.output], set(), False
+        while stack and not reached:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            for i in region.ops[n].inputs:
+                if i is region.input:
+                    reached = True
+                elif i is not m and i in region.ops:
+                    stack.append(i)
+        if not reached:
+            out.append(m)
+    return out
 
 
 def expr_counts(expr: rg.Node) -> dict[str, int]:

@@ -201,46 +201,65 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: str, reason: s
     return report
 
 
-def fuse_graph(model: ir.Model, *, check: RegionCheck | None = None) -> list[RegionReport]:
+def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[RegionReport]:
     """Fuse every linear region of ``model.graph`` in place; returns one report per region
-    found (fused, or skipped with the reason)."""
+    found (fused, skipped with the reason, or split: refused as a whole and fused in
+    parts).
+
+    Passes repeat until one fuses nothing; in a later pass the Convs written by the
+    earlier ones are not linear ops, so a refused region is cut after a part that did
+    fuse (a 1x1+BN whose bias a padded depthwise conv must not see, say) and the rest,
+    which reads that part's output, becomes a region of its own."""
     graph = model.graph
-    ops = linear_ops(graph)
     claimed: set = set()
+    written: set = set()
     reports: list[RegionReport] = []
     skipped: list[tuple[set, RegionReport]] = []
-    for cand in find_candidates(graph, ops):
-        if cand.node_set & claimed:
-            continue
-        if cand.reason:
-            _note_skip(skipped, cand, _region_report(cand, None, "skipped", cand.reason))
-            continue
-        try:
-            expr = build_expression(cand, ops)
-            with torch.no_grad():
-                fused = rg.reduce(expr)
-        except NotFusable as err:
-            _note_skip(skipped, cand, _region_report(cand, None, "skipped", str(err)))
-            continue
-        proofs = check(expr, fused) if check is not None else None
-        if proofs is not None and not proofs.ok:
-            worst = max(proofs.failures, key=lambda c: c.max_rel)
-            reason = (f"per-region proof failed ({worst.name}: max rel {worst.max_rel:.3g}); "
-                      "left as it is")
-            log.warning("region %s: %s", cand.label, reason)
-            _note_skip(skipped, cand, _region_report(cand, expr, "skipped", reason,
-                                                     fused, proofs))
-            continue
-        replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused)
-        claimed |= cand.node_set
-        reports.append(_region_report(cand, expr, "fused", "", fused, proofs))
+    progress = True
+    while progress:
+        progress = False
+        ops = {n: op for n, op in linear_ops(graph).items() if n not in written}
+        for cand in find_candidates(graph, ops):
+            if cand.node_set & claimed:
+                continue
+            if cand.reason:
+                _note_skip(skipped, cand, _region_report(cand, None, "skipped", cand.reason),
+                           written)
+                continue
+            try:
+                expr = build_expression(cand, ops)
+                with torch.no_grad():
+                    fused = rg.reduce(expr)
+                rg.check_growth(expr, fused)
+            except NotFusable as err:
+                _note_skip(skipped, cand, _region_report(cand, None, "split", str(err)), written)
+                continue
+            proofs = check(expr, fused) if check is not None else None
+            if proofs is not None and not proofs.ok:
+                worst = max(proofs.failures, key=lambda c: c.max_rel)
+                reason = (f"per-region proof failed ({worst.name}: max rel "
+                          f"{worst.max_rel:.3g}); left as it is")
+                log.warning("region %s: %s", cand.label, reason)
+                _note_skip(skipped, cand, _region_report(cand, expr, "skipped", reason,
+                                                         fused, proofs), written)
+                continue
+            written.add(replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused))
+            claimed |= cand.node_set
+            reports.append(_region_report(cand, expr, "fused", "", fused, proofs))
+            progress = True
     for members, rep in skipped:
-        if members - claimed:
-            reports.append(rep)
+        if rep.status == "split" and members - claimed:
+            rep.status = "skipped"      # not (all) fused in parts: left alone
+        if rep.status == "skipped" and not members - claimed:
+            continue                    # a candidate whose nodes all went elsewhere
+        reports.append(rep)
     return reports
 
 
-def _note_skip(skipped: list, cand: Candidate, report: RegionReport) -> None:
-    if any(cand.node_set <= members for members, _ in skipped):
+def _note_skip(skipped: list, cand: Candidate, report: RegionReport,
+               written: set = frozenset()) -> None:
+    """Keep ``report`` unless an earlier note covers the candidate's nodes (the Convs
+    written by earlier passes stand for parts of regions noted already)."""
+    if any(cand.node_set - written <= members for members, _ in skipped):
         return
     skipped.append((cand.node_set, report))

@@ -517,3 +517,18 @@ def count_params(expr: Node) -> int:
         seen.add(key)
         total += t.numel()
     return total
+
+
+#: A region whose fused conv would have more than this many times the parameters of its
+#: branches (a depthwise kxk followed by a dense 1x1, say) is left as it is.
+GROWTH_LIMIT = 4
+
+
+def check_growth(expr: Node, fused) -> None:
+    """Raise ``NotFusable`` when the fused conv (``AffineConv``) would have more than
+    ``GROWTH_LIMIT`` times the parameters of the region: exact, but more compute."""
+    before = count_params(expr)
+    after = fused.weight.numel() + (fused.bias.numel() if fused.bias is not None else 0)
+    if after > GROWTH_LIMIT * max(before, 1):
+        raise NotFusable(f"fusing would multiply the parameters by {after / max(before, 1):.1f} "
+                         f"({before} -> {after}): more compute than the training form")
