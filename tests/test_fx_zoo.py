@@ -367,3 +367,33 @@ def test_conv_then_module_holding_bn_and_activation():
     with torch.no_grad():
         ref, out = model(x), fused(x)
     assert torch.allclose(out, ref, rtol=0, atol=1e-10 * max(1.0, ref.abs().max().item()))
+
+
+class DeepStemNet(nn.Module):
+    """A deep stem ending in a conv, then the model's own BN (timm's resnet*d)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c),
+                                   nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act1 = nn.ReLU()
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.act1(self.bn1(self.conv1(x))))
+
+
+def test_module_ending_in_conv_then_bn_in_the_caller():
+    """The caller's BN folds into the conv that ends the submodule before it."""
+    torch.manual_seed(0)
+    model = randomize_bn(DeepStemNet()).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    result = repfuse.fuse(model, x)
+    fused = result.model
+    assert result.report.ok and len(result.report.fused) == 2
+    assert batch_norms_left(fused) == 0 and count_convs(fused) == 3
+    assert isinstance(fused.head, nn.Conv2d)
+    with torch.no_grad():
+        ref, out = model(x), fused(x)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10 * max(1.0, ref.abs().max().item()))

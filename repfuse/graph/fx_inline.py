@@ -1,12 +1,15 @@
-"""Opening a submodule call whose forward starts with a linear op (fx front end).
+"""Opening a submodule call whose forward starts or ends with a linear op (fx front end).
 
 What is matched: ``conv -> child(x)`` where the child's forward begins with a batch
 norm on its input but continues with something nonlinear (``BatchNormAct2d``: BN
-then an activation inside one module). What must hold: the conv's only user is the
-call, the child is called once, takes one tensor and returns one value. What it
-becomes: the child's graph copied into the caller's graph (its submodule and
-parameter targets prefixed with the child's path), so the conv and the BN form one
-region in the caller and fold; the rest of the child (the activation) stays.
+then an activation inside one module); and ``child(x) -> bn`` where the child's
+forward ends with a conv after something nonlinear (a deep stem ``Sequential(conv,
+bn, relu, ..., conv)`` followed by the model's ``bn1``). What must hold: the conv's
+only user is the call (the call's only user is the BN), the child is called once,
+takes one tensor and returns one value. What it becomes: the child's graph copied
+into the caller's graph (its submodule and parameter targets prefixed with the
+child's path), so the conv and the BN form one region in the caller and fold; the
+rest of the child stays.
 A child that returns a tuple the caller only indexes is opened the same way, so
 regions can span its outputs.
 """
@@ -54,6 +57,27 @@ def _starts_with_bn(child: ModuleGraph) -> bool:
     return False
 
 
+def _is_bn(node, module: nn.Module) -> bool:
+    if node.op == "call_function":
+        return node.target is F.batch_norm
+    if node.op == "call_module":
+        try:
+            return isinstance(module.get_submodule(node.target), nn.BatchNorm2d)
+        except AttributeError:
+            return False
+    return False
+
+
+def _ends_with_conv(call: fx.Node, module: nn.Module, child: ModuleGraph) -> bool:
+    """The child returns a conv's output and the caller's only use of it is a BN."""
+    users = list(call.users)
+    if len(users) != 1 or not _is_bn(users[0], module) or users[0].args[0] is not call:
+        return False
+    placeholders = [n for n in child.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in child.graph.nodes if n.op == "output")
+    return len(placeholders) == 1 and _produces_conv(out.args[0], child.module)
+
+
 def _returns_tuple(call: fx.Node, child: ModuleGraph) -> bool:
     """The child returns a tuple of values that the caller only indexes."""
     placeholders = [n for n in child.graph.nodes if n.op == "placeholder"]
@@ -67,12 +91,13 @@ def _returns_tuple(call: fx.Node, child: ModuleGraph) -> bool:
 def should_inline(call: fx.Node, module: nn.Module, child: ModuleGraph | None,
                   single_use: bool) -> bool:
     """Whether ``call`` (a call of ``child``'s module in ``module``'s graph) is opened:
-    a conv followed by a module that starts with a BN, or a module returning a tuple."""
+    a conv followed by a module that starts with a BN, a module ending with a conv
+    followed by a BN, or a module returning a tuple."""
     if child is None or child.graph is None or not single_use or len(call.args) != 1 \
             or call.kwargs:
         return False
     return (_produces_conv(call.args[0], module) and _starts_with_bn(child)) \
-        or _returns_tuple(call, child)
+        or _ends_with_conv(call, module, child) or _returns_tuple(call, child)
 
 
 def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> None:
