@@ -8,9 +8,9 @@ activation at the region's input (its first sample's top-left window of the same
 size):
 
 1. ``output[random]``, ``output[activation]``: the fused convolution (``core.conv2d``)
-   equals the training-form region (``region.evaluate``, torch ops).
+   equals the training-form region (``region_eval.evaluate``, torch ops).
 2. ``grad input``: ``core.conv2d_input`` of the fused kernel equals the sum of the
-   branches' adjoints (autograd through ``region.evaluate``) for a random upstream
+   branches' adjoints (autograd through ``region_eval.evaluate``) for a random upstream
    gradient, on the random probe (the region is affine: its gradients do not depend
    on the input values, and a real activation may have dead channels that would hide
    a wrong weight).
@@ -39,6 +39,7 @@ from torch import Tensor
 from repfuse import core
 from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as rg
+from repfuse.graph import region_eval
 from repfuse.proofs import SEED, compare, failed, tolerance
 from repfuse.report import VerifyReport
 
@@ -235,7 +236,7 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     for name, p in probes.items():
         try:
             with torch.set_grad_enabled(name == "random"):
-                refs[name] = y_ref = rg.evaluate(expr64, xin if name == "random" else p)
+                refs[name] = y_ref = region_eval.evaluate(expr64, xin if name == "random" else p)
             y_fused = fused_forward(p, weight, bias, spec)
         except Exception as e:  # a geometry mismatch is a failed proof, not a crash
             report.checks.append(failed(f"output[{name}]", f"{type(e).__name__}: {e}", t64))

@@ -12,6 +12,7 @@ from test_algebra_helpers import TOL, D, max_diff, rand_bn, rand_conv
 
 from repfuse.core.spec import ConvSpec
 from repfuse.graph import region as R
+from repfuse.graph.region_eval import evaluate
 
 GEN = torch.Generator().manual_seed(1234)
 
@@ -77,7 +78,7 @@ def convbn_node(inp, cb):
 def check(block, expr, x, *, kernel=None, groups=None):
     ref = block(x)
     fused = R.reduce(expr)
-    assert max_diff(R.evaluate(expr, x), ref) < TOL
+    assert max_diff(evaluate(expr, x), ref) < TOL
     assert max_diff(fused.forward(x), ref) < TOL
     module = fused.to_module()
     assert max_diff(module(x), ref) < TOL

@@ -8,6 +8,7 @@ from torch import nn
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 from repfuse.graph import region as rg
+from repfuse.graph import region_eval
 from repfuse.optim import apply_multipliers, gradient_multipliers, trainable_tensors
 
 F64 = torch.float64
@@ -103,7 +104,7 @@ def _train_training_form(build, opt_kw, steps, weight_decay=0.0):
     opt = torch.optim.SGD(params, weight_decay=weight_decay, **opt_kw)
     for step, x in enumerate(_data(_in_channels(expr), steps)):
         opt.zero_grad()
-        _loss(rg.evaluate(expr, x), step).backward()
+        _loss(region_eval.evaluate(expr, x), step).backward()
         opt.step()
     return rg.reduce(expr)
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import repfuse
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import InputError, NotFusable
-from repfuse.graph.region import Add, BatchNorm, Conv, Input, Scale, evaluate, reduce
+from repfuse.graph.region import Add, BatchNorm, Conv, Input, Scale, reduce
+from repfuse.graph.region_eval import evaluate
 
 D = torch.float64
 

@@ -22,10 +22,10 @@ from repfuse.graph.region import (
     Sub,
     count_params,
     describe,
-    evaluate,
     parameters,
     reduce,
 )
+from repfuse.graph.region_eval import evaluate
 
 TOL = 1e-10
 D = torch.float64
