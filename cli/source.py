@@ -60,7 +60,7 @@ class Source:
 def check_runnable(proto, source: str) -> None:
     """onnxruntime (when installed) must accept the model: it runs every check."""
     try:
-        from repfuse.onnx_io import ort_session
+        from repfuse.onnx_io import ort_reason, ort_session
     except ImportError:
         return
     try:
@@ -70,12 +70,9 @@ def check_runnable(proto, source: str) -> None:
     try:
         ort_session(proto)
     except Exception as exc:
-        text = " ".join(str(exc).split())
-        if "[ONNXRuntimeError]" in text:
-            tail = text.rsplit(") ", 1)[-1] if ") " in text else text
-            text = tail.split(" : ")[-1]
-        raise InputError(f"{source}: onnxruntime cannot load it ({text[:200]}); "
-                         "re-export it with a supported opset / IR version") from None
+        text = ort_reason(exc)
+        raise InputError(f"{source}: onnxruntime cannot load it ({text}); re-export it with "
+                         "an opset, IR version and ops this onnxruntime supports") from None
 
 
 def _pick_one(model_file, arch, factory, timm_name) -> str:

@@ -10,6 +10,7 @@ overwritten.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -286,8 +287,29 @@ def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return ort_reason(exc)
+
+
+def ort_reason(exc: BaseException, limit: int = 200) -> str:
+    """The reason in an onnxruntime error, without its code prefix, the model path and the
+    C++ source location: '[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Fatal
+    error: org.example:Mystery(-1) is not a registered function/op' -> 'org.example:Mystery(-1)
+    is not a registered function/op'. Other exceptions: 'TypeName: first line'."""
+    text = " ".join(str(exc).split())
+    if "[ONNXRuntimeError]" not in text:
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else ''}"[:limit]
+    text = re.sub(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed: ?", "", text)
+    text = re.sub(r"^(Fatal error|Node \S* error): ?", "", text)
+    location = re.match(r"\S+\.(?:cc|cpp|h):\d+ [^(]*\(", text)
+    if location:  # skip the C++ signature: balanced parentheses after the location
+        depth, end = 1, location.end()
+        while end < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        text = text[end:].lstrip()
+    return text[:limit]
 
 
 def _has_dynamic_batch(proto: onnx.ModelProto) -> bool:

@@ -158,3 +158,26 @@ def test_export_onnx_failure_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="small.onnx.*disagrees with torch.*max rel"):
         repfuse.export_onnx(Small(), torch.randn(1, 3, 8, 8), path)
     assert os.listdir(tmp_path) == []
+
+
+def test_ort_reason_keeps_the_cause_and_drops_the_noise():
+    ort = pytest.importorskip("onnxruntime")
+    from repfuse.onnx_io import ort_reason
+    from tests.corpus_files import onnx_conv_model
+
+    def refusal(model):
+        with pytest.raises(Exception) as info:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return info.value
+
+    custom = onnx_conv_model()
+    custom.graph.node[-1].output[0] = "a"
+    custom.graph.node.append(onnx.helper.make_node("Mystery", ["a"], ["y"], domain="org.example"))
+    custom.opset_import.append(onnx.helper.make_opsetid("org.example", 1))
+    reason = ort_reason(refusal(custom))
+    assert reason.startswith("org.example:Mystery") and "registered" in reason, reason
+    future = onnx_conv_model(ir_version=99)
+    reason = ort_reason(refusal(future))
+    assert "IR version" in reason and "99" in reason, reason
+    assert "onnxruntime::" not in reason and ".cc:" not in reason, reason
+    assert ort_reason(ValueError("first\nsecond")) == "ValueError: first"
