@@ -119,7 +119,7 @@ def float64_leaves(expr: rg.Node) -> tuple[rg.Node, dict[str, Tensor]]:
             continue
         if id(t) in mapping:
             continue
-        leaf = t.detach().to(torch.float64).clone().requires_grad_(True)
+        leaf = t.detach().to(torch.float64, copy=True).requires_grad_(True)
         mapping[id(t)] = leaf
         leaves[name] = leaf
     for t in node_tensors(expr):

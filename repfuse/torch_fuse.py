@@ -31,13 +31,21 @@ def fuse_torch_model(model: nn.Module, example_inputs, *, verify: bool = True,
 
 def _prove(result: FuseResult, model: nn.Module, args: tuple, tol) -> None:
     report = result.report
-    for f in result.regions:
+    # Largest kernels first, each region's float64 kernel and activation released once
+    # proven: the large temporaries then grow the heap once and the smaller regions reuse
+    # the space; in model order each large region after many small ones found the heap
+    # fragmented and faulted in fresh pages. Reports keep model order.
+    pending = sorted(result.regions, key=lambda f: -f.affine.weight.numel())
+    result.regions = []
+    while pending:
+        f = pending.pop(0)
         proofs = prove_region(f.expr, f.affine, f.activation, tol=tol)
         f.report.proofs = proofs
         outs = [c for c in proofs.checks if c.name.startswith("output")] or proofs.checks
         if outs:
             f.report.max_abs_err = max(c.max_abs for c in outs)
             f.report.max_rel_err = max(c.max_rel for c in outs)
+        del f, proofs
     try:
         report.model_checks = verify_models(model, result.model, args, grads=True, tol=tol)
     except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
