@@ -226,8 +226,10 @@ def test_not_fusable_region_is_reported():
     y = g.op("Add", [g.bn(g.conv("x", 4, 4, 3), 4), b])
     m = g.model(g.op("Relu", [y]), 18)
     res = repfuse.fuse_onnx(m)
-    assert res.report.skipped and res.report.skipped[0].reason
-    assert "AveragePool" in ops(res.model)
+    (split,) = res.report.split      # refused as a whole; its conv+BN part is fused
+    assert "count_include_pad" in split.reason, split.reason
+    assert [r.branches for r in res.report.fused] == [["conv3x3+bn"]]
+    assert ops(res.model) == ["AveragePool", "Conv", "Add", "Relu"]
     assert_same(m, res.model)
 
 
@@ -281,7 +283,8 @@ def test_random_blocks_keep_their_function(spec, opset):
         assert np.abs(a - b).max() <= 1e-5 + 1e-4 * np.abs(a).max()
     for region in res.report.fused:
         assert region.proofs.ok
-    if not res.report.skipped and not any(b.relu_inside for b in spec.branches):
+    if not (res.report.skipped or res.report.split) and \
+            not any(b.relu_inside for b in spec.branches):
         # the whole block is one linear region: one Conv (then Relu / output Identity)
         assert "BatchNormalization" not in ops(res.model)
         assert ops(res.model).count("Conv") <= 1
@@ -340,3 +343,47 @@ def test_region_that_would_grow_is_fused_in_parts():
     (split,) = res.report.split
     assert "multiply the parameters" in split.reason
     assert_same(m, res.model)
+
+
+def test_refused_region_is_cut_at_a_dominator():
+    """A 1x1 conv with bias feeding a padded 3x3 (refused: the bias would pass through
+    zero padding), then a RepVGG block on that value. Every sub-region that starts at the
+    input holds the refused pair; the RepVGG part, which reads only the 3x3's output, is
+    fused on its own and the pair is left as it is."""
+    g = G(4)
+    v = g.conv(g.conv("x", 4, 6, 1), 6, 6, 3)
+    y = g.op("Sum", [g.bn(g.conv(v, 6, 6, 3, bias=False), 6),
+                     g.bn(g.conv(v, 6, 6, 1, bias=False), 6), g.bn(v, 6)])
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Conv", "Conv", "Relu"]
+    (fused,) = res.report.fused
+    assert sorted(fused.branches) == sorted(["conv3x3+bn", "conv1x1+bn", "bn"]), fused.branches
+    (split,) = res.report.split
+    assert "zero padding" in split.reason and f"cut at '{v}'" in split.reason, split.reason
+    assert not res.report.skipped
+    assert_same(m, res.model)
+
+
+def test_suffix_cuts_are_the_dominated_parts():
+    """Only values every path passes through are cuts: inside a RepVGG block (three
+    branches from the input) there is none; after a chain there is one per link."""
+    import onnx_ir as ir
+
+    from repfuse.graph.onnx import find_candidates, linear_ops, suffix_cuts
+
+    g = G(4)
+    a = g.conv("x", 4, 4, 1)
+    b = g.bn(a, 4)
+    y = g.op("Sum", [g.bn(g.conv(b, 4, 4, 3, bias=False), 4), g.bn(b, 4)])
+    model = ir.serde.deserialize_model(g.model(g.op("Relu", [y]), 18))
+    ops_ = linear_ops(model.graph)
+    cand = find_candidates(model.graph, ops_)[0]
+    assert len(cand.nodes) == 6
+    cuts = suffix_cuts(cand, ops_)
+    assert [c.input.name for c in cuts] == [a, b]
+    assert [len(c.nodes) for c in cuts] == [5, 4]
+    _, repvgg = repvgg_block()
+    model = ir.serde.deserialize_model(repvgg)
+    ops_ = linear_ops(model.graph)
+    assert suffix_cuts(find_candidates(model.graph, ops_)[0], ops_) == []

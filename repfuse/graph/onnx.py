@@ -136,6 +136,41 @@ def find_candidates(graph: ir.Graph, ops: dict[ir.Node, LinearOp]) -> list[Candi
     return out
 
 
+def suffix_cuts(cand: Candidate, ops: dict[ir.Node, LinearOp]) -> list[Candidate]:
+    """The parts of ``cand`` after a cut, largest first: for each interior value that
+    every path from the region's input to its output passes through (a dominator), the
+    nodes between that value and the output, reading only that value. (The part before
+    a cut is a candidate of its own: the cone of the value's producer.)"""
+    out = []
+    for node in cand.nodes:
+        if node is cand.sink:
+            continue
+        cut = node.outputs[0]
+        members: set = set()
+        stack, reaches_input = [cand.sink], False
+        while stack and not reaches_input:
+            n = stack.pop()
+            if n in members:
+                continue
+            members.add(n)
+            for value in ops[n].data:
+                if value is cut:
+                    continue
+                producer = value.producer()
+                if producer in cand.node_set:
+                    stack.append(producer)
+                else:               # the region's input, reached around the cut
+                    reaches_input = True
+                    break
+        if reaches_input or not _worth_fusing(list(members), ops):
+            continue
+        part = Candidate(cand.sink, [n for n in cand.nodes if n in members], cut,
+                         node_set=members)
+        part.reason = _escape(part)
+        out.append(part)
+    return sorted(out, key=lambda c: -len(c.nodes))
+
+
 def _escape(cand: Candidate) -> str:
     """Why the candidate cannot be replaced (a value used outside it), or ''."""
     for node in cand.nodes:
@@ -203,13 +238,15 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: str, reason: s
 
 def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[RegionReport]:
     """Fuse every linear region of ``model.graph`` in place; returns one report per region
-    found (fused, skipped with the reason, or split: refused as a whole and fused in
-    parts).
+    found (fused, skipped with the reason, or split: refused as a whole while parts of it
+    are fused, each reported as a region of its own).
 
-    Passes repeat until one fuses nothing; in a later pass the Convs written by the
-    earlier ones are not linear ops, so a refused region is cut after a part that did
-    fuse (a 1x1+BN whose bias a padded depthwise conv must not see, say) and the rest,
-    which reads that part's output, becomes a region of its own."""
+    A refused region is cut: the largest part after an interior dominator that reduces
+    (``suffix_cuts``) is fused, and the part before it is a candidate of its own. Passes
+    repeat until one fuses nothing; in a later pass the Convs written by the earlier
+    ones are not linear ops, so a region is also cut after a part that did fuse (a
+    1x1+BN whose bias a padded depthwise conv must not see, say) and the rest, which
+    reads that part's output, becomes a region of its own."""
     graph = model.graph
     claimed: set = set()
     written: set = set()
@@ -227,13 +264,15 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
                            written)
                 continue
             try:
-                expr = build_expression(cand, ops)
-                with torch.no_grad():
-                    fused = rg.reduce(expr)
-                rg.check_growth(expr, fused)
+                expr, fused = _reduce(cand, ops)
             except NotFusable as err:
-                _note_skip(skipped, cand, _region_report(cand, None, "split", str(err)), written)
-                continue
+                note = _region_report(cand, None, "split", str(err))
+                _note_skip(skipped, cand, note, written)
+                part = _fusable_suffix(cand, ops, claimed)
+                if part is None:
+                    continue
+                note.reason += f"; cut at '{part[0].input.name}'"
+                cand, expr, fused = part
             proofs = check(expr, fused) if check is not None else None
             if proofs is not None and not proofs.ok:
                 worst = max(proofs.failures, key=lambda c: c.max_rel)
@@ -248,12 +287,35 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
             reports.append(_region_report(cand, expr, "fused", "", fused, proofs))
             progress = True
     for members, rep in skipped:
-        if rep.status == "split" and members - claimed:
-            rep.status = "skipped"      # not (all) fused in parts: left alone
+        if rep.status == "split" and not members & claimed:
+            rep.status = "skipped"      # no part of it fused: left alone
         if rep.status == "skipped" and not members - claimed:
             continue                    # a candidate whose nodes all went elsewhere
         reports.append(rep)
     return reports
+
+
+def _reduce(cand: Candidate, ops: dict[ir.Node, LinearOp]):
+    """(expression, fused AffineConv) of ``cand``; raises NotFusable."""
+    expr = build_expression(cand, ops)
+    with torch.no_grad():
+        fused = rg.reduce(expr)
+    rg.check_growth(expr, fused)
+    return expr, fused
+
+
+def _fusable_suffix(cand: Candidate, ops: dict[ir.Node, LinearOp], claimed: set):
+    """(part, expression, fused) for the largest part of a refused ``cand`` after a cut
+    (``suffix_cuts``) that reduces, or None. The part before the cut is tried as a
+    candidate of its own, later in the same pass."""
+    for part in suffix_cuts(cand, ops):
+        if part.reason or part.node_set & claimed:
+            continue
+        try:
+            return (part, *_reduce(part, ops))
+        except NotFusable:
+            continue
+    return None
 
 
 def _note_skip(skipped: list, cand: Candidate, report: RegionReport,
