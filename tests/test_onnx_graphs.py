@@ -387,3 +387,26 @@ def test_suffix_cuts_are_the_dominated_parts():
     model = ir.serde.deserialize_model(repvgg)
     ops_ = linear_ops(model.graph)
     assert suffix_cuts(find_candidates(model.graph, ops_)[0], ops_) == []
+
+
+def test_part_that_fails_its_proof_is_left_and_named():
+    """When the part after a cut fails its per-region proof, nothing of it is written and
+    the refused region's reason says so."""
+    import onnx_ir as ir
+
+    from repfuse.graph.onnx import fuse_graph
+    from repfuse.report import Check, VerifyReport
+
+    g = G(4)
+    v = g.conv(g.conv("x", 4, 6, 1), 6, 6, 3)
+    y = g.op("Add", [g.bn(g.conv(v, 6, 6, 3, bias=False), 6), g.bn(v, 6)])
+    model = ir.serde.deserialize_model(g.model(g.op("Relu", [y]), 18))
+
+    def failing(expr, fused):
+        return VerifyReport(checks=[Check("output[random]", 1.0, 1.0, 0.0, 0.0, False)])
+
+    reports = fuse_graph(model, check=failing)
+    assert [n.op_type for n in model.graph][-3:] == ["BatchNormalization", "Add", "Relu"]
+    (whole,) = [r for r in reports if "zero padding" in r.reason]
+    assert whole.status == "skipped" and f"the part after '{v}'" in whole.reason
+    assert "proof failed" in whole.reason

@@ -263,15 +263,15 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
                 _note_skip(skipped, cand, _region_report(cand, None, "skipped", cand.reason),
                            written)
                 continue
+            whole = None        # the refused region's report when ``cand`` is a part of it
             try:
                 expr, fused = _reduce(cand, ops)
             except NotFusable as err:
-                note = _region_report(cand, None, "split", str(err))
-                _note_skip(skipped, cand, note, written)
+                whole = _region_report(cand, None, "split", str(err))
+                _note_skip(skipped, cand, whole, written)
                 part = _fusable_suffix(cand, ops, claimed)
                 if part is None:
                     continue
-                note.reason += f"; cut at '{part[0].input.name}'"
                 cand, expr, fused = part
             proofs = check(expr, fused) if check is not None else None
             if proofs is not None and not proofs.ok:
@@ -279,9 +279,14 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
                 reason = (f"per-region proof failed ({worst.name}: max rel "
                           f"{worst.max_rel:.3g}); left as it is")
                 log.warning("region %s: %s", cand.label, reason)
-                _note_skip(skipped, cand, _region_report(cand, expr, "skipped", reason,
-                                                         fused, proofs), written)
+                if whole is not None:
+                    whole.reason += f"; the part after '{cand.input.name}': {reason}"
+                else:
+                    _note_skip(skipped, cand, _region_report(cand, expr, "skipped", reason,
+                                                             fused, proofs), written)
                 continue
+            if whole is not None:
+                whole.reason += f"; cut at '{cand.input.name}'"
             written.add(replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused))
             claimed |= cand.node_set
             reports.append(_region_report(cand, expr, "fused", "", fused, proofs))
