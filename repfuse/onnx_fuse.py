@@ -57,8 +57,9 @@ def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
     report = FuseReport(regions=regions, params_before=count_parameters(proto),
                         params_after=count_parameters(fused), ops_before=op_counts(proto),
                         ops_after=op_counts(fused))
-    report.notes.append(f"{len(report.fused)} region(s) fused, {len(report.skipped)} left as "
-                        f"they are in {source}")
+    split = f", {len(report.split)} fused in parts" if report.split else ""
+    report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
+                        f"left as they are in {source}")
     overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
     if overridable:
         report.notes.append(
