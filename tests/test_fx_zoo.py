@@ -394,6 +394,10 @@ def test_module_ending_in_conv_then_bn_in_the_caller():
     assert result.report.ok and len(result.report.fused) == 2
     assert batch_norms_left(fused) == 0 and count_convs(fused) == 3
     assert isinstance(fused.head, nn.Conv2d)
+    # the fused convs keep the paths of the convs they replace (the stem is inlined)
+    assert sorted(r.path for r in result.report.fused) == ["conv1.0", "conv1.3"]
+    assert all(isinstance(fused.get_submodule(p), nn.Conv2d) for p in ("conv1.0", "conv1.3"))
+    assert not any("reparam" in name for name, _ in fused.named_modules())
     with torch.no_grad():
         ref, out = model(x), fused(x)
     assert torch.allclose(out, ref, rtol=0, atol=1e-10 * max(1.0, ref.abs().max().item()))

@@ -119,6 +119,20 @@ def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: se
     return best
 
 
+
+def _free_path(graph: fx.Graph, target: str) -> bool:
+    """Whether the fused conv may keep the path ``target`` of the conv it replaces: a
+    plain name, or a dotted one (the conv of an inlined submodule, ``conv1.0``) whose
+    prefixes are only containers in the new module, not modules the graph still calls or
+    reads (installing the conv there would change a module in use)."""
+    if "." not in target:
+        return True
+    parts = target.split(".")
+    prefixes = {".".join(parts[:k]) for k in range(1, len(parts))}
+    return not any(n.op in ("call_module", "get_attr") and n.target in prefixes
+                   for n in graph.nodes)
+
+
 class Fuser:
     def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool) -> None:
         self.root = root
@@ -353,8 +367,9 @@ class Fuser:
             if r.input in renamed:
                 r = dataclasses.replace(r, input=renamed[r.input])
             convs = [n for n in r.nodes if r.ops[n].kind == "conv" and n.op == "call_module"]
-            base = convs[0].target if len(convs) == 1 and "." not in convs[0].target \
-                and sum(r.ops[n].kind in ("conv", "module") for n in r.nodes) == 1 \
+            single = len(convs) == 1 and \
+                sum(r.ops[n].kind in ("conv", "module") for n in r.nodes) == 1
+            base = convs[0].target if single and _free_path(graph, convs[0].target) \
                 else "reparam_conv"
             name = base if base in {n.target for n in convs} else unique_name(
                 taken | set(new_modules), base)
