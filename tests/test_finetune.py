@@ -112,9 +112,42 @@ def test_model_wrapper_freezes_and_saves_less():
     torch.testing.assert_close(merged(x), model(x))
 
 
+@given(groups=st.integers(2, 4), cg=st.integers(1, 3), og=st.integers(1, 3),
+       k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       dilation=st.integers(1, 2), data=st.data())
+def test_any_groups_gradients_equal_dense_restricted(groups, cg, og, k, stride, padding,
+                                                     dilation, data):
+    """Grouped convs (RepVGG-B1g2/g4 keep them after fusion) and depthwise ones: the Og
+    weights each selected input channel reaches, in (k*Og, 1, KH, KW) blocks."""
+    c, o = groups * cg, groups * og
+    size = dilation * (k - 1) + 1 + data.draw(st.integers(0, 3))
+    sel = data.draw(st.lists(st.integers(0, c - 1), min_size=1, max_size=c, unique=True))
+    conv = _conv(c, o, k, stride, padding, dilation, groups=groups, seed=len(sel))
+    x = torch.randn(2, c, size, size + 1, dtype=F64)
+    g = torch.randn_like(conv(x))
+    conv, gx_dense, sparse, gx_sparse, ys = _dense_and_sparse(conv, sel, x, g)
+    idx = torch.tensor(sel)
+    rows = ((idx // cg)[:, None] * og + torch.arange(og)).flatten()
+    cols = (idx % cg).repeat_interleave(og)
+    torch.testing.assert_close(ys, conv(x), atol=1e-10, rtol=0)
+    torch.testing.assert_close(sparse.weight_sel.grad, conv.weight.grad[rows, cols][:, None],
+                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(gx_sparse, gx_dense, atol=1e-10, rtol=0)
+    if cg > 1:      # the core's sparse kernel on the full input: (Og, k, KH, KW)
+        ref = core.conv2d_weight(x, tuple(conv.weight.shape), g, stride, padding, dilation,
+                                 groups, in_channels=idx)
+        torch.testing.assert_close(sparse.weight_sel.grad[:, 0],
+                                   ref.transpose(0, 1).reshape(-1, k, k), atol=1e-10, rtol=0)
+    # one SGD step changes exactly the selected entries, and merges back
+    before = conv.weight.detach().clone()
+    torch.optim.SGD(sparse.parameters(), lr=0.5).step()
+    changed = torch.zeros(o, cg, dtype=torch.bool)
+    changed[rows, cols] = True
+    diff = (sparse.to_conv().weight.detach() != before).flatten(2).any(-1)
+    assert not (diff & ~changed).any()
+
+
 def test_errors():
-    with pytest.raises(GeometryError, match="groups=2"):
-        SparseUpdateConv2d(nn.Conv2d(4, 4, 3, groups=2), [0])
     with pytest.raises(GeometryError, match="in_channels"):
         SparseUpdateConv2d(nn.Conv2d(4, 4, 3), [7])
     with pytest.raises(GeometryError, match="repeats"):
