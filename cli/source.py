@@ -165,6 +165,15 @@ def from_timm(name: str) -> nn.Module:
         raise InputError(f"timm could not create {name!r}: {first_line(exc)}") from None
 
 
+def _seeded(build, seed: int) -> nn.Module:
+    """``build()`` under torch's global generator seeded with ``seed`` (its state restored
+    afterwards): the initial weights of a timm or factory model are the same on every run,
+    so two commands without --weights see the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _randomize(model: nn.Module, shape: tuple[int, ...], seed: int) -> None:
     from repfuse.models.init import init_model
 
@@ -216,10 +225,10 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
             model = from_arch(arch, seed, random_init=weights is None)
             label = f"{arch} (repfuse.models)"
         elif which == "--factory":
-            model = from_factory(factory)
+            model = _seeded(lambda: from_factory(factory), seed)
             label = f"{factory} (factory)"
         else:
-            model = from_timm(timm_name)
+            model = _seeded(lambda: from_timm(timm_name), seed)
             label = f"{timm_name} (timm)"
         source = Source("torch", label, model, shape, files)
         if weights is None:

@@ -228,3 +228,24 @@ def test_installed_console_script(trained, tmp_path):
     assert "input file" in bad.stderr
     assert bool(torch.isfinite(torch.load(ckpt, weights_only=True)["state_dict"][
         "module.head.weight"]).all())
+
+
+def test_factory_without_weights_is_the_same_model_every_run(tmp_path):
+    """Without --weights the initial weights come from the seed, not from torch's global
+    generator: two commands (here .pt2 and .onnx outputs) convert the same model, so
+    `repfuse verify` finds them equal; the global generator is left as it was."""
+    spec = hostile_corpus.factory(tmp_path)
+    torch.manual_seed(123)
+    ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", tmp_path / "a.pt2"))
+    torch.randn(5)      # the global generator moves on between the two commands
+    ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", tmp_path / "b.onnx"))
+    result = run("verify", tmp_path / "a.pt2", tmp_path / "b.onnx", "--trust-pickle",
+                 "--input-shape", SHAPE)
+    assert result.exit_code == 0, result.output + result.stderr
+    before = torch.random.get_rng_state()
+    ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", tmp_path / "c.pt"))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.randn(7)
+    ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", tmp_path / "d.pt"))
+    c, d = (torch.load(tmp_path / n, weights_only=True) for n in ("c.pt", "d.pt"))
+    assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
