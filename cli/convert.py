@@ -54,9 +54,10 @@ def _verified_text(report) -> str:
         return "not verified (--no-verify)"
     checks = report.model_checks.checks if report.model_checks is not None else []
     grads = [c for c in checks if c.name.startswith("grad")]
-    outs = [r.max_abs_err for r in report.fused]
-    outs += [c.max_abs for c in checks if not c.name.startswith("grad")]
-    parts = [f"outputs max abs err {sci(max(outs))}"] if outs else []
+    outs = [(r.max_rel_err, r.max_abs_err) for r in report.fused]
+    outs += [(c.max_rel, c.max_abs) for c in checks if not c.name.startswith("grad")]
+    parts = [f"outputs max rel err {sci(max(r for r, _ in outs))} (max abs "
+             f"{sci(max(a for _, a in outs))})"] if outs else []
     if grads:
         worst = max(grads, key=lambda c: c.max_rel)
         text = f"input gradients max rel err {sci(worst.max_rel)}"

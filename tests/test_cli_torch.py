@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_demo_command_end_to_end(tmp_path):
                     "--input-shape", "1,3,32,32", cwd=tmp_path))
     assert "seeded random weights" in result.stderr
     assert "22 region(s) fused" in result.output
+    assert re.search(r"verified: outputs max rel err \S+ \(max abs \S+\); input gradients "
+                     r"max rel err", " ".join(result.output.split()))
     out = tmp_path / "build" / "repvgg_a0.onnx"
     import onnx
     import onnxruntime as ort
