@@ -252,3 +252,21 @@ def test_factory_without_weights_is_the_same_model_every_run(tmp_path):
     ok(run("convert", "--factory", spec, "--input-shape", SHAPE, "-o", tmp_path / "d.pt"))
     c, d = (torch.load(tmp_path / n, weights_only=True) for n in ("c.pt", "d.pt"))
     assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_fused_state_dict_loads_into_the_fused_structure(tmp_path):
+    """README's recipe: a .safetensors output loads (strict) into fuse(...).model of any
+    training-form instance and computes the converted model."""
+    from safetensors.torch import load_file
+
+    import repfuse
+    from repfuse import models
+
+    out = tmp_path / "a0.safetensors"
+    ok(run("convert", "--arch", "repvgg_a0", "--input-shape", "1,3,32,32", "-o", out))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    deploy = repfuse.fuse(models.create("repvgg_a0", seed=7), x, verify=False).model
+    deploy.load_state_dict(load_file(out), strict=True)
+    reference = models.create("repvgg_a0", seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), reference(x), rtol=1e-4, atol=1e-4)
