@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import click
@@ -114,16 +115,21 @@ def _table(rows, title: str) -> Table:
 
 
 def _plot(plt, rows, title: str, path, force: bool, inputs) -> None:
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.9 * len(rows)))
+    lines = textwrap.wrap(title, 80)
+    fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.25 * len(lines) + 0.9 * len(rows)))
     ys = range(len(rows))
     h = 0.38
-    ax.barh([y + h / 2 for y in ys], [r[1] for r in rows], h, label="training form")
-    ax.barh([y - h / 2 for y in ys], [r[2] for r in rows], h, label="fused")
+    ax.barh([y - h / 2 for y in ys], [r[1] for r in rows], h, label="training form")
+    ax.barh([y + h / 2 for y in ys], [r[2] for r in rows], h, label="fused")
+    for y, r in zip(ys, rows):   # the speed-up beside each pair
+        ax.annotate(f"{r[1] / r[2]:.2f}x" if r[2] > 0 else "", (max(r[1], r[2]), y),
+                    xytext=(4, 0), textcoords="offset points", va="center")
     ax.set_yticks(list(ys), [r[0] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("median latency (ms)")
-    ax.set_title(title)
-    ax.legend()
+    ax.margins(x=0.12)
+    fig.suptitle("\n".join(lines), x=0.02, ha="left", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=force,
