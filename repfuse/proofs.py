@@ -317,24 +317,85 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
         dtypes.append(r.dtype)
         if name in upstream and c.is_floating_point() and r.shape == c.shape:
             comparable[name] = c
-    report.dtype = str(least_precise(*dtypes)).replace("torch.", "") if dtypes else "float64"
-    if not grads or not ref_leaves:
-        return report
-    if not report.ok:
-        report.notes.append("outputs differ; input gradients compared anyway")
-    cand_grads = _input_grads(cand_leaves, list(comparable.items()),
-                              {n: upstream[n] for n in comparable})
-    floating = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
-    names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
-    for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
-        rg = torch.zeros_like(leaf) if rg is None else rg
-        check = compare_grad(f"grad {name}", rg, torch.zeros_like(leaf) if cg is None else cg,
-                             tol)
-        if cg is None:
-            check.detail = (f"candidate's outputs do not depend on {name} through autograd; "
-                            + check.detail).rstrip("; ")
-        report.checks.append(check)
+    dtype = least_precise(*dtypes) if dtypes else torch.float64
+    report.dtype = str(dtype).replace("torch.", "")
+    compared = {n: (r, c) for (n, r), (_, c) in zip(ref_flat, cand_flat) if n in comparable}
+    if grads and ref_leaves:
+        if not report.ok:
+            report.notes.append("outputs differ; input gradients compared anyway")
+        cand_grads = _input_grads(cand_leaves, list(comparable.items()),
+                                  {n: upstream[n] for n in comparable})
+        floating = [i for i, a in enumerate(args)
+                    if isinstance(a, Tensor) and a.is_floating_point()]
+        names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
+        for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
+            rg = torch.zeros_like(leaf) if rg is None else rg
+            check = compare_grad(f"grad {name}", rg,
+                                 torch.zeros_like(leaf) if cg is None else cg, tol)
+            if cg is None:
+                check.detail = (f"candidate's outputs do not depend on {name} through "
+                                f"autograd; " + check.detail).rstrip("; ")
+            else:
+                compared[f"grad {name}"] = (rg, cg)
+            report.checks.append(check)
+    if tol is None and dtype in ROUNDING_FACTOR and not report.ok:
+        _judge_by_float64(report, reference, args, grads, upstream, compared, dtype)
     return report
+
+
+#: Below float32 a deep model's own rounding can exceed the table's tolerance (repvgg_a0
+#: in bfloat16 differs from itself in float64 by ~8 % of its output range). A check that
+#: fails there is judged again against the training form run in float64: it passes when
+#: the fused model's error is at most this factor times the training form's own error in
+#: its dtype (the fused model is not less accurate than the model it replaces). Fusion
+#: errors themselves are caught by the per-region proofs, which run in float64.
+ROUNDING_FACTOR: dict[torch.dtype, float] = {torch.float16: 2.0, torch.bfloat16: 2.0}
+
+
+def _judge_by_float64(report: VerifyReport, reference: nn.Module, args: tuple, grads: bool,
+                      upstream: dict, compared: dict, dtype: torch.dtype) -> None:
+    """Re-judge the failed checks of a float16/bfloat16 comparison against a float64
+    copy of ``reference`` (see ``ROUNDING_FACTOR``); the detail gives both errors."""
+    import copy
+
+    failing = [c for c in report.checks if not c.ok and c.name in compared]
+    if not failing or len(failing) != len([c for c in report.checks if not c.ok]):
+        return      # a structural failure (shape, non-tensor output) stays a failure
+    ref64 = copy.deepcopy(reference).double()
+    args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
+                   else a for a in args)
+    with eval_mode(ref64):
+        leaves, out = _run(ref64, args64, grads)
+        flat = flatten(out, "output")
+        truth = {n: t.detach() for n, t in flat if isinstance(t, Tensor)}
+        if grads and leaves:
+            g64 = _input_grads(leaves, flat, upstream)
+            names = [n for n in compared if n.startswith("grad ")]
+            truth.update({n: g for n, g in zip(names, g64) if g is not None})
+    del ref64
+    factor = ROUNDING_FACTOR[dtype]
+    for check in failing:
+        if check.name not in truth:
+            continue
+        r, c = (t.detach().to(torch.float64) for t in compared[check.name])
+        exact = truth[check.name].to(torch.float64)
+        if check.name.startswith("grad "):   # relative L2 (isolated ReLU-kink flips)
+            norm = max(float(exact.norm()), torch.finfo(torch.float64).tiny)
+            e_ref, e_cand = float((r - exact).norm()) / norm, float((c - exact).norm()) / norm
+            budget, kind = max(factor * e_ref, GRAD_L2_RTOL[dtype]), "relative L2 error"
+        else:
+            e_ref = float((r - exact).abs().max())
+            e_cand = float((c - exact).abs().max())
+            t = tolerance(dtype)
+            budget = max(factor * e_ref, t.atol + t.rtol * float(exact.abs().max()))
+            kind = "max abs error"
+        verdict = (f"against the training form run in float64 the fused model's {kind} is "
+                   f"{e_cand:.3g}, the training form's own in {report.dtype} {e_ref:.3g}")
+        if math.isfinite(e_cand) and e_cand <= budget:
+            check.ok = True
+            check.detail = f"passed on rounding: {verdict}; elementwise: {check.detail}"
+        else:
+            check.detail = f"{verdict} (more than {factor:g}x); {check.detail}"
 
 
 def _compare_values(name: str, r, c) -> Check:
