@@ -61,7 +61,10 @@ def _verified_text(report) -> str:
     if grads:
         worst = max(grads, key=lambda c: c.max_rel)
         text = f"input gradients max rel err {sci(worst.max_rel)}"
-        if worst.detail.startswith("passed on"):
+        if worst.detail.startswith("passed on rounding: "):
+            verdict = worst.detail.removeprefix("passed on rounding: ").split("; elementwise")[0]
+            text += f" (passed on rounding: {verdict})"
+        elif worst.detail.startswith("passed on"):
             text += f" ({worst.detail.split(' (')[0]})"
         parts.append(text)
     return "verified: " + "; ".join(parts) if parts else "verified"

@@ -53,7 +53,11 @@ def randomize_batchnorms(model: nn.Module,
         if bn.affine:
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0.0, 0.2)
-    calibrate_batchnorms(model, torch.randn(calibration_shape))
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    batch = torch.randn(calibration_shape)      # drawn in float32 whatever the model's dtype
+    if ref is not None:
+        batch = batch.to(ref.device, ref.dtype)
+    calibrate_batchnorms(model, batch)
     for bn in bns:
         # channels dead on the calibration batch would get variance 0: floor it
         bn.running_var.clamp_(min=0.1 * float(bn.running_var.median()) + 1e-3)

@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from repfuse.errors import InputError, VerificationError
-from repfuse.onnx_io import compare_outputs, ort_session, save_onnx
+from repfuse.onnx_io import compare_outputs, ort_reason, ort_session, save_onnx
 from repfuse.proofs import as_input_tuple, eval_mode, flatten
 from repfuse.report import VerifyReport
 
@@ -119,7 +119,20 @@ def check_export(model, args: tuple, proto: onnx.ModelProto, *, dynamic_batch: b
                  tol=None) -> VerifyReport:
     """onnxruntime (no graph optimizations) against torch on ``args``, random inputs of
     the same shape and, when the batch is dynamic, random inputs of another batch size."""
-    session = ort_session(proto)
+    try:
+        session = ort_session(proto)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
+        half = sorted({str(t.dtype).replace("torch.", "") for t in (*model.parameters(), *args)
+                       if isinstance(t, torch.Tensor)
+                       and t.dtype in (torch.float16, torch.bfloat16)})
+        hint = (f"the model is in {'/'.join(half)}, which onnxruntime's CPU kernels do not "
+                "all support: export a float32 copy (model.float()), write .pt2 or "
+                ".safetensors instead, or skip the check (check=False, CLI --no-verify)"
+                if half else "skip the check with check=False (CLI --no-verify)")
+        raise InputError(f"onnxruntime cannot run the exported model ({ort_reason(exc)}); "
+                         f"{hint}") from None
     report = VerifyReport(notes=["torch vs onnxruntime, graph optimizations disabled"])
     cases = [("example inputs", args), ("random inputs", _random_like(args, None, 1))]
     first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)

@@ -270,3 +270,24 @@ def test_fused_state_dict_loads_into_the_fused_structure(tmp_path):
     reference = models.create("repvgg_a0", seed=0)
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_without_weights(tmp_path):
+    """A bfloat16 model from --factory: seeded BN calibration runs in the model's dtype, the
+    conversion passes verification on rounding (judged against float64), and an .onnx
+    output, which onnxruntime cannot run in bfloat16, is refused with the reason."""
+    (tmp_path / "halfnet.py").write_text(
+        "import torch\nfrom repfuse.models import create\n\n"
+        "def build():\n    return create('repvgg_a0', seed=0).to(torch.bfloat16)\n")
+    spec = f"{tmp_path / 'halfnet.py'}:build"
+    result = ok(run("convert", "--factory", spec, "--input-shape", "1,3,32,32", "-o",
+                    tmp_path / "h.safetensors"))
+    assert "22 region(s) fused" in result.output
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "h.safetensors").values())
+    result = run("convert", "--factory", spec, "--input-shape", "1,3,32,32", "-o",
+                 tmp_path / "h.onnx")
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "onnxruntime cannot run the exported model" in result.stderr
+    assert "bfloat16" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "h.onnx").exists()
