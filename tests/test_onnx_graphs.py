@@ -212,7 +212,7 @@ def test_intermediate_used_outside_is_left_alone_and_reported():
     y = g.op("Add", [a, g.conv("x", 4, 4, 1)])
     m = g.model(g.op("Mul", [g.op("Relu", [y]), g.op("Sigmoid", [a])]), 18)
     res = repfuse.fuse_onnx(m)
-    assert any("Sigmoid" in r.reason for r in res.report.skipped)
+    assert any("Sigmoid" in r.reason for r in res.report.skipped + res.report.split)
     # the conv -> BN below the shared value is still fused on its own
     assert ops(res.model).count("BatchNormalization") == 0
     assert ops(res.model).count("Add") == 1
@@ -236,7 +236,7 @@ def test_not_fusable_region_is_reported():
 def test_batchnorm_on_other_ranks_is_left_alone():
     g = G(4)
     flat = g.op("Reshape", [g.op("Relu", ["x"]), _int_const(g, [0, 4, -1])])  # (N, 4, 64)
-    y = g.bn(flat, 4)
+    y = g.op("Add", [g.bn(flat, 4), flat])      # worth fusing on 4-D input: BN + identity
     m = g.model(g.op("Relu", [y]), 18)
     m.graph.output[0].type.tensor_type.shape.Clear()
     res = repfuse.fuse_onnx(m)
@@ -410,3 +410,50 @@ def test_part_that_fails_its_proof_is_left_and_named():
     (whole,) = [r for r in reports if "zero padding" in r.reason]
     assert whole.status == "skipped" and f"the part after '{v}'" in whole.reason
     assert "proof failed" in whole.reason
+
+
+def test_region_after_a_residual_add_of_two_inputs():
+    """An Add joining two different inputs (a residual) is a boundary, not a reason to
+    drop every linear node after it: the next block's Conv -> BN still fuses
+    (MobileNetV3's inverted residuals, FastViT's stages)."""
+    g = G(4)
+    r = g.op("Relu", ["x"])
+    s = g.op("Add", [r, "x"])
+    y = g.op("Relu", [g.bn(g.conv(s, 4, 4, 3, bias=False), 4)])
+    m = g.model(y, 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Relu", "Add", "Conv", "Relu"]
+    (fused,) = res.report.fused
+    assert fused.branches == ["conv3x3+bn"]
+    assert_same(m, res.model)
+
+
+def test_castlike_reading_a_value_inside_only_for_its_type():
+    """The torch exporter casts scalar constants like an activation (CastLike(3, v));
+    that use reads v's element type only: the region still fuses and the CastLike takes
+    its type from the region's input."""
+    g = G(4)
+    u = g.conv("x", 4, 4, 3, bias=False)
+    v = g.bn(u, 4)
+    three = g.op("CastLike", [g.const(3.0), u])
+    y = g.op("Add", [g.op("Relu", [v]), three])
+    m = g.model(y, 18)
+    res = repfuse.fuse_onnx(m)
+    assert "BatchNormalization" not in ops(res.model) and ops(res.model).count("Conv") == 1
+    (cast,) = [n for n in res.model.graph.node if n.op_type == "CastLike"]
+    assert cast.input[1] == "x"
+    assert_same(m, res.model)
+
+
+def test_region_whose_input_alias_is_used_outside_is_cut_after_it():
+    """Identity -> Conv -> BN where the Identity's output is also read outside: the
+    region as a whole would hide that value; the part after it fuses."""
+    g = G(4)
+    a = g.op("Identity", ["x"])
+    y = g.op("Add", [g.op("Relu", [g.bn(g.conv(a, 4, 4, 3, bias=False), 4)]), a])
+    m = g.model(y, 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Identity", "Conv", "Relu", "Add"]
+    (split,) = res.report.split
+    assert "also used by" in split.reason and f"cut at '{a}'" in split.reason
+    assert_same(m, res.model)

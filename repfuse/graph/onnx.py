@@ -22,7 +22,7 @@ import torch
 from repfuse.errors import NotFusable
 from repfuse.graph import region as rg
 from repfuse.graph.onnx_match import Constants, LinearOp, linear_op
-from repfuse.graph.onnx_rewrite import replace_with_conv
+from repfuse.graph.onnx_rewrite import replace_with_conv, type_only_use
 from repfuse.report import RegionReport, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,21 @@ def linear_ops(graph: ir.Graph) -> dict[ir.Node, LinearOp]:
 
 
 def _worth_fusing(nodes: list[ir.Node], ops: dict[ir.Node, LinearOp]) -> bool:
+    """A Conv with something to fold into it, or batch norms merged with other branches
+    (as the fx front end's ``worthwhile``): a lone BatchNormalization stays one."""
     kinds = [ops[n].kind for n in nodes if ops[n].kind != "identity"]
-    if "bn" in kinds:
-        return True
-    return "conv" in kinds and len(kinds) >= 2
+    if "conv" in kinds:
+        return len(kinds) >= 2
+    return "bn" in kinds and "combine" in kinds
 
 
 def find_candidates(graph: ir.Graph, ops: dict[ir.Node, LinearOp]) -> list[Candidate]:
-    """Single-input candidates worth fusing, last node first (largest regions first)."""
+    """Single-input candidates worth fusing, last node first (largest regions first).
+
+    A node's cone is itself and the cones of its linear inputs, except that a value
+    whose own cone reads several inputs (a residual Add of two branches, say) is a
+    boundary: the linear nodes after it (the next block's Conv -> BN) still form a
+    region that reads it."""
     cones: dict[ir.Node, tuple[set, set]] = {}
     order = list(graph)
     for node in order:
@@ -113,10 +120,10 @@ def find_candidates(graph: ir.Graph, ops: dict[ir.Node, LinearOp]) -> list[Candi
         members, leaves = {node}, set()
         for value in ops[node].data:
             producer = value.producer()
-            if producer in cones:
+            if producer in cones and len(cones[producer][1]) == 1:
                 members |= cones[producer][0]
                 leaves |= cones[producer][1]
-            else:
+            else:   # a non-linear value, or one joining several inputs (a residual Add)
                 leaves.add(value)
         cones[node] = (members, leaves)
     position = {n: i for i, n in enumerate(order)}
@@ -179,7 +186,7 @@ def _escape(cand: Candidate) -> str:
             if value.is_graph_output():
                 return f"intermediate value '{value.name}' is a graph output"
             for user in value.consumers():
-                if user not in cand.node_set:
+                if user not in cand.node_set and not type_only_use(user, value):
                     return (f"intermediate value '{value.name}' is also used by node "
                             f"'{user.name or user.op_type}' ({user.op_type}) outside the region")
     return ""
@@ -259,12 +266,10 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
         for cand in find_candidates(graph, ops):
             if cand.node_set & claimed:
                 continue
-            if cand.reason:
-                _note_skip(skipped, cand, _region_report(cand, None, "skipped", cand.reason),
-                           written)
-                continue
             whole = None        # the refused region's report when ``cand`` is a part of it
             try:
+                if cand.reason:     # a value inside is needed outside
+                    raise NotFusable(cand.reason)
                 expr, fused = _reduce(cand, ops)
             except NotFusable as err:
                 whole = _region_report(cand, None, "split", str(err))

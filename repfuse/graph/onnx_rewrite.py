@@ -50,10 +50,27 @@ def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     return value
 
 
+def type_only_use(user: ir.Node, value: ir.Value) -> bool:
+    """Whether ``user`` reads only the element type of ``value``: the ``target_type``
+    input of CastLike (the torch exporter casts scalar constants like an activation)."""
+    return (user.op_type == "CastLike" and user.domain in ("", "ai.onnx")
+            and len(user.inputs) > 1 and user.inputs[1] is value and user.inputs[0] is not value)
+
+
 def replace_with_conv(graph: ir.Graph, nodes: list[ir.Node], x: ir.Value, output: ir.Value,
                       fused) -> ir.Node:
-    """Replace ``nodes`` (computing ``output`` from ``x``) by one Conv of ``fused``."""
+    """Replace ``nodes`` (computing ``output`` from ``x``) by one Conv of ``fused``. A
+    CastLike outside that takes its type from a value inside takes it from ``x``
+    instead (the same element type, computed before every node of the region)."""
     sink = output.producer()
+    members = set(nodes)
+    for node in nodes:
+        for value in node.outputs:
+            if value is output:
+                continue
+            for user, index in list(value.uses()):
+                if user not in members and type_only_use(user, value):
+                    user.replace_input_with(index, x)
     dtype = _numpy_dtype(output, fused.dtype or torch.float32)
     base = sink.name or output.name or "region"
     weight = fused.weight.detach().cpu().numpy().astype(dtype)
