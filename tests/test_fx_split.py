@@ -123,3 +123,21 @@ def test_cli_tables_say_fused_in_parts():
     text = console.export_text()
     assert "not fused as a whole" in text and "fused in parts" in text
     assert region_counts(result.report) == "2 region(s) fused, 1 fused in parts, 0 left alone"
+
+
+def test_zero_bias_parameters_are_cut_like_nonzero_ones():
+    """Freshly initialised BNs (beta = 0, running mean 0) make the 1x1's bias exactly zero:
+    one conv would then match the outputs, but not the gradient of that bias, which sees
+    the zero border. The structure decides: the region is cut as with trained weights,
+    and every proof passes (the weight-gradient mapping included)."""
+    torch.manual_seed(0)
+    model = RepGhostTail().double().eval()          # default BN statistics and affine
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+    result = repfuse.fuse(model, x)
+    assert result.report.ok, [(r.path, r.proofs.failures) for r in result.report.fused
+                              if r.proofs is not None and not r.proofs.ok]
+    (split,) = result.report.split
+    assert "bias parameter" in split.reason and "even while it is zero" in split.reason
+    assert count(result.model, nn.BatchNorm2d) == 0 and count(result.model, nn.Conv2d) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-10, atol=1e-10)

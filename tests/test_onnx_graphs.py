@@ -285,8 +285,11 @@ def test_random_blocks_keep_their_function(spec, opset):
         assert region.proofs.ok
     if not (res.report.skipped or res.report.split) and \
             not any(b.relu_inside for b in spec.branches):
-        # the whole block is one linear region: one Conv (then Relu / output Identity)
-        assert "BatchNormalization" not in ops(res.model)
+        # the whole block is one linear region: one Conv (then Relu / output Identity),
+        # unless it is a lone BatchNormalization (nothing to fold it into or merge it with)
+        lone_bn = ops(m).count("BatchNormalization") == 1 and not {"Conv", "Add", "Sum", "Sub",
+                                                                    "Concat"} & set(ops(m))
+        assert lone_bn or "BatchNormalization" not in ops(res.model)
         assert ops(res.model).count("Conv") <= 1
         if res.report.fused:
             assert ops(res.model).count("Conv") == 1
@@ -456,4 +459,25 @@ def test_region_whose_input_alias_is_used_outside_is_cut_after_it():
     assert ops(res.model) == ["Identity", "Conv", "Relu", "Add"]
     (split,) = res.report.split
     assert "also used by" in split.reason and f"cut at '{a}'" in split.reason
+    assert_same(m, res.model)
+
+
+def test_zero_bias_parameters_are_cut_like_nonzero_ones():
+    """RepGhost's tail with freshly initialised BNs (scale 1, shift 0, mean 0, var 1): the
+    1x1+BN's bias is zero, so one Conv would match the outputs but not the gradient of
+    the BN's shift. The region is cut as with trained weights; no proof fails."""
+    g = G(4)
+    ones, zeros = g.const(np.ones(6)), g.const(np.zeros(6))
+
+    def fresh_bn(v):
+        return g.op("BatchNormalization", [v, ones, zeros, zeros, ones], epsilon=1e-5)
+
+    x1 = fresh_bn(g.conv("x", 4, 6, 1, bias=False))
+    y = g.op("Add", [fresh_bn(g.conv(x1, 6, 6, 3, group=6, bias=False)), fresh_bn(x1)])
+    m = g.model(g.op("Relu", [y]), 18)
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Conv", "Conv", "Relu"]
+    assert not res.report.skipped and all(r.proofs.ok for r in res.report.fused)
+    (split,) = res.report.split
+    assert "even while it is zero" in split.reason
     assert_same(m, res.model)

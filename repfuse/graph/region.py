@@ -238,6 +238,8 @@ def _reduce_node(node: Node, args: list, dtype, device):
                                  f"input has {args[0].out_channels}")
             spec.check_weight(tuple(node.weight.shape))
             return _LazyConv(node, spec)
+        if spec.padding_mode == "zeros":
+            _refuse_bias_parameter_through_padding(node.input, spec)
         return A.compose(_affine(args[0]), A.AffineConv.from_tensors(node.weight, node.bias,
                                                                       spec))
     if isinstance(node, BatchNorm):
@@ -252,7 +254,11 @@ def _reduce_node(node: Node, args: list, dtype, device):
                                node.padding, count_include_pad=node.count_include_pad,
                                ceil_mode=node.ceil_mode, divisor_override=node.divisor_override,
                                dtype=args[0].dtype, device=args[0].device, name=_label(node))
-        return pool if isinstance(args[0], _Identity) else A.compose(_affine(args[0]), pool)
+        if isinstance(args[0], _Identity):
+            return pool
+        if node.count_include_pad:
+            _refuse_bias_parameter_through_padding(node.input, pool.spec)
+        return A.compose(_affine(args[0]), pool)
     args = [_affine(a) for a in args]
     if isinstance(node, Scale):
         return A.scale(args[0], node.factor)
@@ -270,6 +276,24 @@ def _reduce_node(node: Node, args: list, dtype, device):
         value = args[0].bias if node.zero_response else node.value
         return A.pad_output(args[0], node.padding, value, name=_label(node))
     raise NotFusable(f"{type(node).__name__} is not a linear region node")
+
+
+def _refuse_bias_parameter_through_padding(inp: Node, spec: ConvSpec) -> None:
+    """A zero-padding conv (or pool) after a part with a bias parameter is exact only in
+    the interior; ``compose`` refuses it when the bias is non-zero. Where the bias is
+    zero now (freshly initialised weights) the values agree but the bias's gradient does
+    not (the border sees zeros, not the bias): the fused kernel would not follow the
+    training form, so the structure decides, not the current value."""
+    if max(spec.padding) == 0:
+        return
+    for n in _walk(inp):
+        carrier = {Conv: "bias", BatchNorm: "bias", Shift: "value"}.get(type(n))
+        if carrier and isinstance(getattr(n, carrier, None), torch.Tensor):
+            raise NotFusable(
+                f"{spec.describe()} zero-pads the output of {_label(n)}, which has "
+                f"a bias parameter: the bias would pass through the zero padding (exact only "
+                "in the interior, and for the bias's gradient even while it is zero); pad "
+                "with the bias value (BN-and-pad) or drop the padding")
 
 
 def _check_materialized(expr: Node) -> None:
