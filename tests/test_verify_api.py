@@ -292,7 +292,7 @@ def test_half_models_are_judged_against_float64(dtype):
     rejudged = [c for c in report.checks if c.detail.startswith("passed on rounding")]
     assert rejudged, [c.detail for c in report.checks]   # the table alone rejects them
     for c in rejudged:
-        assert "training form run in float64" in c.detail and c.ok
+        assert "reference run in float64" in c.detail and c.ok
     broken = copy.deepcopy(fused)
     conv = broken.get_submodule("stage4.0.reparam_conv")
     with torch.no_grad():
