@@ -334,3 +334,22 @@ def test_region_that_would_grow_is_split():
     assert result.report.params_after < result.report.params_before
     with torch.no_grad():
         assert close(result.model(x), model(x))
+
+
+def test_channels_last_model_keeps_channels_last_kernels():
+    """A model converted to channels_last gets fused kernels in that format (the other
+    format would be converted on every call); an NCHW model keeps NCHW kernels."""
+    from repfuse.models import create
+
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        model = create("repvgg_a0", seed=0).to(memory_format=fmt)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = x.to(memory_format=fmt)
+        result = repfuse.fuse(model, x)
+        assert result.report.ok and len(result.report.fused) == 22
+        kernels = [m.weight for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=fmt) for w in kernels)
+        if fmt == torch.channels_last:
+            assert not any(w.is_contiguous() for w in kernels if w.shape[-1] > 1)
+        with torch.no_grad():
+            torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)

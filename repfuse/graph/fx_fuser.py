@@ -85,6 +85,17 @@ def _mark_constants(graph: fx.Graph) -> set[fx.Node]:
     return const
 
 
+def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
+    """The fused module in the memory format of the convs it replaces: a channels_last
+    model keeps channels_last kernels (a kernel in the other format is converted on every
+    call)."""
+    kernels = [t for t in rg.parameters(expr).values() if t.dim() == 4]
+    if any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+           for t in kernels):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
 def _attempt(r: Region, expr: rg.Node, tried: dict):
     """``(AffineConv, module)`` for region ``r``, or the ``NotFusable`` / ``ValueError``
     saying why not (cached in ``tried`` by member set)."""
@@ -95,7 +106,7 @@ def _attempt(r: Region, expr: rg.Node, tried: dict):
                 affine = rg.reduce(expr)
             rg.check_growth(expr, affine)
             with torch.no_grad():
-                tried[key] = (affine, affine.to_module())
+                tried[key] = (affine, _like_branches(affine.to_module(), expr))
         except (NotFusable, ValueError) as err:
             tried[key] = err
     return tried[key]
