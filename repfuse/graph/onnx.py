@@ -1,10 +1,13 @@
 """ONNX front end (onnx_ir): find linear regions, reduce each, rewrite it as one Conv.
 
 A *region* is the set of linear nodes (see ``onnx_match``) that a value depends on,
-back to exactly one non-constant input value. Candidates are taken from the graph's
-end backwards, so each region is as large as possible; a candidate is used only when
-no value computed inside it is needed outside (by another node or as a graph output),
-otherwise it is left alone and reported. ``region.reduce`` turns the region's
+back to exactly one non-constant input value (a value that itself joins several inputs,
+such as a residual Add, is such an input for the nodes after it). Candidates are taken
+from the graph's end backwards, so each region is as large as possible; a candidate is
+used whole only when it reduces exactly and no value computed inside it is needed
+outside (by another node or as a graph output; CastLike reading only its type does not
+count), otherwise it is cut at a dominator (``suffix_cuts``) or left alone, and
+reported. ``region.reduce`` turns the region's
 expression into one ``AffineConv``, which is written back as one ``Conv`` node with new
 initializers (ONNX pads may be asymmetric).
 """
