@@ -267,7 +267,7 @@ def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
-        raise InputError(f"onnxruntime cannot load the original model ({_first_line(exc)}); "
+        raise InputError(f"onnxruntime cannot load the original model ({ort_reason(exc)}); "
                          "pass verify=False to skip the check") from None
     cand_sess = ort_session(candidate)
     report = VerifyReport(notes=["onnxruntime, graph optimizations disabled, random inputs"])
@@ -279,15 +279,11 @@ def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
         except Exception as exc:  # noqa: BLE001
             shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
             raise InputError(f"onnxruntime cannot run the original model on random inputs "
-                             f"({shapes}): {_first_line(exc)}; pass verify=False to skip the "
+                             f"({shapes}): {ort_reason(exc)}; pass verify=False to skip the "
                              "check") from None
         report.checks += compare_outputs(f"onnxruntime outputs, batch {batch}", expected,
                                          cand_sess.run(None, feeds), tol)
     return report
-
-
-def _first_line(exc: BaseException) -> str:
-    return ort_reason(exc)
 
 
 def ort_reason(exc: BaseException, limit: int = 200) -> str:

@@ -21,6 +21,7 @@ computed in float64; the tolerance is that of the less precise of the two dtypes
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -360,8 +361,6 @@ def _judge_by_float64(report: VerifyReport, reference: nn.Module, args: tuple, u
     """Re-judge the failed checks of a float16/bfloat16 comparison against a float64
     copy of ``reference`` (see ``ROUNDING_FACTOR``); the detail gives both errors.
     ``grad_names``: the input-gradient checks, one per floating input, in order."""
-    import copy
-
     failing = [c for c in report.checks if not c.ok and c.name in compared]
     if not failing or len(failing) != len([c for c in report.checks if not c.ok]):
         return      # a structural failure (shape, non-tensor output) stays a failure

@@ -10,7 +10,7 @@ from repfuse.algebra.bn import (
     fold_preceding_bn,
 )
 from repfuse.algebra.combine import add, concat, subtract
-from repfuse.algebra.embed import align, common_geometry, embed_kernel, regroup
+from repfuse.algebra.embed import align, common_geometry, embed_kernel, reads_padding, regroup
 from repfuse.algebra.identity import identity_conv
 from repfuse.algebra.pool import avg_pool_conv
 from repfuse.algebra.scaling import affine_channels, negate, scale, shift
@@ -20,5 +20,5 @@ __all__ = [
     "AffineConv", "add", "affine_channels", "align", "avg_pool_conv", "bn_conv",
     "bn_module_conv", "bn_scale_shift", "common_geometry", "compose", "concat",
     "embed_kernel", "fold_bn", "fold_bn_module", "fold_preceding_bn", "identity_conv",
-    "negate", "pad_output", "regroup", "scale", "shift", "subtract",
+    "negate", "pad_output", "reads_padding", "regroup", "scale", "shift", "subtract",
 ]

@@ -130,7 +130,6 @@ def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: se
     return best
 
 
-
 def _free_path(graph: fx.Graph, target: str) -> bool:
     """Whether the fused conv may keep the path ``target`` of the conv it replaces: a
     plain name, or a dotted one (the conv of an inlined submodule, ``conv1.0``) whose

@@ -284,7 +284,7 @@ def _refuse_bias_parameter_through_padding(inp: Node, spec: ConvSpec) -> None:
     zero now (freshly initialised weights) the values agree but the bias's gradient does
     not (the border sees zeros, not the bias): the fused kernel would not follow the
     training form, so the structure decides, not the current value."""
-    if max(spec.padding) == 0:
+    if not A.reads_padding(spec):
         return
     for n in _walk(inp):
         carrier = {Conv: "bias", BatchNorm: "bias", Shift: "value"}.get(type(n))
