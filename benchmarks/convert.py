@@ -17,9 +17,9 @@ import time
 import timm
 import torch
 import torch.nn as nn
-from repfuse.cli.allocator import keep_freed_memory
 
 import repfuse
+from repfuse.cli.allocator import keep_freed_memory
 
 
 def randomize(model: nn.Module) -> nn.Module:

@@ -26,11 +26,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from repfuse.cli.allocator import keep_freed_memory
 from rich.console import Console
 from rich.table import Table
 
 from repfuse import core
+from repfuse.cli.allocator import keep_freed_memory
 
 N, C, O, HW, K = 8, 64, 64, 56, 3
 

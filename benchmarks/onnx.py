@@ -26,10 +26,10 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
-from repfuse.cli.allocator import keep_freed_memory  # noqa: E402
 
 import repfuse  # noqa: E402
-from repfuse.onnx_io import ort_session  # noqa: E402
+from repfuse.cli.allocator import keep_freed_memory  # noqa: E402
+from repfuse.onnx.runtime import ort_session  # noqa: E402
 
 
 def training_form(arch: str) -> torch.nn.Module:

@@ -28,13 +28,13 @@ import statistics
 import time
 
 import torch
-from repfuse.cli.allocator import keep_freed_memory
 from torch import nn
 
+from repfuse import region as rg
+from repfuse.cli.allocator import keep_freed_memory
 from repfuse.core.spec import ConvSpec
-from repfuse.graph import region as rg
 from repfuse.proofs import verify_models
-from repfuse.proofs_region import prove_region
+from repfuse.proofs.region import prove_region
 
 
 def create(name: str, use_timm: bool) -> nn.Module:

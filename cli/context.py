@@ -11,11 +11,18 @@ STAGE_KEY = "repfuse.stage"
 
 
 class Failure(click.ClickException):
-    """A one-line error with an exit code (2: bad input, 1: verification failed)."""
+    """A one-line error: bad usage or bad input (exit code 2)."""
 
-    def __init__(self, message: str, exit_code: int = 2):
+    exit_code = 2
+
+    def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
-        self.exit_code = exit_code
+
+
+class CheckFailed(Failure):
+    """A one-line error: verification failed or the run failed, nothing written (exit 1)."""
+
+    exit_code = 1
 
 
 def one_line(exc: BaseException) -> str:

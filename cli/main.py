@@ -11,14 +11,15 @@ import sys
 import warnings
 
 import click
+
 from repfuse.cli.context import (
     STAGE_KEY,
+    CheckFailed,
     Failure,
     debug_enabled,
     one_line,
     set_debug,
 )
-
 from repfuse.errors import ReparamError, VerificationError
 
 
@@ -36,23 +37,23 @@ class ReparamGroup(click.Group):
         except VerificationError as exc:
             if debug_enabled(ctx):
                 raise
-            raise Failure(f"verification failed: {one_line(exc)}; nothing written", 1) from None
+            raise CheckFailed(f"verification failed: {one_line(exc)}; nothing written") from None
         except ReparamError as exc:
             if debug_enabled(ctx):
                 raise
-            raise Failure(one_line(exc), 2) from None
+            raise Failure(one_line(exc)) from None
         except MemoryError:
             if debug_enabled(ctx):
                 raise
-            raise Failure("out of memory; use a smaller --input-shape or a smaller model", 2) \
+            raise Failure("out of memory; use a smaller --input-shape or a smaller model") \
                 from None
         except Exception as exc:
             if debug_enabled(ctx):
                 raise
             stage = ctx.meta.get(STAGE_KEY, "run")
-            code = 2 if stage == "load" else 1
-            raise Failure(f"{type(exc).__name__} while {stage_text(stage)}: {one_line(exc)} "
-                          "(rerun with --debug for the traceback)", code) from None
+            kind = Failure if stage == "load" else CheckFailed
+            raise kind(f"{type(exc).__name__} while {stage_text(stage)}: {one_line(exc)} "
+                       "(rerun with --debug for the traceback)") from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
@@ -124,10 +125,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from repfuse.cli.bench import bench
-    from repfuse.cli.convert import convert
-    from repfuse.cli.inspect_cmd import inspect
-    from repfuse.cli.verify_cmd import verify
+    from repfuse.cli.commands.bench import bench
+    from repfuse.cli.commands.convert import convert
+    from repfuse.cli.commands.inspect import inspect
+    from repfuse.cli.commands.verify import verify
 
     for command in (convert, inspect, verify, bench):
         cli.add_command(command)

@@ -1,10 +1,12 @@
-"""Option families shared by the commands: model source, input shape, output control."""
+"""Option families shared by the commands: input shape, tolerance, output control (the
+model options: ``repfuse.cli.spec``)."""
 
 from __future__ import annotations
 
 import re
 
 import click
+
 from repfuse.cli.context import set_debug
 
 DEFAULT_SHAPE = (1, 3, 224, 224)
@@ -42,36 +44,6 @@ class ShapeType(click.ParamType):
 
 
 SHAPE = ShapeType()
-
-
-def model_options(fn):
-    """MODEL_FILE plus --arch / --factory / --timm / --weights / --trust-pickle / --seed."""
-    decorators = [
-        click.argument("model_file", required=False, metavar="[MODEL_FILE]",
-                       type=click.Path(exists=True, dir_okay=False)),
-        click.option("--arch", metavar="NAME",
-                     help="Architecture from repfuse.models (e.g. repvgg_a0, mobileone_s0)."),
-        click.option("--factory", metavar="MODULE:CALLABLE",
-                     help="Your own code: 'pkg.mod:build' or 'path/to/file.py:build', "
-                          "called without arguments, returning an nn.Module."),
-        click.option("--timm", "timm_name", metavar="NAME",
-                     help="A timm model (pretrained=False; needs timm installed)."),
-        click.option("--weights", "-w", metavar="CKPT",
-                     type=click.Path(exists=True, dir_okay=False),
-                     help="Checkpoint: .pth/.pt (read with weights_only=True) or .safetensors; "
-                          "nested state_dict/model/ema keys and 'module.' prefixes handled."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow unpickling arbitrary objects (whole-model pickles, .pt2 files, "
-                          "checkpoints with custom classes). Only for files you trust."),
-        click.option("--input-shape", type=SHAPE, default=None, metavar="N,C,H,W",
-                     help="Example input shape for tracing and checks "
-                          "[default: from the file, else 1,3,224,224]."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the random weights (when no --weights) and example inputs."),
-    ]
-    for dec in reversed(decorators):
-        fn = dec(fn)
-    return fn
 
 
 def output_options(fn):

@@ -1,13 +1,14 @@
-"""The steps convert / inspect / bench share: fuse a loaded source, gather its figures."""
+"""The steps convert / inspect / bench share: load the model, fuse it, gather its figures."""
 
 from __future__ import annotations
 
 import inspect as pyinspect
 
-from repfuse.cli.measure import count_macs, count_params
-from repfuse.cli.source import Source
-
 import repfuse
+from repfuse.cli.context import set_stage
+from repfuse.cli.measure import count_macs, count_params
+from repfuse.cli.render import status
+from repfuse.cli.source import Source
 
 
 def _accepts(fn, name: str) -> bool:
@@ -30,6 +31,25 @@ def fuse_source(source: Source, *, verify: bool, tol=None, seed: int = 0):
         return repfuse.fuse_onnx(source.model, **kwargs), None
     x = source.example_input(seed)
     return repfuse.fuse(source.model, x, verify=verify, tol=tol), x
+
+
+def load_model(ctx, model, err) -> Source:
+    """Load the model a ``ModelSpec`` names (stage ``load``: errors are input errors) and
+    show its notes."""
+    set_stage(ctx, "load")
+    with status(err, "loading the model"):
+        source = model.load()
+    for note in source.notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+    return source
+
+
+def fuse_model(ctx, source: Source, err, *, verify: bool, message: str, tol=None,
+               seed: int = 0):
+    """``fuse_source`` under a status line (stage ``fuse``); returns ``(result, x)``."""
+    set_stage(ctx, "fuse")
+    with status(err, message):
+        return fuse_source(source, verify=verify, tol=tol, seed=seed)
 
 
 def figures(source: Source, result, x, *, macs: bool = True) -> list[tuple[str, object, object]]:

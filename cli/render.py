@@ -9,7 +9,8 @@ import os
 from rich.console import Console
 from rich.table import Table
 
-from repfuse.io import atomic_write
+from repfuse.io.atomic import atomic_write
+from repfuse.report import RegionStatus
 
 
 def consoles(quiet: bool) -> tuple[Console, Console]:
@@ -61,8 +62,8 @@ def region_tables(report, *, title: str = "Regions", checked: bool = True) -> li
     """The fused regions (where, what branches, what each became, params, error) and,
     when some were left alone, a second table of those with the reason."""
     tables = []
-    fused = [r for r in report.regions if r.status == "fused"]
-    skipped = [r for r in report.regions if r.status != "fused"]   # left alone or split
+    fused = [r for r in report.regions if r.status is RegionStatus.FUSED]
+    skipped = [r for r in report.regions if r.status is not RegionStatus.FUSED]  # alone or split
     if fused or not skipped:
         table = Table(title=f"{title}: fused regions", title_justify="left")
         table.add_column("region", overflow="fold", min_width=12)
@@ -86,7 +87,7 @@ def region_tables(report, *, title: str = "Regions", checked: bool = True) -> li
         table.add_column("outcome", no_wrap=True)
         table.add_column("because", overflow="fold", min_width=20, ratio=2)
         for r in skipped:
-            outcome = "fused in parts" if r.status == "split" else "left alone"
+            outcome = "fused in parts" if r.status is RegionStatus.SPLIT else "left alone"
             table.add_row(r.path or "(model)", compact_branches(r.branches), outcome, r.reason)
         tables.append(table)
     return tables
@@ -98,12 +99,17 @@ def region_counts(report, fused_verb: str = "fused") -> str:
     return f"{len(report.fused)} region(s) {fused_verb}{split}, {len(report.skipped)} left alone"
 
 
-def summary_table(rows: list[tuple[str, object, object]], *, title: str = "Model") -> Table:
+def before_after_table(title: str, first: str, columns: tuple[str, str, str]) -> Table:
+    """A table with a left-justified first column and three right-justified ones."""
     table = Table(title=title, title_justify="left")
-    table.add_column("")
-    table.add_column("training form", justify="right")
-    table.add_column("fused", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column(first)
+    for name in columns:
+        table.add_column(name, justify="right")
+    return table
+
+
+def summary_table(rows: list[tuple[str, object, object]], *, title: str = "Model") -> Table:
+    table = before_after_table(title, "", ("training form", "fused", "change"))
     for name, before, after in rows:
         if isinstance(before, dict) or isinstance(after, dict):
             continue
@@ -158,3 +164,15 @@ def write_json(path: str | os.PathLike, data: dict, *, inputs=()) -> None:
             fh.write("\n")
 
     atomic_write(path, write, force=True, inputs=inputs)
+
+
+def show_report(out, err, source, report, rows, *, checked: bool) -> None:
+    """The tables every fusing command prints: fused and not-fused regions, ONNX op counts,
+    the model summary, then the report's notes (on stderr)."""
+    for table in region_tables(report, title=source.label, checked=checked):
+        out.print(table)
+    if source.kind == "onnx" and (report.ops_before or report.ops_after):
+        out.print(ops_table(report.ops_before, report.ops_after))
+    out.print(summary_table(rows))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {note}")

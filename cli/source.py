@@ -11,25 +11,14 @@ from pathlib import Path
 
 import click
 import torch
-from repfuse.cli.options import DEFAULT_SHAPE
 from torch import nn
 
-from repfuse.checkpoint import (
-    check_model,
-    close_matches,
-    first_line,
-    load_checkpoint,
-    load_weights,
-)
-from repfuse.errors import InputError
-from repfuse.modelfile import (
-    load_exported_program,
-    load_onnx,
-    load_pickled_module,
-    onnx_input_shape,
-    program_input_shape,
-    program_module,
-)
+from repfuse.cli.options import DEFAULT_SHAPE
+from repfuse.errors import InputError, first_line
+from repfuse.fx.aten import program_module
+from repfuse.io.checkpoint import check_model, close_matches, load_checkpoint
+from repfuse.io.modelfile import load_exported_program, load_pickled_module, program_input_shape
+from repfuse.onnx.io import load_onnx, onnx_input_shape
 
 
 @dataclass
@@ -60,7 +49,7 @@ class Source:
 def check_runnable(proto, source: str) -> None:
     """onnxruntime (when installed) must accept the model: it runs every check."""
     try:
-        from repfuse.onnx_io import ort_reason, ort_session
+        from repfuse.onnx.runtime import ort_reason, ort_session
     except ImportError:
         return
     try:
@@ -198,7 +187,7 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
             if weights:
                 raise click.UsageError("--weights cannot be used with an ONNX model file: "
                                        "its weights are inside it")
-            proto = load_onnx(path)
+            proto, _ = load_onnx(path)
             check_runnable(proto, model_file)
             shape = onnx_input_shape(proto) or input_shape or DEFAULT_SHAPE
             source = Source("onnx", f"{path.name} (ONNX)", proto, tuple(shape), files, path=path)
@@ -237,9 +226,8 @@ def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, wei
             source.notes.append(f"no --weights given: seeded random weights (seed {seed}) with "
                                 "realistic BatchNorm statistics")
     if weights is not None:
-        state_dict = load_checkpoint(weights, trust_pickle=trust_pickle, notes=source.notes)
-        source.notes += load_weights(source.model, state_dict, source=os.fspath(weights),
-                                     model_name=source.label)
+        load_checkpoint(source.model, weights, name=source.label, trust_pickle=trust_pickle,
+                        notes=source.notes)
     set_eval(source.model)
     source.notes += check_model(source.model, source=source.label)
     if source.kind == "torch":

@@ -8,8 +8,8 @@ checkpoints load with ``strict=True`` (see ``load_checkpoint``).
 >>> net = models.create("repvgg_a0", seed=0)
 """
 
+from repfuse.io.checkpoint import load_checkpoint
 from repfuse.models import acnet, dbb, mobileone, repvgg  # noqa: F401  (registration)
-from repfuse.models.checkpoint import load_checkpoint
 from repfuse.models.init import init_model, randomize_batchnorms
 from repfuse.models.registry import builder, create, names, register_model
 

@@ -9,9 +9,10 @@ the reference implementation (DingXiaoH/ACNet): ``square_conv`` / ``square_bn``,
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from repfuse.models.registry import register_model
 from repfuse.models.resnet import ResNet
-from torch import Tensor, nn
 
 
 class ACBlock(nn.Module):

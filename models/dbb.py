@@ -15,10 +15,11 @@ training checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from repfuse.models.layers import BNAndPad, IdentityBasedConv1x1, conv_bn
 from repfuse.models.registry import register_model
 from repfuse.models.resnet import ResNet
-from torch import Tensor, nn
 
 
 class DiverseBranchBlock(nn.Module):

@@ -13,8 +13,9 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from repfuse.models.layers import IdentityBasedConv1x1
 from torch import nn
+
+from repfuse.models.layers import IdentityBasedConv1x1
 
 CALIBRATION_SHAPE = (8, 3, 64, 64)
 

@@ -109,3 +109,13 @@ class SEBlock(nn.Module):
         s = F.adaptive_avg_pool2d(x, 1)
         s = torch.sigmoid(self.expand(F.relu(self.reduce(s))))
         return x * s
+
+
+class StagedClassifier(nn.Module):
+    """The layout RepVGG, MobileOne and the ResNets share: ``stage0`` .. ``stage4``, a
+    global average pool ``gap`` and a linear head ``linear`` (subclasses build them)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in (self.stage0, self.stage1, self.stage2, self.stage3, self.stage4):
+            x = stage(x)
+        return self.linear(self.gap(x).flatten(1))

@@ -12,9 +12,10 @@ training checkpoints load with ``strict=True``.
 
 from __future__ import annotations
 
-from repfuse.models.layers import SEBlock, conv_bn
-from repfuse.models.registry import register_model
 from torch import Tensor, nn
+
+from repfuse.models.layers import SEBlock, StagedClassifier, conv_bn
+from repfuse.models.registry import register_variants
 
 
 class MobileOneBlock(nn.Module):
@@ -46,7 +47,7 @@ class MobileOneBlock(nn.Module):
         return self.activation(self.se(out))
 
 
-class MobileOne(nn.Module):
+class MobileOne(StagedClassifier):
     """MobileOne backbone and classifier: ``stage0`` (3x3 stride-2 block), four stages of
     (depthwise 3x3, pointwise 1x1) block pairs, ``gap``, head ``linear``."""
 
@@ -82,14 +83,6 @@ class MobileOne(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stage0(x)
-        x = self.stage1(x)
-        x = self.stage2(x)
-        x = self.stage3(x)
-        x = self.stage4(x)
-        x = self.gap(x)
-        return self.linear(x.flatten(1))
 
 
 # name: (width multipliers, over-parameterization k, squeeze-and-excitation)
@@ -109,14 +102,4 @@ def mobileone(variant: str, num_classes: int = 1000) -> MobileOne:
                      num_conv_branches=k)
 
 
-def _make_builder(variant: str):
-    def build(num_classes: int = 1000) -> MobileOne:
-        return mobileone(variant, num_classes=num_classes)
-
-    build.__name__ = build.__qualname__ = variant
-    build.__doc__ = f"MobileOne-{variant[len('mobileone_'):].upper()} (training form)."
-    return build
-
-
-for _variant in VARIANTS:
-    register_model(_make_builder(_variant))
+register_variants(mobileone, VARIANTS, "MobileOne-{} (training form).")

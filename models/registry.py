@@ -22,6 +22,22 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def register_variants(family: Callable[..., nn.Module], variants, doc: str) -> None:
+    """Register one builder per variant name: ``family(variant, num_classes=...)``;
+    ``doc`` formats the variant's suffix (``"repvgg_a0"`` -> ``"A0"``) into its docstring."""
+    for variant in variants:
+        register_model(_variant_builder(family, variant, doc))
+
+
+def _variant_builder(family, variant: str, doc: str):
+    def build(num_classes: int = 1000) -> nn.Module:
+        return family(variant, num_classes=num_classes)
+
+    build.__name__ = build.__qualname__ = variant
+    build.__doc__ = doc.format(variant.split("_", 1)[1].upper())
+    return build
+
+
 def names() -> list[str]:
     """The registered architecture names, sorted."""
     return sorted(_REGISTRY)

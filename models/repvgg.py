@@ -9,9 +9,10 @@ reference implementation (DingXiaoH/RepVGG): ``stage0`` ... ``stage4``, blocks w
 
 from __future__ import annotations
 
-from repfuse.models.layers import conv_bn
-from repfuse.models.registry import register_model
 from torch import Tensor, nn
+
+from repfuse.models.layers import StagedClassifier, conv_bn
+from repfuse.models.registry import register_variants
 
 # Layers (counted from 1 = first block of stage1) that the g2 / g4 variants make grouped.
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
@@ -40,7 +41,7 @@ class RepVGGBlock(nn.Module):
         return self.nonlinearity(out)
 
 
-class RepVGG(nn.Module):
+class RepVGG(StagedClassifier):
     """RepVGG backbone and classifier: ``stage0`` (one stride-2 block), four stages whose
     first block has stride 2, global average pool ``gap``, head ``linear``."""
 
@@ -69,14 +70,6 @@ class RepVGG(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(int(512 * width_multiplier[3]), num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.stage0(x)
-        out = self.stage1(out)
-        out = self.stage2(out)
-        out = self.stage3(out)
-        out = self.stage4(out)
-        out = self.gap(out)
-        return self.linear(out.flatten(1))
 
 
 _A = (2, 4, 14, 1)
@@ -105,14 +98,4 @@ def repvgg(variant: str, num_classes: int = 1000) -> RepVGG:
     return RepVGG(num_blocks, widths, num_classes=num_classes, groups_map=groups_map)
 
 
-def _make_builder(variant: str):
-    def build(num_classes: int = 1000) -> RepVGG:
-        return repvgg(variant, num_classes=num_classes)
-
-    build.__name__ = build.__qualname__ = variant
-    build.__doc__ = f"RepVGG {variant[len('repvgg_'):].upper()} (training form)."
-    return build
-
-
-for _variant in VARIANTS:
-    register_model(_make_builder(_variant))
+register_variants(repvgg, VARIANTS, "RepVGG {} (training form).")

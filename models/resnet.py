@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch.nn.functional as F
-from repfuse.models.layers import ConvBN
 from torch import Tensor, nn
+
+from repfuse.models.layers import ConvBN, StagedClassifier
 
 # (in_channels, out_channels, stride, nonlinear) -> 3x3 conv unit with padding 1
 Conv3x3Factory = Callable[[int, int, int, "nn.Module | None"], nn.Module]
@@ -37,7 +38,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedClassifier):
     """ResNet with basic blocks; ``conv3x3`` builds every 3x3 conv unit."""
 
     def __init__(self, num_blocks: tuple[int, ...], conv3x3: Conv3x3Factory,
@@ -61,14 +62,6 @@ class ResNet(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(self.in_planes, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.stage0(x)
-        out = self.stage1(out)
-        out = self.stage2(out)
-        out = self.stage3(out)
-        out = self.stage4(out)
-        out = self.gap(out)
-        return self.linear(out.flatten(1))
 
 
 def plain_conv3x3(in_channels: int, out_channels: int, stride: int,

@@ -11,8 +11,8 @@ from repfuse.errors import InputError, NotFusable, ReparamError, VerificationErr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FuseResult": "repfuse.graph.fx",
-    "OnnxFuseResult": "repfuse.onnx_fuse",
+    "FuseResult": "repfuse.fx.fuse",
+    "OnnxFuseResult": "repfuse.onnx.pipeline",
     "FuseReport": "repfuse.report",
     "RegionReport": "repfuse.report",
     "VerifyReport": "repfuse.report",

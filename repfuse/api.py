@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
 
-def fuse(model, example_inputs, *, verify=True, inplace=False, tol=None):
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from torch import nn
+
+    from repfuse.fx.fuse import FuseResult
+    from repfuse.onnx.pipeline import OnnxFuseResult
+    from repfuse.proofs.compare import Tolerance
+    from repfuse.report import VerifyReport
+
+    Inputs = torch.Tensor | tuple[Any, ...] | list[Any]
+    Tol = float | tuple[float, float] | Tolerance | dict[str, float] | None
+
+
+def fuse(model: nn.Module, example_inputs: Inputs, *, verify: bool = True,
+         inplace: bool = False, tol: Tol = None) -> FuseResult:
     """Fuse every linear multi-branch region of ``model`` into one conv.
 
     ``example_inputs``: a tensor or a tuple of tensors (used to learn shapes and for the
@@ -14,12 +31,13 @@ def fuse(model, example_inputs, *, verify=True, inplace=False, tol=None):
     ``model`` is not modified unless ``inplace=True``; a model in training mode is fused
     as its eval-mode function. ``tol``: as in ``repfuse.proofs.tolerance``.
     """
-    from repfuse.torch_fuse import fuse_torch_model
+    from repfuse.fx.pipeline import fuse_torch_model
 
     return fuse_torch_model(model, example_inputs, verify=verify, inplace=inplace, tol=tol)
 
 
-def fuse_onnx(model, *, verify=True, tol=None):
+def fuse_onnx(model: str | os.PathLike | onnx.ModelProto, *, verify: bool = True,
+              tol: Tol = None) -> OnnxFuseResult:
     """Fuse the linear regions of a training-form ONNX model (a path or a ModelProto).
 
     Every linear region (parallel Conv branches summed by Add/Sum, BatchNormalization
@@ -33,12 +51,13 @@ def fuse_onnx(model, *, verify=True, tol=None):
     with ``.model`` (``onnx.ModelProto``) and ``.report`` (``FuseReport`` with node
     counts by op type before and after).
     """
-    from repfuse.onnx_fuse import fuse_onnx_model
+    from repfuse.onnx.pipeline import fuse_onnx_model
 
     return fuse_onnx_model(model, verify=verify, tol=tol)
 
 
-def verify(reference, candidate, example_inputs, *, grads=True, tol=None):
+def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs, *,
+           grads: bool = True, tol: Tol = None) -> VerifyReport:
     """Check that ``candidate`` computes what ``reference`` computes.
 
     Runs both models in eval mode on copies of ``example_inputs`` (a tensor or a
@@ -49,13 +68,14 @@ def verify(reference, candidate, example_inputs, *, grads=True, tol=None):
     ``VerifyReport`` with ``.ok``, one ``Check`` per output/gradient (max abs and
     relative error) and ``.to_dict()``.
     """
-    from repfuse.proofs import verify_models
+    from repfuse.proofs.model import verify_models
 
     return verify_models(reference, candidate, example_inputs, grads=grads, tol=tol)
 
 
-def export_onnx(model, example_inputs, path, *, opset=18, dynamic_batch=True, check=True,
-                tol=None):
+def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *,
+                opset: int = 18, dynamic_batch: bool = True, check: bool = True,
+                tol: Tol = None) -> VerifyReport:
     """Export ``model`` to ONNX at ``path``, atomically, checked with onnxruntime.
 
     Uses ``torch.onnx.export`` (the torch.export-based exporter; the TorchScript one as
@@ -66,7 +86,7 @@ def export_onnx(model, example_inputs, path, *, opset=18, dynamic_batch=True, ch
     dynamic, another batch size; on disagreement ``VerificationError`` is raised with
     the figures and nothing is written. Returns a ``VerifyReport``.
     """
-    from repfuse.onnx_export import export_onnx as _export_onnx
+    from repfuse.onnx.export import export_onnx as _export_onnx
 
     return _export_onnx(model, example_inputs, path, opset=opset,
                         dynamic_batch=dynamic_batch, check=check, tol=tol)

@@ -12,7 +12,13 @@ class ReparamError(Exception):
 
 
 class NotFusable(ReparamError):
-    """An algebra operation or a region cannot be fused exactly; the message says why."""
+    """An algebra operation or a region cannot be fused exactly; the message says why.
+
+    ``node``: the region-expression node the refusal is about, when known."""
+
+    def __init__(self, message: str = "", *, node: object = None) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 class GeometryError(ReparamError, ValueError):
@@ -28,8 +34,27 @@ class UnsafeInputError(InputError):
 
 
 class VerificationError(ReparamError):
-    """The fused model does not match the training form within tolerance."""
+    """The fused model does not match the training form within tolerance.
+
+    ``report``: the report holding the figures (a ``FuseReport`` or ``VerifyReport``)."""
+
+    def __init__(self, message: str = "", *, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class DtypeError(ReparamError, TypeError):
     """A tensor dtype (or device) the kernels cannot use (also a ``TypeError``, like torch's)."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message (or its type name), cut at the end
+    of its first sentence when longer than ``limit`` characters."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            if len(line) > limit:
+                end = line.find(". ")
+                line = line[:end + 1] if 0 < end < limit else line[:limit].rstrip() + "..."
+            return line
+    return type(exc).__name__

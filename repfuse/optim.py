@@ -42,10 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from repfuse import region as rg
 from repfuse.errors import NotFusable
-from repfuse.graph import region as rg
-from repfuse.proofs import SEED
-from repfuse.proofs_region import children, node_tensors, nodes, substitute
+from repfuse.proofs.compare import SEED
+from repfuse.region.tree import children, node_tensors, substitute, walk
 
 #: Relative tolerance of the check that A A^T is diagonal (float64 arithmetic).
 DIAGONAL_RTOL = 1e-10
@@ -82,7 +82,7 @@ def _mapped(grad, mult, offset, value, weight_decay):
 def trainable_tensors(expr: rg.Node) -> list[Tensor]:
     """The tensors trained in the training form: conv weights and conv biases."""
     found: dict[int, Tensor] = {}
-    for node in nodes(expr):
+    for node in walk(expr):
         if isinstance(node, rg.Conv):
             for t in (node.weight, node.bias):
                 if isinstance(t, Tensor) and t.is_floating_point():
@@ -93,7 +93,7 @@ def trainable_tensors(expr: rg.Node) -> list[Tensor]:
 def _check_linear(expr: rg.Node) -> None:
     """Raise ``NotFusable`` if a conv's input depends on another conv (bilinear)."""
     below: dict[int, bool] = {}
-    for node in nodes(expr):
+    for node in walk(expr):
         kids = children(node)
         has_conv = any(below[id(c)] or isinstance(c, rg.Conv) for c in kids)
         if isinstance(node, rg.Conv) and has_conv:

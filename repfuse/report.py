@@ -5,6 +5,7 @@ Every report has ``.ok`` and ``.to_dict()`` (JSON-serialisable).
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +20,17 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+class RegionStatus(str, enum.Enum):
+    """What happened to a region (JSON: the value)."""
+
+    FUSED = "fused"          # replaced by one layer
+    SKIPPED = "skipped"      # left alone; the reason says why
+    SPLIT = "split"          # refused as a whole, its parts fused (reported on their own)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -66,7 +78,7 @@ class RegionReport:
 
     path: str                       # module path (fx) or node name (ONNX)
     branches: list[str]             # what was fused, e.g. ["conv3x3+bn", "conv1x1+bn", "bn"]
-    status: str = "fused"           # "fused" | "skipped" | "split"
+    status: RegionStatus = RegionStatus.FUSED
     reason: str = ""                # why it was skipped or split
     result: str = ""                # what it became, e.g. "conv3x3"
     params_before: int = 0
@@ -76,12 +88,16 @@ class RegionReport:
     cast_error: float = 0.0         # rounding error of casting the float64 result back
     proofs: VerifyReport | None = None
 
+    def __post_init__(self) -> None:
+        self.status = RegionStatus(self.status)
+
     @property
     def ok(self) -> bool:
-        return self.status != "fused" or self.proofs is None or self.proofs.ok
+        return self.status is not RegionStatus.FUSED or self.proofs is None or self.proofs.ok
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "proofs"}
+        d["status"] = RegionStatus(self.status).value
         d["ok"] = self.ok
         d["proofs"] = self.proofs.to_dict() if self.proofs is not None else None
         return _clean(d)
@@ -102,17 +118,17 @@ class FuseReport:
 
     @property
     def fused(self) -> list[RegionReport]:
-        return [r for r in self.regions if r.status == "fused"]
+        return [r for r in self.regions if r.status is RegionStatus.FUSED]
 
     @property
     def skipped(self) -> list[RegionReport]:
         """Regions left alone (not fused, not even in parts)."""
-        return [r for r in self.regions if r.status == "skipped"]
+        return [r for r in self.regions if r.status is RegionStatus.SKIPPED]
 
     @property
     def split(self) -> list[RegionReport]:
         """Regions refused as a whole and cut into parts, which are fused."""
-        return [r for r in self.regions if r.status == "split"]
+        return [r for r in self.regions if r.status is RegionStatus.SPLIT]
 
     @property
     def ok(self) -> bool:

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from fuzz_blocks import block_specs
+from helpers.fuzz_blocks import block_specs
 from hypothesis import HealthCheck, given, settings
 
 import repfuse

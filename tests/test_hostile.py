@@ -8,15 +8,13 @@ no code run from a pickle (marker files never created).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import hostile_corpus  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-import hostile_corpus  # noqa: E402
 from repfuse.cli.main import cli  # noqa: E402
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
-from repfuse.graph import region as rg
-from repfuse.graph import region_eval
 from repfuse.optim import apply_multipliers, gradient_multipliers, trainable_tensors
+from repfuse.region import reference as region_eval
 
 F64 = torch.float64
 
@@ -110,7 +110,7 @@ def _train_training_form(build, opt_kw, steps, weight_decay=0.0):
 
 
 def _in_channels(expr):
-    from repfuse.proofs_region import input_channels
+    from repfuse.region.tree import input_channels
 
     return input_channels(expr)
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
-from repfuse.models import create
 
 import repfuse
+from repfuse.models import create
 
 
 def test_results_and_reports_are_exported():

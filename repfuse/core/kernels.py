@@ -6,7 +6,7 @@ Each kernel turns its arguments into one ``ConvSpec`` (validated against the ten
 errors name the argument), computes in float32 for float16/bfloat16 inputs (results come
 back in the input dtype) and routes:
 
-* ``region_in`` / ``region_out`` -> ``repfuse.core.region`` (region-restricted kernels),
+* ``region_in`` / ``region_out`` -> ``repfuse.core.masked`` (region-restricted kernels),
 * ``in_channels`` (``conv2d_weight``) -> ``repfuse.core.sparse`` (sparse weight update),
 * ``algorithm="grouped"`` (weight gradients) -> ``repfuse.core.grouped``,
 * ``"reference"`` -> ``repfuse.core.reference`` (im2col / im2row),
@@ -60,6 +60,14 @@ def _regions(region_in, region_out) -> bool:
     return region_in is not None or region_out is not None
 
 
+def _masked(kernel: str, *args, spec: ConvSpec, regions: tuple, algorithm: str):
+    """``repfuse.core.masked.<kernel>`` (region-restricted) on NCHW arguments."""
+    from repfuse.core import masked
+
+    return getattr(masked, kernel)(*args, spec=_nchw(spec), region_in=regions[0],
+                                   region_out=regions[1], algorithm=algorithm)
+
+
 # ------------------------------------------------------------------ convolution
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            layout="NCHW", region_in=None, region_out=None, algorithm="auto"):
@@ -70,11 +78,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     dtype = check_dtypes(input=input, weight=weight, bias=bias)
     _check_bias(bias, spec)
     if _regions(region_in, region_out):
-        from repfuse.core import region
-
-        y = region.conv2d(upcast(to_nchw(input, layout)), upcast(weight_to_torch(weight, spec)),
-                          upcast(bias), spec=_nchw(spec), region_in=region_in,
-                          region_out=region_out, algorithm=algorithm)
+        y = _masked("conv2d", upcast(to_nchw(input, layout)),
+                    upcast(weight_to_torch(weight, spec)), upcast(bias), spec=spec,
+                    regions=(region_in, region_out), algorithm=algorithm)
         return _back(from_nchw(y, layout), dtype)
     check_algorithm(algorithm, _DENSE, "conv2d")
     if algorithm == "reference":
@@ -94,12 +100,9 @@ def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=
     dtype = check_dtypes(grad_output=grad_output, weight=weight)
     size = nchw_shape(input_size, layout)
     if _regions(region_in, region_out):
-        from repfuse.core import region
-
-        gi = region.conv2d_input(size, upcast(weight_to_torch(weight, spec)),
-                                 upcast(to_nchw(grad_output, layout)), spec=_nchw(spec),
-                                 region_in=region_in, region_out=region_out,
-                                 algorithm=algorithm)
+        gi = _masked("conv2d_input", size, upcast(weight_to_torch(weight, spec)),
+                     upcast(to_nchw(grad_output, layout)), spec=spec,
+                     regions=(region_in, region_out), algorithm=algorithm)
         return _back(from_nchw(gi, layout), dtype)
     check_algorithm(algorithm, _DENSE, "conv2d_input")
     if algorithm == "reference":
@@ -131,12 +134,9 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
         return sparse.conv2d_weight_sparse(input, tuple(weight_size), grad_output, spec,
                                            in_channels, algorithm=algorithm)
     if _regions(region_in, region_out):
-        from repfuse.core import region
-
-        gw = region.conv2d_weight(upcast(to_nchw(input, layout)), _nchw(spec).weight_shape,
-                                  upcast(to_nchw(grad_output, layout)), spec=_nchw(spec),
-                                  region_in=region_in, region_out=region_out,
-                                  algorithm=algorithm)
+        gw = _masked("conv2d_weight", upcast(to_nchw(input, layout)), _nchw(spec).weight_shape,
+                     upcast(to_nchw(grad_output, layout)), spec=spec,
+                     regions=(region_in, region_out), algorithm=algorithm)
         return _back(weight_from_torch(gw, spec), dtype)
     check_algorithm(algorithm, _WEIGHT, "conv2d_weight")
     if algorithm == "reference":

@@ -55,23 +55,28 @@ def weight_to_torch(w: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     (O, KH, KW, I/g) are regrouped (a copy when groups > 1)."""
     if spec.layout == "NCHW":
         return w
-    if not spec.transposed:
-        return w.permute(0, 3, 1, 2)
-    g, kh, kw = spec.groups, *spec.kernel_size
-    opg, ipg = spec.out_per_group, spec.in_per_group
-    return (w.reshape(g, opg, kh, kw, ipg).permute(0, 4, 1, 2, 3)
-            .reshape(spec.in_channels, opg, kh, kw))
+    return _nhwc_weight(w, spec, to_torch=True)
 
 
 def weight_from_torch(w_t: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
     """Inverse of ``weight_to_torch``: torch's weight as a weight in ``spec.layout``."""
     if spec.layout == "NCHW":
         return w_t
+    return _nhwc_weight(w_t, spec, to_torch=False)
+
+
+def _nhwc_weight(w: torch.Tensor, spec: ConvSpec, *, to_torch: bool) -> torch.Tensor:
+    """NHWC weight <-> torch's weight. Convolutions: (O, KH, KW, I/g) <-> (O, I/g, KH, KW)
+    (a permutation). Transposed convolutions: (O, KH, KW, I/g) <-> (I, O/g, KH, KW), the
+    groups regrouped."""
     if not spec.transposed:
-        return w_t.permute(0, 2, 3, 1)
+        return w.permute(0, 3, 1, 2) if to_torch else w.permute(0, 2, 3, 1)
     g, kh, kw = spec.groups, *spec.kernel_size
     opg, ipg = spec.out_per_group, spec.in_per_group
-    return (w_t.reshape(g, ipg, opg, kh, kw).permute(0, 2, 3, 4, 1)
+    if to_torch:
+        return (w.reshape(g, opg, kh, kw, ipg).permute(0, 4, 1, 2, 3)
+                .reshape(spec.in_channels, opg, kh, kw))
+    return (w.reshape(g, ipg, opg, kh, kw).permute(0, 2, 3, 4, 1)
             .reshape(spec.out_channels, kh, kw, ipg))
 
 

@@ -25,8 +25,8 @@ import torch
 
 from repfuse.core.grouped import conv2d_weight_grouped
 from repfuse.core.layout import compute_dtype
+from repfuse.core.masked import gather_patches, patch_taps
 from repfuse.core.native import conv2d_weight as native_conv2d_weight
-from repfuse.core.region import gather_patches, tap_index
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import GeometryError
 
@@ -67,7 +67,7 @@ def _reference_weight(x, weight_size, grad_output, spec: ConvSpec) -> torch.Tens
     """im2col weight gradient (plain tensor ops, exact in float64)."""
     n, _, h, w = x.shape
     _, _, oh, ow = grad_output.shape
-    taps = tap_index(spec, (h, w), (oh, ow), x.device)
+    taps = patch_taps(spec, (h, w), (oh, ow), x.device)
     xp = gather_patches(x, taps)
     xp = torch.where(taps.valid.unsqueeze(1), xp, xp.new_zeros(()))
     g, cg, og = spec.groups, spec.in_per_group, spec.out_per_group

@@ -1,0 +1,130 @@
+"""torch.fx front end: fuse every linear region of an ``nn.Module`` into one conv.
+
+``fuse_module(model, example_inputs, ...) -> FuseResult`` (the implementation of
+``repfuse.fuse``):
+
+1. copy the module tree (tensors are shared with the input model and never written;
+   the ones that survive fusion are cloned at the end), switch to eval mode;
+2. trace every module with its submodules as leaves (``fx.trace``) and run the
+   graphs once on the example inputs to learn every value's shape;
+3. per module, bottom-up: classify nodes (``fx.ops``), find maximal regions
+   (``fx.match``); a module whose whole forward is one region is a linear op of its
+   caller, so a region spanning several modules is fused in the smallest module that
+   contains it; each region is reduced (``region.reduce``) and written back
+   (``fx.rewrite``); regions that cannot be fused exactly are left alone and split;
+4. with ``verify``, capture each region's real input activation, so that the layer
+   above (``repfuse.fx.pipeline``) can prove every fused region and the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from repfuse.errors import InputError, first_line
+from repfuse.fx.fuser import FusedRegion, Fuser
+from repfuse.fx.trace import META, run_graphs, trace_all
+from repfuse.region.op import is_region_value
+from repfuse.report import FuseReport
+
+
+@dataclass
+class FuseResult:
+    """``model``: the fused module (eval mode); ``report``: what was fused and proven."""
+
+    model: nn.Module
+    report: FuseReport
+    #: the fused regions with their expressions, kernels and captured activations, for
+    #: the proofs (``repfuse.fx.pipeline``); emptied once they have run
+    regions: list[FusedRegion] = field(default_factory=list, repr=False)
+
+
+# ---------------------------------------------------------------------- copying
+def _share_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A copy of the module tree that shares the parameters of ``model`` (never written)
+    and has its own buffers: running the copy may update buffers (``F.batch_norm`` with
+    ``training=True``), which must not reach the input model."""
+    tensors = {id(t): t for t in model.parameters()}
+    memo = dict(tensors)
+    return copy.deepcopy(model, memo), tensors
+
+
+def _unshare(model: nn.Module, original: dict[int, torch.Tensor]) -> None:
+    """Clone every tensor of ``model`` that still belongs to the input model (ties kept)."""
+    clones: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if t is None or id(t) not in original:
+                    continue
+                if id(t) not in clones:
+                    if isinstance(t, nn.Parameter):
+                        clones[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad)
+                    else:
+                        clones[id(t)] = t.detach().clone()
+                store[name] = clones[id(t)]
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _args(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise InputError("example_inputs must be a tensor or a non-empty tuple of tensors, got "
+                     f"{type(example_inputs).__name__}")
+
+
+def _capture(node: fx.Node) -> bool:
+    meta = node.meta.get(META)
+    return meta is not None and is_region_value(*meta) \
+        and any(u.op in ("call_module", "call_function", "call_method") for u in node.users)
+
+
+# ---------------------------------------------------------------------- entry point
+def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
+                inplace: bool = False) -> FuseResult:
+    """Fuse every linear region of ``model`` (see ``repfuse.fuse``); with ``verify`` the
+    regions' input activations are captured for the proofs, which run a layer above."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = _args(example_inputs)
+    report = FuseReport(params_before=_count(model))
+    if any(m.training for m in model.modules()):
+        report.notes.append("the model was in training mode: its eval-mode (inference) "
+                            "function was fused; the returned model is in eval mode")
+    if inplace:
+        work, original = model, {}
+    else:
+        work, original = _share_copy(model)
+    work.eval()
+    graphs, opaque = trace_all(work, len(args))
+    try:
+        run_graphs(work, graphs, opaque, args, _capture if verify else None)
+    except Exception as err:
+        first = first_line(err, 300)
+        raise InputError(f"running the model on example_inputs failed ({type(err).__name__}: "
+                         f"{first}); pass inputs the model accepts") from err
+    fuser = Fuser(work, graphs, verify)
+    for mg in [graphs[id(work)]] + [g for g in graphs.values() if g.calls]:
+        fuser.rewrite(mg)
+    fused = fuser.result()
+    fused.eval()
+    if original:
+        _unshare(fused, original)
+    for mg in opaque:
+        report.notes.append(f"module {mg.path or '(root)'} ({type(mg.module).__name__}) is not "
+                            f"symbolically traceable ({mg.reason}); its submodules were "
+                            "searched separately")
+    report.regions = fuser.reports
+    report.params_after = _count(fused)
+    if not report.fused:
+        report.notes.append("no fusable linear regions found; the model is unchanged")
+    return FuseResult(fused, report, fuser.fused)

@@ -1,0 +1,415 @@
+"""The per-module fusion pass of the fx front end.
+
+``Fuser`` walks the traced module graphs bottom-up: it classifies nodes
+(``fx.ops``), decides whether a module's whole forward is one linear region (then
+its calls are linear ops of its caller, so a region spanning several modules is
+fused in the smallest module that contains it), finds maximal regions
+(``fx.match``), reduces them (``region.reduce``), leaves alone and reports the
+ones that are blocked or not exact (splitting them until nothing is left), and
+writes the fused convs back (``fx.rewrite``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from repfuse import region as rg
+from repfuse.errors import NotFusable
+from repfuse.fx.inline import inline_call, should_inline
+from repfuse.fx.match import Region, dominators, find_regions, ignorable_nodes
+from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
+from repfuse.fx.rewrite import (
+    build_graph_module,
+    drop_dead,
+    drop_noops,
+    keep_hooks,
+    replace_region,
+    unique_name,
+)
+from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
+from repfuse.region.op import GEOMETRIC, OpKind
+from repfuse.region.worth import worthwhile
+from repfuse.report import RegionReport, RegionStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class FusedRegion:
+    region: Region
+    expr: rg.Node
+    affine: object
+    report: RegionReport
+    activation: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Analysis:
+    ops: dict
+    ign: set
+    pure: Region | None = None
+    passthrough: bool = False
+    fused: list = field(default_factory=list)
+
+
+def _resolve(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _mark_constants(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from parameters and literals only (no activation flows in)."""
+    const: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "get_attr" or (n.op in ("call_function", "call_method")
+                                  and all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+            n.meta.pop(META, None)
+    return const
+
+
+def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
+    """The fused module in the memory format of the convs it replaces: a channels_last
+    model keeps channels_last kernels (a kernel in the other format is converted on every
+    call)."""
+    kernels = [t for t in rg.parameters(expr).values() if t.dim() == 4]
+    if any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+           for t in kernels):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def _attempt(r: Region, expr: rg.Node, tried: dict):
+    """``(AffineConv, module)`` for region ``r``, or the ``NotFusable`` / ``ValueError``
+    saying why not (cached in ``tried`` by member set)."""
+    key = frozenset(r.nodes)
+    if key not in tried:
+        try:
+            with torch.no_grad():  # the proofs differentiate their own copy
+                affine = rg.reduce(expr)
+            rg.check_growth(expr, affine)
+            with torch.no_grad():
+                tried[key] = (affine, _like_branches(affine.to_module(), expr))
+        except (NotFusable, ValueError) as err:
+            tried[key] = err
+    return tried[key]
+
+
+def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: set,
+              tried: dict) -> fx.Node | None:
+    """The interior node of refused region ``r`` (a dominator) at which cutting it lets
+    the most of its nodes fuse (the later one on a tie), or None when no cut lets any."""
+    best, best_score = None, 0
+    for d in dominators(r):
+        score = 0
+        for part in find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts | {d}):
+            if not set(part.nodes) <= set(r.nodes) or part.blocked:
+                continue
+            expr = part.expr()
+            if worthwhile(expr) and not isinstance(_attempt(part, expr, tried), Exception):
+                score += len(part.nodes)
+        if score >= best_score and score > 0:
+            best, best_score = d, score
+    return best
+
+
+def _free_path(graph: fx.Graph, target: str) -> bool:
+    """Whether the fused conv may keep the path ``target`` of the conv it replaces: a
+    plain name, or a dotted one (the conv of an inlined submodule, ``conv1.0``) whose
+    prefixes are only containers in the new module, not modules the graph still calls or
+    reads (installing the conv there would change a module in use)."""
+    if "." not in target:
+        return True
+    parts = target.split(".")
+    prefixes = {".".join(parts[:k]) for k in range(1, len(parts))}
+    return not any(n.op in ("call_module", "get_attr") and n.target in prefixes
+                   for n in graph.nodes)
+
+
+class Fuser:
+    def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool) -> None:
+        self.root = root
+        self.graphs = graphs
+        self.capture = capture
+        self.paths = {id(m): p for p, m in root.named_modules()}
+        self.path_counts = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+        self.calls: Counter = Counter()
+        self.plain: dict[int, bool] = {}
+        for mg in graphs.values():
+            if mg.graph is None:
+                continue
+            for n in mg.graph.nodes:
+                if n.op != "call_module":
+                    continue
+                sub = mg.module.get_submodule(n.target)
+                self.calls[id(sub)] += 1
+                sub_mg = graphs.get(id(sub))
+                ok = not n.kwargs and all(isinstance(a, fx.Node) for a in n.args) and (
+                    sub_mg is None or len(n.args) == sub_mg.n_inputs)
+                self.plain[id(sub)] = self.plain.get(id(sub), True) and ok
+            if mg.calls:
+                self.calls[id(mg.module)] += len(mg.calls)
+                ok = all(c == (mg.n_inputs, ()) for c in mg.calls)
+                self.plain[id(mg.module)] = self.plain.get(id(mg.module), True) and ok
+        self.analyses: dict[int, _Analysis] = {}
+        self.replaced: dict[int, nn.Module] = {}
+        self.rewritten: set[int] = set()
+        self.inlined: set[int] = set()
+        self.reports: list[RegionReport] = []
+        self.fused: list[FusedRegion] = []
+
+    # ------------------------------------------------------------------ helpers
+    def shared(self, m: nn.Module) -> str:
+        """Why ``m`` must not be fused away: used more than once, or hooked."""
+        hooked = hook_reason(m, self.paths.get(id(m), ""))
+        if hooked:
+            return hooked
+        n_paths, n_calls = self.path_counts[id(m)], self.calls[id(m)]
+        if n_paths > 1 or n_calls > 1:
+            path = self.paths.get(id(m), type(m).__name__)
+            return (f"module {path} is used {max(n_paths, n_calls)} times; fusing one use "
+                    "would change the others (give each use its own module)")
+        return ""
+
+    def _summary(self, mg: ModuleGraph):
+        """The linear-op maker for calls of ``mg``'s module, or None if it is not linear."""
+        if not self.plain.get(id(mg.module), False):
+            return None
+        an = self.analyze(mg)
+        hooked = hook_reason(mg.module, mg.path)
+        if an.passthrough:
+            def passthrough(inp):
+                if tensor_meta(inp) is None:
+                    return None
+                return LinearOp(OpKind.PASS, [inp], lambda xs: xs[0], hooked)
+            return passthrough
+        if an.pure is None:
+            return None
+        region = an.pure
+
+        def make(inp):
+            meta = tensor_meta(inp)
+            if meta is None or meta[0] != tensor_meta(region.input)[0]:
+                return None
+            return LinearOp(OpKind.MODULE, [inp], lambda xs: region.build(xs[0]),
+                            region.blocked or hooked)
+        return make
+
+    def analyze(self, mg: ModuleGraph) -> _Analysis:
+        """Classify ``mg``'s nodes and decide whether its forward is one linear region."""
+        key = id(mg.module)
+        if key in self.analyses:
+            return self.analyses[key]
+        self.analyses[key] = _Analysis({}, set())  # guards recursion
+        graph = mg.graph
+        for n in list(graph.nodes):
+            if n.op == "call_module":
+                sub = mg.module.get_submodule(n.target)
+                sub_mg = self.graphs.get(id(sub))
+                if should_inline(n, mg.module, sub_mg, self.plain.get(id(sub), False)
+                                 and not self.shared(sub)) and self._summary(sub_mg) is None:
+                    inline_call(graph, n, sub_mg.graph)
+                    self.inlined.add(id(sub))
+        const = _mark_constants(graph)
+        summaries = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                sub = mg.module.get_submodule(n.target)
+                sub_mg = self.graphs.get(id(sub))
+                if sub_mg is not None and sub_mg.graph is not None and id(sub) not in summaries:
+                    summaries[id(sub)] = self._summary(sub_mg)
+        summaries = {k: v for k, v in summaries.items() if v is not None}
+        ctx = Context(mg.module, mg.path, summaries, self.shared)
+        ops = {}
+        for n in graph.nodes:
+            if n in const:
+                continue
+            try:
+                op = classify(n, ctx)
+            except (ValueError, NotFusable) as err:  # impossible geometry: not linear
+                log.debug("fx: %s not linear: %s", n.name, err)
+                op = None
+            if op is not None:
+                ops[n] = op
+        ign = ignorable_nodes(graph)
+        an = _Analysis(ops, ign)
+        self._check_pure(mg, an, const)
+        self.analyses[key] = an
+        return an
+
+    def _check_pure(self, mg: ModuleGraph, an: _Analysis, const: set) -> None:
+        graph = mg.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        out = next(n for n in graph.nodes if n.op == "output")
+        if not placeholders or mg.n_inputs != 1 or not isinstance(out.args[0], fx.Node):
+            return
+        x, v = placeholders[0], out.args[0]
+        if any(n.users and n.users.keys() - an.ign for n in placeholders[1:]):
+            return
+        if v is x:
+            an.passthrough = all(n.op in ("placeholder", "output", "get_attr") or n in an.ign
+                                 or n in const for n in graph.nodes)
+            return
+        regions = find_regions(graph, an.ops, set(), an.ign, mg.module)
+        r = next((r for r in regions if r.output is v), None)
+        if r is None or r.input is not x:
+            return
+        members = set(r.nodes)
+        if all(n in members or n.op in ("placeholder", "output", "get_attr") or n in an.ign
+               or n in const for n in graph.nodes):
+            an.pure = r
+
+    # ------------------------------------------------------------------ rewriting
+    def _report_skip(self, path: str, expr, reason: str,
+                     status: RegionStatus = RegionStatus.SKIPPED) -> None:
+        try:
+            branches = rg.describe(expr)
+        except Exception:  # noqa: BLE001 - a description must never stop fusion
+            branches = []
+        if any(r.path == path and r.reason == reason and r.status == status
+               for r in self.reports):
+            return
+        self.reports.append(RegionReport(path=path, branches=branches, status=status,
+                                         reason=reason))
+
+    def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
+        """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
+        that are blocked or not exact are reported and split until none is left: cut
+        at the interior node that lets the most of the region fuse (``_best_cut``), or,
+        when no cut helps, made smaller from the output."""
+        barriers: set[fx.Node] = set()
+        cuts: set[fx.Node] = set()
+        tried: dict[frozenset, object] = {}
+        while True:
+            regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
+            chosen, restart = [], False
+            for r in regions:
+                if r.is_passthrough:
+                    continue
+                expr = r.expr()
+                if not worthwhile(expr):
+                    continue
+                where = join(mg.path, r.output.name)
+                if r.blocked:
+                    self._report_skip(where, expr, r.blocked)
+                    barriers |= {n for n in r.nodes if r.ops[n].blocked}
+                    restart = True
+                    break
+                result = _attempt(r, expr, tried)
+                if isinstance(result, Exception):
+                    cut = _best_cut(mg, an, r, barriers, cuts, tried)
+                    kinds = [r.ops[n].kind for n in r.nodes]
+                    if kinds.count(OpKind.MODULE) != 1 or set(kinds) - {OpKind.MODULE,
+                                                                          OpKind.PASS}:
+                        # (a lone submodule call reports itself when it is fused alone)
+                        if cut is None:
+                            self._report_skip(where, expr, str(result))
+                        else:
+                            self._report_skip(where, expr, f"{result}; cut after "
+                                              f"{join(mg.path, cut.name)}", RegionStatus.SPLIT)
+                    if cut is not None:
+                        cuts.add(cut)
+                    else:
+                        geometric = {n for n in r.nodes if r.ops[n].kind in GEOMETRIC}
+                        barriers |= geometric or {r.output}
+                    restart = True
+                    break
+                chosen.append((r, expr, result))
+            if not restart:
+                return chosen
+
+    def rewrite(self, mg: ModuleGraph) -> None:
+        """Fuse the regions of ``mg``'s module (and, below it, of the modules it calls)."""
+        if id(mg.module) in self.rewritten or mg.graph is None:
+            return
+        self.rewritten.add(id(mg.module))
+        if mg.module is not self.root and not self.plain.get(id(mg.module), False):
+            self._rewrite_children(mg, set())
+            return
+        an = self.analyze(mg)
+        chosen = self._decide(mg, an)
+        absorbed: set[fx.Node] = set()
+        graph_regions = []
+        for r, expr, (affine, module) in chosen:
+            absorbed |= set(r.nodes)
+            only = r.nodes[0] if len(r.nodes) == 1 else None
+            if only is not None and only.op == "call_module" and \
+                    r.ops[only].kind is OpKind.MODULE:
+                child = mg.module.get_submodule(only.target)
+                path = self.paths.get(id(child), join(mg.path, only.target))
+                self.replaced[id(child)] = module
+                self._record(path, r, expr, affine)
+            else:
+                graph_regions.append((r, expr, affine, module))
+        self._rewrite_children(mg, absorbed)
+        if graph_regions:
+            self._rewrite_graph(mg, graph_regions)
+
+    def _rewrite_children(self, mg: ModuleGraph, absorbed: set) -> None:
+        for n in mg.graph.nodes:
+            if n.op == "call_module" and n not in absorbed:
+                sub = mg.module.get_submodule(n.target)
+                sub_mg = self.graphs.get(id(sub))
+                if sub_mg is not None and id(sub) not in self.replaced:
+                    self.rewrite(sub_mg)
+
+    def _rewrite_graph(self, mg: ModuleGraph, regions) -> None:
+        graph, module = mg.graph, mg.module
+        taken = {str(n.target).split(".")[0] for n in graph.nodes
+                 if n.op in ("call_module", "get_attr")}
+        new_modules: dict[str, nn.Module] = {}
+        renamed: dict[fx.Node, fx.Node] = {}   # a fused output read by a later region
+        for r, expr, affine, module_new in regions:
+            if r.input in renamed:
+                r = dataclasses.replace(r, input=renamed[r.input])
+            convs = [n for n in r.nodes if r.ops[n].kind is OpKind.CONV
+                     and n.op == "call_module"]
+            single = len(convs) == 1 and \
+                sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
+            base = convs[0].target if single and _free_path(graph, convs[0].target) \
+                else "reparam_conv"
+            name = base if base in {n.target for n in convs} else unique_name(
+                taken | set(new_modules), base)
+            new_modules[name] = module_new
+            taken.add(name)
+            renamed[r.output] = replace_region(graph, r, name)
+            self._record(join(mg.path, name), r, expr, affine)
+        drop_noops(graph, module)
+        drop_dead(graph)
+        gm = build_graph_module(module, graph, new_modules, _resolve)
+        keep_hooks(module, gm)
+        self.replaced[id(module)] = gm
+
+    def _record(self, path: str, r: Region, expr, affine) -> None:
+        module_params = affine.weight.numel() + affine.bias.numel()
+        report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
+                              params_before=rg.count_params(expr), params_after=module_params,
+                              cast_error=affine.cast_error())
+        self.reports.append(report)
+        act = r.input.meta.get(CAPTURE)
+        self.fused.append(FusedRegion(r, expr, affine, report, act))
+
+    # ------------------------------------------------------------------ result
+    def result(self) -> nn.Module:
+        """The fused model: every replaced module swapped in, bottom-up."""
+        def swap(module: nn.Module, seen: set) -> nn.Module:
+            module = self.replaced.get(id(module), module)
+            if id(module) in seen:
+                return module
+            seen.add(id(module))
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    new = swap(child, seen)
+                    if new is not child:
+                        module._modules[name] = new
+            return module
+        return swap(self.root, set())

@@ -1,0 +1,205 @@
+"""Values seen by the fx front end: linear ops, parameter constants, argument binding.
+
+``LinearOp`` (``repfuse.region.op``) is what ``fx.ops.classify`` returns; ``constant``
+resolves a number or a parameter/buffer (possibly through view-like ops) and says why
+when it is neither;
+``bind`` names a call's arguments for the functions and methods the front end knows.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repfuse.fx.trace import META, join
+from repfuse.region.op import LinearOp, is_region_value
+
+PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                nn.AlphaDropout, nn.FeatureAlphaDropout)
+DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                 F.feature_alpha_dropout)
+_VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "contiguous")
+
+
+@dataclass(eq=False)
+class Context:
+    """What classification needs to know about the module whose graph is classified."""
+
+    module: nn.Module
+    path: str
+    summaries: dict[int, Callable[[fx.Node], LinearOp | None]]
+    shared: Callable[[nn.Module], str]
+
+
+# ----------------------------------------------------------------------------- values
+def tensor_meta(node) -> tuple[tuple[int, ...], torch.dtype] | None:
+    return node.meta.get(META) if isinstance(node, fx.Node) else None
+
+
+def is_activation(arg) -> bool:
+    """Whether ``arg`` is a node whose value can flow through a region."""
+    meta = tensor_meta(arg)
+    return meta is not None and is_region_value(*meta)
+
+
+def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
+    prefix, _, name = target.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), name
+
+
+def resolve_attr(ctx: Context, node: fx.Node) -> tuple[Tensor | None, str]:
+    """The tensor of a ``get_attr`` node and "" if it is a parameter or buffer, else why not."""
+    try:
+        owner, name = _owner(ctx.module, node.target)
+    except AttributeError:
+        return None, f"{node.target} cannot be resolved"
+    if name in owner._parameters or name in owner._buffers:
+        return getattr(owner, name), ""
+    value = getattr(owner, name, None)
+    if isinstance(value, Tensor):
+        return value, f"{join(ctx.path, node.target)} is a tensor constant, not a parameter " \
+                      "or buffer"
+    return None, f"{node.target} is not a tensor"
+
+
+def constant(ctx: Context, arg) -> tuple[float | Tensor | None, str]:
+    """A number, or a parameter/buffer (possibly through view-like ops); else (None, why)."""
+    if isinstance(arg, bool) or arg is None:
+        return None, "not a number"
+    if isinstance(arg, (int, float)):
+        return float(arg), ""
+    if not isinstance(arg, fx.Node):
+        return None, "not a number"
+    if arg.op == "get_attr":
+        return resolve_attr(ctx, arg)
+    if arg.op == "call_method" and arg.target in _VIEW_METHODS and arg.args:
+        base, why = constant(ctx, arg.args[0])
+        if not isinstance(base, Tensor):
+            return None, why or "not a tensor"
+        rest = [a for a in arg.args[1:]]
+        if any(isinstance(a, fx.Node) for a in rest) or any(
+                isinstance(v, fx.Node) for v in arg.kwargs.values()):
+            return None, "view with computed arguments"
+        return getattr(base, arg.target)(*rest, **arg.kwargs), why
+    if arg.op == "call_function" and arg.target is operator.getitem:
+        base, why = constant(ctx, arg.args[0])
+        index = arg.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        if isinstance(base, Tensor) and all(
+                i is None or i is Ellipsis or i == slice(None) for i in items):
+            return base[index], why
+    return None, "computed in forward (not a parameter or buffer)"
+
+
+def channel_factor(value, shape) -> float | Tensor | None:
+    """``value`` as a scalar or a (C,) tensor if broadcasting it over ``shape`` (N,C,H,W)
+    acts per channel and keeps the shape; else None."""
+    if isinstance(value, float):
+        return value
+    if not isinstance(value, Tensor) or value.dim() > 4 or not value.is_floating_point():
+        return None
+    c = shape[1]
+    if value.numel() == 1:
+        return value.reshape(1).expand(c)
+    full = (1,) * (4 - value.dim()) + tuple(value.shape)
+    if full[0] == 1 and full[1] == c and full[2:] == (1, 1):
+        return value.reshape(c)
+    return None
+
+
+# ----------------------------------------------------------------------------- binding
+SIGS: dict = {
+    F.conv2d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+               (None, 1, 0, 1, 1)),
+    F.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps"), (None, None, False, 0.1, 1e-5)),
+    F.avg_pool2d: (("input", "kernel_size", "stride", "padding", "ceil_mode",
+                    "count_include_pad", "divisor_override"), (None, 0, False, True, None)),
+    F.pad: (("input", "pad", "mode", "value"), ("constant", None)),
+    torch.cat: (("tensors", "dim"), (0,)),
+    torch.add: (("input", "other", "alpha"), (1,)),
+    torch.sub: (("input", "other", "alpha"), (1,)),
+    torch.mul: (("input", "other"), ()),
+    torch.div: (("input", "other", "rounding_mode"), (None,)),
+    torch.neg: (("input",), ()),
+}
+for _f in DROPOUT_FUNCS:
+    SIGS[_f] = (("input", "p", "training", "inplace"), (0.5, True, False))
+SIGS[torch.concat] = SIGS[torch.cat]
+SIGS[torch.subtract] = SIGS[torch.sub]
+SIGS[torch.multiply] = SIGS[torch.mul]
+SIGS[torch.divide] = SIGS[torch.div]
+SIGS[torch.negative] = SIGS[torch.neg]
+
+_METHODSIGS = {
+    "add": ("input", "other", "alpha"), "add_": ("input", "other", "alpha"),
+    "sub": ("input", "other", "alpha"), "sub_": ("input", "other", "alpha"),
+    "mul": ("input", "other"), "mul_": ("input", "other"),
+    "div": ("input", "other", "rounding_mode"), "div_": ("input", "other", "rounding_mode"),
+    "neg": ("input",), "neg_": ("input",), "contiguous": ("input",), "clone": ("input",),
+}
+
+
+def bind(node: fx.Node) -> dict | None:
+    """The node's arguments by name (defaults filled in), or None if not a known op."""
+    if node.op == "call_function" and node.target in SIGS:
+        names, defaults = SIGS[node.target]
+    elif node.op == "call_method" and node.target in _METHODSIGS:
+        names, defaults = _METHODSIGS[node.target], ()
+    else:
+        return None
+    if len(node.args) > len(names):
+        return None
+    out = dict(zip(names, node.args))
+    for k, v in node.kwargs.items():
+        if k in out or k not in names:
+            return None
+        out[k] = v
+    for k, v in zip(names[len(names) - len(defaults):], defaults):
+        out.setdefault(k, v)
+    if node.op == "call_method":
+        out.setdefault("alpha", 1)
+        out.setdefault("rounding_mode", None)
+    return out if all(k in out for k in names) else None
+
+
+ARITH = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", torch.multiply: "mul",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
+    torch.divide: "div", operator.neg: "neg", torch.neg: "neg", torch.negative: "neg",
+}
+
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def literal(*values) -> bool:
+    """No fx node among the values (geometry must be known when fusing)."""
+    def has_node(v):
+        if isinstance(v, fx.Node):
+            return True
+        if isinstance(v, (list, tuple)):
+            return any(has_node(x) for x in v)
+        return False
+    return not any(has_node(v) for v in values)
+
+
+def same_shape(node: fx.Node, *inputs) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and all(
+        tensor_meta(i) is not None and tensor_meta(i)[0] == meta[0]
+        and tensor_meta(i)[1] == meta[1] for i in inputs)
+
+

@@ -1,0 +1,86 @@
+"""``fuse_onnx``: load an ONNX model safely, fuse its linear regions, prove the result.
+
+Each region is proved before it is rewritten (``repfuse.proofs.prove_region``: the
+fused kernel against the training-form expression in float64, with input and weight
+gradients); a region whose proof fails is left as it is and reported. The whole model
+is then checked with onnxruntime (graph optimizations disabled) on random inputs
+against the original graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from repfuse.errors import VerificationError, first_line
+from repfuse.onnx.io import load_onnx, op_counts
+from repfuse.onnx.regions import fuse_graph
+from repfuse.onnx.runtime import verify_onnx_pair
+from repfuse.proofs.region import prove_region
+from repfuse.report import FuseReport
+
+
+@dataclass
+class OnnxFuseResult:
+    """``model``: the fused ``onnx.ModelProto``; ``report``: a ``FuseReport``."""
+
+    model: onnx.ModelProto
+    report: FuseReport
+
+
+def count_parameters(proto: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers of the main graph."""
+    total = 0
+    for t in proto.graph.initializer:
+        if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
+            total += int(np.prod(t.dims, dtype=np.int64))
+    return total
+
+
+def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - shapes are a help, not a requirement
+        return proto
+
+
+def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
+    """See ``repfuse.fuse_onnx``."""
+    proto, source = load_onnx(model)
+    graph_ir = ir.from_proto(_infer_shapes(proto))
+    check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
+    regions = fuse_graph(graph_ir, check=check)
+    fused = ir.to_proto(graph_ir)
+    del fused.graph.value_info[:]
+    report = FuseReport(regions=regions, params_before=count_parameters(proto),
+                        params_after=count_parameters(fused), ops_before=op_counts(proto),
+                        ops_after=op_counts(fused))
+    split = f", {len(report.split)} fused in parts" if report.split else ""
+    report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
+                        f"left as they are in {source}")
+    overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
+    if overridable:
+        report.notes.append(
+            f"{len(overridable)} initializer(s) are also graph inputs (overridable at run time), "
+            "so nodes reading them were not fused; re-export with "
+            "keep_initializers_as_inputs=False to fuse them")
+    try:
+        onnx.checker.check_model(fused)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"{source}: the fused graph fails the ONNX checker "
+                                f"({first_line(exc)}); nothing written") from None
+    if verify:
+        report.model_checks = verify_onnx_pair(proto, fused, tol=tol)
+        report.verified = True
+        if not report.ok:
+            failures = [c for c in report.model_checks.failures] or [
+                c for r in report.regions if r.proofs is not None for c in r.proofs.failures]
+            worst = max(failures, key=lambda c: c.max_rel) if failures else None
+            figures = (f"{worst.name}: max abs {worst.max_abs:.3g}, max rel "
+                       f"{worst.max_rel:.3g}, rtol {worst.rtol:.3g}") if worst else "see report"
+            raise VerificationError(f"{source}: the fused model disagrees with the original "
+                                    f"({figures})", report=report)
+    return OnnxFuseResult(fused, report)

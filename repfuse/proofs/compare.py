@@ -1,0 +1,185 @@
+"""Tolerances and the one numerical comparison every proof uses.
+
+One table of tolerances by dtype (``TOLERANCES``) and one comparison (``compare``).
+
+Error figures (reported for every check):
+
+* ``max_abs = max |candidate - reference|`` over all elements;
+* ``max_rel = max_abs / max(max |reference|, tiny)``: the largest error relative to
+  the largest reference magnitude. Unlike an elementwise ratio it does not blow up
+  where the reference is (close to) zero, so it is robust on real activations.
+
+A check passes when ``max_abs <= atol + rtol * max |reference|``. Comparisons are
+computed in float64; the tolerance is that of the less precise of the two dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from repfuse.errors import InputError
+from repfuse.report import Check
+
+
+class Tolerance(NamedTuple):
+    """Absolute and relative tolerance: pass iff max_abs <= atol + rtol * max|reference|."""
+
+    atol: float
+    rtol: float
+
+
+#: The one table of tolerances, by dtype. float64 is what the per-region proofs run in
+#: (exact arithmetic up to summation-order rounding); the others cover models run in
+#: their own dtype, where the fused and the training form round differently.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(atol=1e-10, rtol=1e-9),
+    torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
+    torch.float16: Tolerance(atol=1e-3, rtol=1e-2),
+    torch.bfloat16: Tolerance(atol=1e-2, rtol=5e-2),
+}
+
+#: Whole-model input gradients below float64: the largest relative L2 error
+#: ||candidate - reference|| / ||reference|| accepted when the elementwise criterion
+#: fails. The input gradient of a ReLU network is discontinuous: rounding differences of
+#: the order of the output tolerance flip the few units whose pre-activation lies within
+#: rounding of zero, which changes single gradient entries by O(1) (measured on repvgg_b3
+#: and mobileone_s0 at 224x224 in float32: 0.2-0.5% relative L2, up to 2% elementwise,
+#: the same as the training form in float32 against itself in float64). Detached inputs,
+#: missing branches or wrong backward passes give errors of order 1 and still fail.
+GRAD_L2_RTOL: dict[torch.dtype, float] = {
+    torch.float32: 5e-2,
+    torch.float16: 2e-1,
+    torch.bfloat16: 3e-1,
+}
+
+_PRECISION_ORDER = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+#: Seed of the random upstream gradients and probe inputs (proofs are reproducible).
+SEED = 0
+
+
+def tolerance(dtype: torch.dtype = torch.float32, tol=None) -> Tolerance:
+    """The tolerance for ``dtype``, or the one ``tol`` asks for.
+
+    ``tol`` may be ``None`` (the table entry for ``dtype``), a number (used as both
+    atol and rtol), a pair ``(atol, rtol)``, a ``Tolerance`` or a dict with keys
+    ``atol``/``rtol`` (a missing key falls back to the table).
+    """
+    base = TOLERANCES.get(dtype)
+    if base is None:
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            base = Tolerance(0.0, 0.0)
+        else:
+            raise InputError(f"tolerance: no tolerance for dtype={dtype}; pass tol=(atol, rtol)")
+    if tol is None:
+        return base
+    if isinstance(tol, Tolerance):
+        return tol
+    if isinstance(tol, bool):
+        raise InputError(f"tol={tol!r} must be a number, (atol, rtol) or a dict")
+    if isinstance(tol, (int, float)):
+        return _checked(Tolerance(float(tol), float(tol)))
+    if isinstance(tol, dict):
+        unknown = set(tol) - {"atol", "rtol"}
+        if unknown:
+            raise InputError(f"tol has unknown keys {sorted(unknown)}; use 'atol' and 'rtol'")
+        return _checked(Tolerance(float(tol.get("atol", base.atol)),
+                                  float(tol.get("rtol", base.rtol))))
+    if isinstance(tol, (tuple, list)) and len(tol) == 2:
+        return _checked(Tolerance(float(tol[0]), float(tol[1])))
+    raise InputError(f"tol={tol!r} must be a number, (atol, rtol) or a dict")
+
+
+def _checked(t: Tolerance) -> Tolerance:
+    if not (t.atol >= 0 and t.rtol >= 0):
+        raise InputError(f"tol={tuple(t)} must be non-negative")
+    return t
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The least precise floating dtype among ``dtypes`` (float64 if none is floating)."""
+    worst = torch.float64
+    for d in dtypes:
+        if d in _PRECISION_ORDER and _PRECISION_ORDER.index(d) > _PRECISION_ORDER.index(worst):
+            worst = d
+    return worst
+
+
+def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
+    """Compare ``candidate`` with ``reference``; return a ``Check`` with every figure.
+
+    ``max_abs = max |candidate - reference|``; ``max_rel = max_abs / max(max|reference|,
+    tiny)``. Passes iff shapes match, non-finite values sit at the same places with the
+    same values, and ``max_abs <= atol + rtol * max|reference|``. ``tol`` as in
+    ``tolerance``; ``None`` takes the table entry of the less precise dtype.
+    """
+    t = tolerance(least_precise(reference.dtype, candidate.dtype), tol)
+    if tuple(reference.shape) != tuple(candidate.shape):
+        return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False,
+                     f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)}")
+    a = reference.detach().to(torch.float64)
+    b = candidate.detach().to(a.device, torch.float64)
+    if a.numel() == 0:
+        return Check(name, 0.0, 0.0, t.atol, t.rtol, True, "empty")
+    detail = ""
+    max_abs = float(torch.linalg.vector_norm(a - b, float("inf")))
+    lo, hi = torch.aminmax(a)
+    scale = max(-float(lo), float(hi))
+    if not (math.isfinite(max_abs) and math.isfinite(scale)):   # rare: inspect non-finites
+        finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+        same_nonfinite = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        bad_nonfinite = (finite_a != finite_b) | (~finite_a & ~finite_b & ~same_nonfinite)
+        if bool(bad_nonfinite.any()):
+            count = int(bad_nonfinite.sum())
+            return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False,
+                         f"{count} element(s) non-finite in only one of the two (or different)")
+        both = finite_a & finite_b
+        detail = f"{int((~both).sum())} matching non-finite element(s) ignored"
+        a, b = a[both], b[both]
+        if a.numel() == 0:
+            return Check(name, 0.0, 0.0, t.atol, t.rtol, True, detail)
+        max_abs = float((a - b).abs().max())
+        scale = float(a.abs().max())
+        if not (math.isfinite(max_abs) and math.isfinite(scale)):
+            return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False,
+                         "difference overflows float64")
+    max_rel = max_abs / max(scale, torch.finfo(torch.float64).tiny)
+    ok = max_abs <= t.atol + t.rtol * scale
+    if not ok and not detail:
+        where = int((a - b).abs().argmax())
+        detail = f"worst at flat index {where}: reference {a.flatten()[where].item():.6g}, " \
+                 f"candidate {b.flatten()[where].item():.6g}"
+    return Check(name, max_abs, max_rel, t.atol, t.rtol, ok, detail)
+
+
+def compare_grad(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
+    """``compare`` for whole-model input gradients: below float64 (and with ``tol``
+    None) a check that fails elementwise still passes when the relative L2 error is at
+    most ``GRAD_L2_RTOL`` of the dtype; the detail then says so and gives the figure."""
+    check = compare(name, reference, candidate, tol)
+    dtype = least_precise(reference.dtype, candidate.dtype)
+    if check.ok or tol is not None or dtype not in GRAD_L2_RTOL \
+            or tuple(reference.shape) != tuple(candidate.shape):
+        return check
+    a = reference.detach().to(torch.float64)
+    b = candidate.detach().to(a.device, torch.float64)
+    norm = float(a.norm())
+    l2 = float((a - b).norm()) / max(norm, torch.finfo(torch.float64).tiny)
+    if math.isfinite(l2) and l2 <= GRAD_L2_RTOL[dtype]:
+        check.ok = True
+        check.detail = (f"passed on relative L2 error {l2:.3g} <= {GRAD_L2_RTOL[dtype]:g} "
+                        f"({dtype}: isolated ReLU-kink flips under rounding); "
+                        f"elementwise: {check.detail}")
+    else:
+        check.detail = f"relative L2 error {l2:.3g}; {check.detail}".rstrip("; ")
+    return check
+
+
+def failed(name: str, detail: str, tol: Tolerance | None = None) -> Check:
+    """A check that could not be computed (structure mismatch, exception): not ok."""
+    t = tol or Tolerance(0.0, 0.0)
+    return Check(name, float("inf"), float("inf"), t.atol, t.rtol, False, detail)

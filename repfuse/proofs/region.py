@@ -1,0 +1,222 @@
+"""Per-region proofs: a fused ``AffineConv`` against the training form of its region.
+
+``prove_region(expr, fused, example_activation=None, *, tol=None, module=False)``
+checks, in float64 and with the ``repfuse.core`` kernels for the fused side, on a
+random probe (seeded, one sample of spatial size twice the fused receptive field, so
+every border, padding and interior case is hit) and, when given, on the real
+activation at the region's input (its first sample's top-left window of the same
+size):
+
+1. ``output[random]``, ``output[activation]``: the fused convolution (``core.conv2d``)
+   equals the training-form region (``region.reference.evaluate``, torch ops).
+2. ``grad input``: ``core.conv2d_input`` of the fused kernel equals the sum of the
+   branches' adjoints (autograd through ``region.reference.evaluate``) for a random upstream
+   gradient, on the random probe (the region is affine: its gradients do not depend
+   on the input values, and a real activation may have dead channels that would hide
+   a wrong weight).
+3. ``grad <param>``: for every parameter of the region (``region.parameters``: conv
+   weights and biases, BN gamma/beta, tensor scales), the re-parameterization map's
+   adjoint (the vector-Jacobian product of ``region.reduce``, by autograd) applied to
+   the fused kernel's gradient (``core.conv2d_weight``; for the bias, the sum of the
+   upstream gradient) equals torch autograd on the training form.
+
+With ``module=True`` also ``module output[...]``: the module the model receives
+(``fused.to_module()``) run in the target dtype, with that dtype's tolerance.
+
+The model's tensors are never touched: the proofs run on float64 copies substituted
+into a copy of the expression. The region is affine, so the probe's size, not the real
+activation's, is what coverage needs; the real values add realistic magnitudes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repfuse import core
+from repfuse import region as rg
+from repfuse.core.spec import ConvSpec
+from repfuse.proofs.compare import SEED, compare, failed, tolerance
+from repfuse.report import VerifyReport
+
+
+# ----------------------------------------------------------------- expression trees
+def float64_leaves(expr: rg.Node) -> tuple[rg.Node, dict[str, Tensor]]:
+    """A float64 copy of ``expr`` whose named parameters (``region.parameters``) are
+    fresh leaves requiring grad; returns (copy, {name: leaf})."""
+    named = rg.parameters(expr)
+    mapping: dict[int, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+    for name, t in named.items():
+        if not t.is_floating_point():
+            continue
+        if id(t) in mapping:
+            continue
+        leaf = t.detach().to(torch.float64, copy=True).requires_grad_(True)
+        mapping[id(t)] = leaf
+        leaves[name] = leaf
+    for t in rg.node_tensors(expr):
+        if id(t) not in mapping and t.is_floating_point():
+            mapping[id(t)] = t.detach().to(torch.float64)
+    return rg.substitute(expr, mapping), leaves
+
+
+# ----------------------------------------------------------------- fused side (core)
+def _padded(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple]:
+    """Input and the padding argument for the core kernels; non-zero padding modes
+    are applied here with ``F.pad`` (differentiably) and the kernel gets padding 0."""
+    if spec.padding_mode == "zeros":
+        return x, spec.padding
+    t, b, l, r = spec.padding
+    return F.pad(x, (l, r, t, b), mode=spec.padding_mode), (0, 0, 0, 0)
+
+
+def fused_forward(x: Tensor, weight: Tensor, bias: Tensor, spec: ConvSpec) -> Tensor:
+    """The fused convolution with ``core.conv2d``."""
+    xp, pad = _padded(x, spec)
+    return core.conv2d(xp, weight, bias, spec.stride, pad, spec.dilation, spec.groups)
+
+
+def fused_input_grad(x: Tensor, weight: Tensor, grad_out: Tensor, spec: ConvSpec) -> Tensor:
+    """Gradient w.r.t. the input of the fused convolution with ``core.conv2d_input``."""
+    if spec.padding_mode == "zeros":
+        return core.conv2d_input(tuple(x.shape), weight, grad_out, spec.stride, spec.padding,
+                                 spec.dilation, spec.groups)
+    xl = x.detach().requires_grad_(True)
+    xp, pad = _padded(xl, spec)
+    gp = core.conv2d_input(tuple(xp.shape), weight, grad_out, spec.stride, pad, spec.dilation,
+                           spec.groups)
+    (g,) = torch.autograd.grad(xp, xl, gp)
+    return g
+
+
+def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
+                      spec: ConvSpec) -> tuple[Tensor, Tensor]:
+    """Gradients of the fused weight (``core.conv2d_weight``) and bias (sum of grad_out)."""
+    xp, pad = _padded(x.detach(), spec)
+    gw = core.conv2d_weight(xp, tuple(weight_shape), grad_out, spec.stride, pad,
+                            spec.dilation, spec.groups)
+    return gw, grad_out.sum(dim=(0, 2, 3))
+
+
+# ----------------------------------------------------------------- probes
+def probe_shape(spec: ConvSpec, batch: int = 1) -> tuple[int, int, int, int]:
+    """(N, C, H, W) of the random probe: twice the receptive field on each axis, plus
+    one on W (odd and even sizes hit both stride remainders, and H != W so a transposed
+    axis cannot pass)."""
+    ekh, ekw = spec.effective_kernel
+    return (batch, spec.in_channels, 2 * ekh, 2 * ekw + 1)
+
+
+def _activation_window(act: Tensor, x: Tensor) -> Tensor:
+    """The real activation's first sample, its top-left window of the probe's size, on a
+    copy of the random probe where the activation is smaller."""
+    a = act.detach()
+    a = a[0] if a.dim() == 4 else a
+    out = x.clone()
+    h, w = min(a.shape[-2], x.shape[-2]), min(a.shape[-1], x.shape[-1])
+    out[0, :, :h, :w] = a[:, :h, :w].to(x)
+    return out
+
+
+def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None, *,
+                 tol=None, module: bool = False) -> VerifyReport:
+    """Prove that ``fused`` (an ``AffineConv``) computes region ``expr``.
+
+    Args:
+        expr: the region expression (``repfuse.region``), live model tensors.
+        fused: its ``AffineConv`` (what the model will receive).
+        example_activation: the tensor flowing into the region on the example inputs
+            ((N, C, H, W) or (C, H, W)), or None.
+        tol: as in ``repfuse.proofs.tolerance``; default: the float64 table entry.
+        module: also check ``fused.to_module()`` run in the target dtype
+            (``module output[...]``, tolerance of that dtype).
+
+    Returns a ``VerifyReport`` (dtype "float64") with the checks of the module
+    docstring: ``output[random]``, ``output[activation]`` (when an activation is
+    given), ``grad input``, ``grad <param>`` for every ``region.parameters`` entry. It
+    never raises for a wrong fusion, only reports it; neither ``expr``'s tensors nor
+    ``fused`` are modified.
+
+    Cost (one sample of twice the receptive field): a forward and a backward of the
+    training form and a forward / input gradient / weight gradient of the fused kernel
+    with the core; on the activation's window a forward of each (separately and without
+    autograd: stacking the two samples into one batch measured slower); one float64
+    re-reduction and its adjoint.
+    """
+    t64 = tolerance(torch.float64, tol)
+    report = VerifyReport(dtype="float64")
+    spec: ConvSpec = fused.spec
+    weight = fused.weight.detach().to(torch.float64)
+    bias = fused.bias.detach().to(torch.float64) if fused.bias is not None \
+        else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
+    gen = torch.Generator().manual_seed(SEED)
+    expr64, leaves = float64_leaves(expr)
+    x = torch.randn(probe_shape(spec), generator=gen, dtype=torch.float64).to(weight.device)
+    probes = {"random": x}
+    if example_activation is not None:
+        probes["activation"] = _activation_window(example_activation, x)
+    xin = x.clone().requires_grad_(True)
+    refs = {}
+    for name, p in probes.items():
+        try:
+            with torch.set_grad_enabled(name == "random"):
+                refs[name] = y_ref = rg.evaluate(expr64, xin if name == "random" else p)
+            y_fused = fused_forward(p, weight, bias, spec)
+        except Exception as e:  # a geometry mismatch is a failed proof, not a crash
+            report.checks.append(failed(f"output[{name}]", f"{type(e).__name__}: {e}", t64))
+            return report
+        report.checks.append(compare(f"output[{name}]", y_ref, y_fused, t64))
+        if module:
+            target = fused.dtype if fused.dtype is not None else torch.float32
+            with torch.no_grad():
+                y_mod = fused.to_module()(p.to(target))
+            report.checks.append(compare(f"module output[{name}]", y_ref, y_mod,
+                                         None if tol is None else tol))
+    if not report.ok and any(c.name.startswith("output") and c.max_abs == float("inf")
+                             for c in report.checks):
+        return report       # shapes differ: gradients cannot be compared
+    y_ref = refs["random"]
+    grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(x.device)
+    grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
+                                allow_unused=True)
+    gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    gx_fused = fused_input_grad(x, weight, grad_out, spec)
+    report.checks.append(compare("grad input", gx_ref, gx_fused, t64))
+    report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
+                                     weight.shape, t64)
+    return report
+
+
+def _weight_mapping(expr64, leaves, autograd_grads, x, grad_out, spec, weight_shape,
+                    t64) -> list:
+    """Checks 3: adjoint of the re-parameterization map applied to the fused kernel's
+    gradient (core.conv2d_weight, sum of grad_out) vs autograd on the training form."""
+    if not leaves:
+        return []
+    gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
+    fused64 = rg.reduce(expr64)
+    outs = [(fused64.weight, gw)]
+    if fused64.bias is not None:
+        outs.append((fused64.bias, gb))
+    outs = [(o, g) for o, g in outs if o.requires_grad]
+    if not outs:
+        return [failed("grad parameters", "the fused kernel does not depend on the region's "
+                       "parameters through autograd", t64)]
+    adjoint = torch.autograd.grad([o for o, _ in outs], list(leaves.values()),
+                                  [g for _, g in outs], allow_unused=True)
+    checks = []
+    for (name, leaf), ga, gt in zip(leaves.items(), adjoint, autograd_grads):
+        ga = torch.zeros_like(leaf) if ga is None else ga
+        gt = torch.zeros_like(leaf) if gt is None else gt
+        checks.append(compare(f"grad {name}", gt, ga, t64))
+    return checks
+
+
+def worst(report: VerifyReport, prefix: str = "output") -> tuple[float, float]:
+    """(max abs, max relative) error over the checks whose name starts with ``prefix``."""
+    sel = [c for c in report.checks if c.name.startswith(prefix)]
+    if not sel:
+        return 0.0, 0.0
+    return max(c.max_abs for c in sel), max(c.max_rel for c in sel)

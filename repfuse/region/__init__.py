@@ -1,0 +1,40 @@
+"""The front-end-neutral region expression and what is done with it.
+
+* ``nodes``: the node types, each declaring its facts once;
+* ``tree``: the one set of utilities that walk an expression;
+* ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only);
+* ``reference``: ``evaluate``, the independent evaluator the proofs compare against;
+* ``description``: ``describe``, branch kinds for reports;
+* ``op``: the operation kinds and ``LinearOp`` both front ends return;
+* ``worth``: whether a region is worth fusing, and the growth limit;
+* ``registry``: where reducers, evaluators and descriptions are registered.
+
+Adding a node type: one class in ``nodes`` plus its reducer, evaluator and description
+here, and a rule in each front end (``repfuse.fx.ops``, ``repfuse.onnx.match``);
+``registry.missing_rules`` (tested) names whatever is missing.
+"""
+
+from repfuse.region import reference
+from repfuse.region.description import describe
+from repfuse.region.nodes import *  # noqa: F403  (the node types)
+from repfuse.region.nodes import __all__ as _node_names
+from repfuse.region.op import LinearOp, OpKind, is_region_value
+from repfuse.region.reducers import reduce
+from repfuse.region.reference import evaluate
+from repfuse.region.tree import (
+    children,
+    count_params,
+    input_channels,
+    label,
+    node_tensors,
+    parameters,
+    substitute,
+    walk,
+)
+from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
+
+__all__ = [
+    *_node_names, "GROWTH_LIMIT", "LinearOp", "OpKind", "check_growth", "children",
+    "count_params", "describe", "evaluate", "input_channels", "is_region_value", "label",
+    "node_tensors", "parameters", "reduce", "reference", "substitute", "walk", "worthwhile",
+]

@@ -1,0 +1,237 @@
+"""``reduce``: a region expression as one ``AffineConv``, with the algebra only.
+
+One reducer per node type (registered with ``region.registry.reducer``); the reference
+evaluator (``region.reference``) shares no code with them, so the proofs compare two
+independent computations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from repfuse import algebra as A
+from repfuse.core.spec import ConvSpec
+from repfuse.errors import InputError, NotFusable
+from repfuse.region import nodes as N
+from repfuse.region.registry import REDUCERS, reducer
+from repfuse.region.tree import children, dtype_device, label, walk
+
+
+@dataclass
+class _Context:
+    """What a reducer may need besides its node and arguments: the region's dtype and
+    device (an identity branch is cast to them)."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+
+class _Identity:
+    """The region input, kept symbolic so that a conv on it costs no composition."""
+
+    def __init__(self, channels: int, dtype, device) -> None:
+        self.out_channels = channels
+        self.dtype = dtype
+        self.device = device
+
+    def conv(self):
+        return A.identity_conv(self.out_channels, dtype=self.dtype, device=self.device)
+
+
+class _LazyConv:
+    """A conv on the region input, cast to float64 only when needed (a following BN folds
+    into it in one pass)."""
+
+    def __init__(self, node: N.Conv, spec: ConvSpec) -> None:
+        self.node, self.spec = node, spec
+        self.out_channels = spec.out_channels
+        self._conv = None
+
+    def conv(self):
+        if self._conv is None:
+            self._conv = A.AffineConv.from_tensors(self.node.weight, self.node.bias, self.spec)
+        return self._conv
+
+    def fold_bn(self, bn: N.BatchNorm):
+        """bn(conv(x)) with the float64 cast and the BN scale in one multiplication."""
+        scale, shift = A.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                        bn.eps, label(bn))
+        if scale.numel() != self.out_channels:
+            raise NotFusable(f"has {scale.numel()} channels but follows "
+                             f"{self.spec.describe()} with {self.out_channels} outputs")
+        w = self.node.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
+        bias = shift if self.node.bias is None else self.node.bias * scale + shift
+        return A.AffineConv(weight, bias, self.spec, dtype, w.device)
+
+
+def _affine(arg):
+    return arg.conv() if isinstance(arg, (_Identity, _LazyConv)) else arg
+
+
+def refuse_bias_through_padding(inp: N.Node, spec: ConvSpec) -> None:
+    """A zero-padding conv (or pool) after a part with a bias parameter is exact only in
+    the interior; ``compose`` refuses it when the bias is non-zero. Where the bias is
+    zero now (freshly initialised weights) the values agree but the bias's gradient does
+    not (the border sees zeros, not the bias): the fused kernel would not follow the
+    training form, so the structure (each node type's ``bias_carrier``) decides, not the
+    current value."""
+    if not A.reads_padding(spec):
+        return
+    for n in walk(inp):
+        carrier = n.bias_carrier
+        if carrier and isinstance(getattr(n, carrier, None), torch.Tensor):
+            raise NotFusable(
+                f"{spec.describe()} zero-pads the output of {label(n)}, which has "
+                f"a bias parameter: the bias would pass through the zero padding (exact only "
+                "in the interior, and for the bias's gradient even while it is zero); pad "
+                "with the bias value (BN-and-pad) or drop the padding")
+
+
+# ---------------------------------------------------------------------------- reducers
+@reducer(N.Input)
+def _input(node: N.Input, args: list, ctx: _Context):
+    return _Identity(node.channels, ctx.dtype, ctx.device)
+
+
+@reducer(N.Conv)
+def _conv(node: N.Conv, args: list, ctx: _Context):
+    spec = node.spec
+    if spec.transposed:
+        raise NotFusable("transposed convolution is not fused; leave it")
+    if spec.layout != "NCHW":
+        spec = spec.replace(layout="NCHW")
+    if isinstance(args[0], _Identity):
+        if args[0].out_channels != spec.in_channels:
+            raise NotFusable(f"expects {spec.in_channels} input channels, the region "
+                             f"input has {args[0].out_channels}")
+        spec.check_weight(tuple(node.weight.shape))
+        return _LazyConv(node, spec)
+    if spec.padding_mode == "zeros":
+        refuse_bias_through_padding(node.input, spec)
+    return A.compose(_affine(args[0]), A.AffineConv.from_tensors(node.weight, node.bias, spec))
+
+
+@reducer(N.BatchNorm)
+def _batch_norm(node: N.BatchNorm, args: list, ctx: _Context):
+    if isinstance(args[0], _LazyConv) and node.running_mean is not None:
+        return args[0].fold_bn(node)
+    return A.fold_bn(_affine(args[0]), node.running_mean, node.running_var, node.weight,
+                     node.bias, node.eps, name=label(node))
+
+
+@reducer(N.AvgPool)
+def _avg_pool(node: N.AvgPool, args: list, ctx: _Context):
+    arg = args[0].conv() if isinstance(args[0], _LazyConv) else args[0]
+    pool = A.avg_pool_conv(arg.out_channels, node.kernel_size, node.stride, node.padding,
+                           count_include_pad=node.count_include_pad, ceil_mode=node.ceil_mode,
+                           divisor_override=node.divisor_override, dtype=arg.dtype,
+                           device=arg.device, name=label(node))
+    if isinstance(arg, _Identity):
+        return pool
+    if node.count_include_pad:
+        refuse_bias_through_padding(node.input, pool.spec)
+    return A.compose(_affine(arg), pool)
+
+
+@reducer(N.Scale)
+def _scale(node: N.Scale, args: list, ctx: _Context):
+    return A.scale(_affine(args[0]), node.factor)
+
+
+@reducer(N.Shift)
+def _shift(node: N.Shift, args: list, ctx: _Context):
+    return A.shift(_affine(args[0]), node.value)
+
+
+@reducer(N.Add)
+def _add(node: N.Add, args: list, ctx: _Context):
+    return A.add(*[_affine(a) for a in args])
+
+
+@reducer(N.Sub)
+def _sub(node: N.Sub, args: list, ctx: _Context):
+    return A.subtract(*[_affine(a) for a in args])
+
+
+@reducer(N.Neg)
+def _neg(node: N.Neg, args: list, ctx: _Context):
+    return A.negate(_affine(args[0]))
+
+
+@reducer(N.Concat)
+def _concat(node: N.Concat, args: list, ctx: _Context):
+    return A.concat(*[_affine(a) for a in args])
+
+
+@reducer(N.Pad)
+def _pad(node: N.Pad, args: list, ctx: _Context):
+    arg = _affine(args[0])
+    value = arg.bias if node.zero_response else node.value
+    return A.pad_output(arg, node.padding, value, name=label(node))
+
+
+# ---------------------------------------------------------------------------- reduce
+def _check_materialized(expr: N.Node) -> None:
+    """Refuse tensors without values (``meta`` device): nothing exact can be computed."""
+    for node in walk(expr):
+        for t in vars(node).values():
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                raise InputError(
+                    f"{label(node)} holds a tensor on the 'meta' device, which has no "
+                    "values; materialize the model first (model.to_empty(device='cpu') "
+                    "and load_state_dict) and fuse again")
+
+
+def _located(node: N.Node, err: Exception) -> NotFusable:
+    return NotFusable(f"{label(node)}: {err}", node=node)
+
+
+def reduce(expr: N.Node):
+    """The region as one ``AffineConv`` (float64, differentiable in the node tensors).
+
+    Raises ``NotFusable`` (its ``.node`` is the offending node) naming the node whose
+    operation would not be exact or whose values make the fused kernel NaN or infinite,
+    and ``InputError`` for tensors without values (``meta`` device)."""
+    _check_materialized(expr)
+    ctx = _Context(*dtype_device(expr))
+    memo: dict[int, object] = {}
+    for node in walk(expr):
+        args = [memo[id(c)] for c in children(node)]
+        rule = REDUCERS.get(type(node))
+        if rule is None:
+            raise NotFusable(f"{type(node).__name__} is not a linear region node", node=node)
+        try:
+            memo[id(node)] = rule(node, args, ctx)
+        except NotFusable as err:
+            if err.node is not None:
+                raise
+            raise _located(node, err) from err
+        except ValueError as err:  # GeometryError from ConvSpec
+            raise _located(node, err) from err
+    out = _affine(memo[id(expr)])
+    if not _finite(out):
+        culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
+        raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
+                         "parameters, running_var + eps <= 0, or a division by zero); fix "
+                         "the weights or leave the region unfused", node=culprit)
+    return out
+
+
+def _finite(value) -> bool:
+    """Whether a reduced value (identity, lazy conv or AffineConv) has finite entries."""
+    if isinstance(value, _Identity):
+        return True
+    if isinstance(value, _LazyConv):
+        tensors = (value.node.weight, value.node.bias)
+    else:
+        tensors = (value.weight, value.bias)
+    with torch.no_grad():
+        # a NaN or Inf entry makes the sum non-finite (float64 sums of weights do not overflow)
+        return all(bool(torch.isfinite(t.sum())) for t in tensors if t is not None)
+
+
+__all__ = ["REDUCERS", "reduce", "refuse_bias_through_padding"]

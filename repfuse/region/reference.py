@@ -1,0 +1,140 @@
+"""The training form of a region expression run with torch ops: the reference the proofs
+compare a fused convolution against, differentiable in the node tensors (autograd on it
+is the training form's backward).
+
+One evaluator per node type (registered with ``region.registry.evaluator``). This module
+shares no code with ``region.reduce``: the proofs depend on the two being independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repfuse.core.spec import ConvSpec
+from repfuse.region import nodes as N
+from repfuse.region.registry import EVALUATORS, evaluator
+from repfuse.region.tree import children, walk
+
+
+def _channel_view(value, x: Tensor):
+    if isinstance(value, torch.Tensor):
+        v = value.to(x.dtype)
+        return v.reshape(-1, 1, 1) if v.numel() > 1 else v.reshape(())
+    return value
+
+
+def _cast(t, like: Tensor):
+    return None if t is None else t.to(like.dtype)
+
+
+@evaluator(N.Input)
+def _input(node: N.Input, args: list, x: Tensor) -> Tensor:
+    return x
+
+
+@evaluator(N.Conv)
+def _conv(node: N.Conv, args: list, x: Tensor) -> Tensor:
+    spec = node.spec
+    y = args[0]
+    if spec.padding_mode != "zeros":
+        t, b, l, r = spec.padding
+        y = F.pad(y, (l, r, t, b), mode=spec.padding_mode)
+        pad = (0, 0)
+    elif not spec.is_symmetric_padding:
+        t, b, l, r = spec.padding
+        y = F.pad(y, (l, r, t, b))
+        pad = (0, 0)
+    else:
+        pad = spec.torch_padding
+    bias = None if node.bias is None else node.bias.to(y.dtype)
+    return F.conv2d(y, node.weight.to(y.dtype), bias, spec.stride, pad, spec.dilation,
+                    spec.groups)
+
+
+@evaluator(N.BatchNorm)
+def _batch_norm(node: N.BatchNorm, args: list, x: Tensor) -> Tensor:
+    y = args[0]
+    stats = node.running_mean is not None and node.running_var is not None
+    return F.batch_norm(y, _cast(node.running_mean, y), _cast(node.running_var, y),
+                        _cast(node.weight, y), _cast(node.bias, y), not stats, 0.0, node.eps)
+
+
+@evaluator(N.AvgPool)
+def _avg_pool(node: N.AvgPool, args: list, x: Tensor) -> Tensor:
+    y = args[0]
+    geo = ConvSpec(1, 1, node.kernel_size, node.kernel_size if node.stride is None
+                   else node.stride, node.padding)
+    kernel, stride = geo.kernel_size, geo.stride
+    t, b, l, r = geo.padding
+    if t == b and l == r:
+        return F.avg_pool2d(y, kernel, stride, (t, l), node.ceil_mode,
+                            node.count_include_pad, node.divisor_override)
+    padded = F.pad(y, (l, r, t, b))
+    total = F.avg_pool2d(padded, kernel, stride, 0, node.ceil_mode, True, divisor_override=1)
+    if node.divisor_override:
+        return total / node.divisor_override
+    if node.count_include_pad:
+        return total / (kernel[0] * kernel[1])
+    ones = F.pad(torch.ones_like(y[:1, :1]), (l, r, t, b))
+    count = F.avg_pool2d(ones, kernel, stride, 0, node.ceil_mode, True, divisor_override=1)
+    return total / count
+
+
+@evaluator(N.Scale)
+def _scale(node: N.Scale, args: list, x: Tensor) -> Tensor:
+    return args[0] * _channel_view(node.factor, args[0])
+
+
+@evaluator(N.Shift)
+def _shift(node: N.Shift, args: list, x: Tensor) -> Tensor:
+    return args[0] + _channel_view(node.value, args[0])
+
+
+@evaluator(N.Add)
+def _add(node: N.Add, args: list, x: Tensor) -> Tensor:
+    out = args[0]
+    for a in args[1:]:
+        out = out + a
+    return out
+
+
+@evaluator(N.Sub)
+def _sub(node: N.Sub, args: list, x: Tensor) -> Tensor:
+    return args[0] - args[1]
+
+
+@evaluator(N.Neg)
+def _neg(node: N.Neg, args: list, x: Tensor) -> Tensor:
+    return -args[0]
+
+
+@evaluator(N.Concat)
+def _concat(node: N.Concat, args: list, x: Tensor) -> Tensor:
+    return torch.cat(args, 1)
+
+
+@evaluator(N.Pad)
+def _pad(node: N.Pad, args: list, x: Tensor) -> Tensor:
+    y = args[0]
+    t, b, l, r = ConvSpec(1, 1, 1, padding=node.padding).padding
+    if node.zero_response:
+        response = evaluate(node.input, torch.zeros_like(x[:1]))
+        value = response[0, :, response.shape[2] // 2, response.shape[3] // 2]
+    else:
+        value = node.value
+    padded = F.pad(y, (l, r, t, b))
+    mask = F.pad(torch.zeros_like(y[:1, :1]), (l, r, t, b), value=1.0)
+    return padded + mask * _channel_view(value, y)
+
+
+def evaluate(expr: N.Node, x: Tensor) -> Tensor:
+    """The region's training form applied to ``x`` with torch ops (the reference)."""
+    memo: dict[int, Tensor] = {}
+    for node in walk(expr):
+        rule = EVALUATORS.get(type(node))
+        if rule is None:
+            raise TypeError(f"{type(node).__name__} is not a region node")
+        memo[id(node)] = rule(node, [memo[id(c)] for c in children(node)], x)
+    return memo[id(expr)]

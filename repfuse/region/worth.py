@@ -1,0 +1,52 @@
+"""The shared rules on whether a region is worth fusing and whether its result is.
+
+``worthwhile`` (before reducing: does fusing replace anything?) and ``check_growth``
+(after reducing: would the fused conv cost more than its branches?) are used by both
+front ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from repfuse.errors import NotFusable
+from repfuse.region.kinds import OpKind
+from repfuse.region.nodes import Add, Concat, Node
+from repfuse.region.tree import count_params, walk
+
+
+def worth_fusing(kinds: Iterable[OpKind]) -> bool:
+    """Whether fusing ops of these kinds gains anything: a conv with something to fold
+    into it, or batch norms merged with other branches (an identity conv then replaces
+    several ops). A lone batch norm stays one; pass-throughs do not count."""
+    ks = [k for k in kinds if k is not OpKind.PASS]
+    if OpKind.CONV in ks:
+        return len(ks) >= 2
+    return OpKind.NORM in ks and OpKind.COMBINE in ks
+
+
+def kind_of(node: Node) -> OpKind:
+    """The node's operation kind (a sum or concat of one branch passes it through)."""
+    if isinstance(node, (Add, Concat)) and len(node.inputs) < 2:
+        return OpKind.PASS
+    return node.kind
+
+
+def worthwhile(expr: Node) -> bool:
+    """``worth_fusing`` over the nodes of a region expression."""
+    return worth_fusing(kind_of(n) for n in walk(expr))
+
+
+#: A region whose fused conv would have more than this many times the parameters of its
+#: branches (a depthwise kxk followed by a dense 1x1, say) is left as it is.
+GROWTH_LIMIT = 4
+
+
+def check_growth(expr: Node, fused) -> None:
+    """Raise ``NotFusable`` when the fused conv (``AffineConv``) would have more than
+    ``GROWTH_LIMIT`` times the parameters of the region: exact, but more compute."""
+    before = count_params(expr)
+    after = fused.weight.numel() + (fused.bias.numel() if fused.bias is not None else 0)
+    if after > GROWTH_LIMIT * max(before, 1):
+        raise NotFusable(f"fusing would multiply the parameters by {after / max(before, 1):.1f} "
+                         f"({before} -> {after}): more compute than the training form")

@@ -1,0 +1,107 @@
+"""AffineConv: from/to nn.Conv2d, evaluation, dtype casts."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers.algebra import TOL, D, conv_ref, max_diff, rand_conv
+from hypothesis import given
+from hypothesis import strategies as st
+
+from repfuse.algebra import AffineConv
+from repfuse.core.spec import ConvSpec
+from repfuse.errors import NotFusable
+
+
+@given(k=st.tuples(st.integers(1, 4), st.integers(1, 4)), s=st.integers(1, 2),
+       p=st.integers(0, 2), d=st.integers(1, 2), g=st.sampled_from([1, 2, 4]),
+       bias=st.booleans(), mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+       seed=st.integers(0, 2**16))
+def test_from_conv_to_module_roundtrip(k, s, p, d, g, bias, mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    conv = rand_conv(4, 8, k, gen, stride=s, padding=p, dilation=d, groups=g, bias=bias,
+                     padding_mode=mode)
+    x = torch.randn(2, 4, 7, 8, generator=gen, dtype=D)
+    ac = AffineConv.from_conv(conv)
+    assert ac.weight.dtype == D and ac.bias.shape == (8,) and ac.dtype == D
+    assert ac.padding_mode == mode
+    ref = conv(x)
+    assert max_diff(ac.forward(x), ref) < TOL
+    module = ac.to_module()
+    assert isinstance(module, nn.Conv2d) and module.bias is not None
+    assert module.padding_mode == mode and module.weight.dtype == D
+    assert max_diff(module(x), ref) < TOL
+
+
+@given(pads=st.tuples(*[st.integers(0, 2)] * 4),
+       mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+       seed=st.integers(0, 2**16))
+def test_asymmetric_padding_module(pads, mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    spec = ConvSpec(3, 5, (2, 3), 1, pads, 1, 1, mode)
+    w = torch.randn(spec.weight_shape, generator=gen, dtype=D)
+    b = torch.randn(5, generator=gen, dtype=D)
+    ac = AffineConv.from_tensors(w, b, spec)
+    x = torch.randn(1, 3, 6, 7, generator=gen, dtype=D)
+    ref = conv_ref(x, w, b, 1, pads, 1, 1, mode)
+    module = ac.to_module()
+    if spec.is_symmetric_padding:
+        assert isinstance(module, nn.Conv2d)
+    else:
+        assert isinstance(module, nn.Sequential) and isinstance(module[1], nn.Conv2d)
+    assert max_diff(module(x), ref) < TOL
+    assert max_diff(ac.forward(x), ref) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cast_back_and_cast_error(dtype):
+    gen = torch.Generator().manual_seed(0)
+    conv = rand_conv(4, 4, 3, gen, padding=1).to(dtype)
+    ac = AffineConv.from_conv(conv)
+    assert ac.dtype == dtype and ac.weight.dtype == D
+    module = ac.to_module()
+    assert module.weight.dtype == dtype and module.weight.device == conv.weight.device
+    # the source values are representable in dtype: no rounding error
+    assert ac.cast_error() == 0.0
+    scaled = ac.replace(weight=ac.weight / 3.0)
+    expected = (scaled.weight.to(dtype).double() - scaled.weight).abs().max().item()
+    assert scaled.cast_error() == pytest.approx(max(expected, 0.0))
+    assert 0 < scaled.cast_error() <= torch.finfo(dtype).eps * scaled.weight.abs().max()
+
+
+def test_conv_without_bias_gets_zero_bias_and_transposed_refused():
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    ac = AffineConv.from_conv(conv)
+    assert torch.equal(ac.bias, torch.zeros(3, dtype=D))
+    assert ac.to_module().bias is not None
+    with pytest.raises(NotFusable, match="transposed"):
+        AffineConv(torch.zeros(2, 3, 3, 3, dtype=D), torch.zeros(3, dtype=D),
+                   ConvSpec(2, 3, 3, transposed=True))
+    with pytest.raises(NotFusable, match="nn.Conv2d"):
+        AffineConv.from_conv(nn.ConvTranspose2d(2, 3, 3))
+
+
+def test_from_conv_is_differentiable():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    ac = AffineConv.from_conv(conv)
+    (ac.weight.sum() + 2 * ac.bias.sum()).backward()
+    assert torch.equal(conv.weight.grad, torch.ones_like(conv.weight))
+    assert torch.equal(conv.bias.grad, 2 * torch.ones_like(conv.bias))
+
+
+def test_modules_own_their_tensors():
+    """to_module never aliases the source parameters or another module's."""
+    conv = rand_conv(2, 3, 3, torch.Generator().manual_seed(0), padding=1)  # float64
+    ac = AffineConv.from_conv(conv)
+    m1, m2 = ac.to_module(), ac.to_module()
+    with torch.no_grad():
+        m1.weight.add_(1.0)
+        m1.bias.add_(1.0)
+    assert torch.equal(m2.weight, conv.weight) and torch.equal(m2.bias, conv.bias)
+    assert torch.equal(ac.weight, conv.weight.detach())
+    assert ac.cast_error() == 0.0
+    half = ac.replace(dtype=torch.float16)
+    err = half.cast_error()
+    m3 = half.to_module()
+    with torch.no_grad():
+        m3.weight.zero_()
+    assert half.cast_error() == err > 0

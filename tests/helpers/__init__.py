@@ -1,0 +1,1 @@
+"""Shared test helpers: model zoos, graph builders, geometry strategies, corpora."""
