@@ -17,12 +17,13 @@ from repfuse.region.tree import count_params, walk
 
 def worth_fusing(kinds: Iterable[OpKind]) -> bool:
     """Whether fusing ops of these kinds gains anything: a conv with something to fold
-    into it, or batch norms merged with other branches (an identity conv then replaces
-    several ops). A lone batch norm stays one; pass-throughs do not count."""
+    into it, or a batch norm with other linear ops (merged branches, a second norm, a
+    scale: one per-channel conv then replaces several ops). A lone batch norm stays one,
+    and so do constant scales and shifts without a norm; pass-throughs do not count."""
     ks = [k for k in kinds if k is not OpKind.PASS]
-    if OpKind.CONV in ks:
+    if OpKind.CONV in ks or OpKind.NORM in ks:
         return len(ks) >= 2
-    return OpKind.NORM in ks and OpKind.COMBINE in ks
+    return False
 
 
 def kind_of(node: Node) -> OpKind:
