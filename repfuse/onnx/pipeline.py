@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
 from repfuse.errors import VerificationError, first_line
 from repfuse.onnx.io import load_onnx, op_counts
@@ -21,6 +22,7 @@ from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
 from repfuse.proofs.region import prove_region
 from repfuse.report import FuseReport
+from repfuse.threads import conversion_threads
 
 
 @dataclass
@@ -49,6 +51,11 @@ def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
     """See ``repfuse.fuse_onnx``."""
+    with conversion_threads():
+        return _fuse(model, verify, tol)
+
+
+def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     proto, source = load_onnx(model)
     graph_ir = ir.from_proto(_infer_shapes(proto))
     check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
@@ -73,7 +80,8 @@ def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
         raise VerificationError(f"{source}: the fused graph fails the ONNX checker "
                                 f"({first_line(exc)}); nothing written") from None
     if verify:
-        report.model_checks = verify_onnx_pair(proto, fused, tol=tol)
+        report.model_checks = verify_onnx_pair(proto, fused, tol=tol,
+                                               threads=torch.get_num_threads())
         report.verified = True
         if not report.ok:
             failures = [c for c in report.model_checks.failures] or [

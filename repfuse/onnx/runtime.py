@@ -81,17 +81,19 @@ def compare_outputs(name: str, reference: Sequence, candidate: Sequence,
 
 
 def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
-                     tol=None, batches: Sequence[int] = (1, 3), seed: int = 0) -> VerifyReport:
-    """Run both models with onnxruntime (no graph optimizations) on the same random
-    inputs; checks per batch size (the second one only when the batch is dynamic)."""
+                     tol=None, batches: Sequence[int] = (1, 3), seed: int = 0,
+                     threads: int | None = None) -> VerifyReport:
+    """Run both models with onnxruntime (no graph optimizations, ``threads`` intra-op
+    threads, or onnxruntime's default) on the same random inputs; checks per batch size
+    (the second one only when the batch is dynamic)."""
     try:
-        ref_sess = ort_session(reference)
+        ref_sess = ort_session(reference, threads=threads)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
         raise InputError(f"onnxruntime cannot load the original model ({ort_reason(exc)}); "
                          "pass verify=False to skip the check") from None
-    cand_sess = ort_session(candidate)
+    cand_sess = ort_session(candidate, threads=threads)
     report = VerifyReport(notes=["onnxruntime, graph optimizations disabled, random inputs"])
     batches = batches if _has_dynamic_batch(reference) else batches[:1]
     for k, batch in enumerate(batches):
