@@ -9,6 +9,7 @@ against the original graph.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,18 @@ import onnx_ir as ir
 import torch
 
 from repfuse.errors import VerificationError, first_line
+from repfuse.onnx.clean import clean
 from repfuse.onnx.io import load_onnx, op_counts
+from repfuse.onnx.keep import kept_nodes, kept_patterns
+from repfuse.onnx.match import Constants
 from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
 from repfuse.proofs.region import prove_region
+from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
 from repfuse.threads import conversion_threads
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +66,12 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     proto, source = load_onnx(model)
     graph_ir = ir.from_proto(_infer_shapes(proto))
     check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
-    regions = fuse_graph(graph_ir, check=check)
+    patterns = kept_patterns(graph_ir.graph, Constants())
+    for p in patterns:
+        log.debug("kept %s whole: %s", p.name, ", ".join(
+            v.producer().name or v.producer().op_type for v in p.values))
+    regions = fuse_graph(graph_ir, check=check, keep=frozenset(kept_nodes(patterns)))
+    clean(graph_ir)
     fused = ir.to_proto(graph_ir)
     del fused.graph.value_info[:]
     report = FuseReport(regions=regions, params_before=count_parameters(proto),
@@ -68,6 +80,8 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     split = f", {len(report.split)} fused in parts" if report.split else ""
     report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
                         f"left as they are in {source}")
+    if kept_note(patterns):
+        report.notes.append(kept_note(patterns))
     overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
     if overridable:
         report.notes.append(
