@@ -49,9 +49,9 @@ def count_parameters(proto: onnx.ModelProto) -> int:
     return total
 
 
-def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _infer_shapes(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto)
+        return onnx.shape_inference.infer_shapes(data)
     except Exception:  # noqa: BLE001 - shapes are a help, not a requirement
         return proto
 
@@ -64,7 +64,8 @@ def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
 
 def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     proto, source = load_onnx(model)
-    graph_ir = ir.from_proto(_infer_shapes(proto))
+    source_data = proto.SerializeToString()     # serialized once: shapes, onnxruntime
+    graph_ir = ir.from_proto(_infer_shapes(proto, source_data))
     check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
     patterns = kept_patterns(graph_ir.graph, Constants())
     for p in patterns:
@@ -88,14 +89,16 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
             f"{len(overridable)} initializer(s) are also graph inputs (overridable at run time), "
             "so nodes reading them were not fused; re-export with "
             "keep_initializers_as_inputs=False to fuse them")
+    fused_data = fused.SerializeToString()
     try:
-        onnx.checker.check_model(fused)
+        onnx.checker.check_model(fused_data)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"{source}: the fused graph fails the ONNX checker "
                                 f"({first_line(exc)}); nothing written") from None
     if verify:
         report.model_checks = verify_onnx_pair(proto, fused, tol=tol,
-                                               threads=torch.get_num_threads())
+                                               threads=torch.get_num_threads(),
+                                               serialized=(source_data, fused_data))
         report.verified = True
         if not report.ok:
             failures = [c for c in report.model_checks.failures] or [
