@@ -234,18 +234,18 @@ def _squared(view: View, value, x) -> bool:
     return view.kind(value) == "mul" and view.operands(value) == [x, x]
 
 
-def _normalized(view: View, variance, centred):
-    """The values from ``variance + eps`` to ``centred / sqrt(...)``, or None."""
+def _normalized(view: View, variance, numerators: list):
+    """The values from ``variance + eps`` to ``n / sqrt(...)`` (or ``n * rsqrt(...)``,
+    ``n * reciprocal(sqrt(...))``) for ``n`` one of ``numerators``, or None."""
     eps = _single_user(view, variance)
     if eps is None or view.kind(eps) != "add" or view.scalar(_other(view, eps, variance)) is None:
         return None
-    step = _single_user(view, eps)
-    chain = [eps]
+    chain, step = [eps], _single_user(view, eps)
     if step is not None and view.kind(step) == "sqrt":
         chain.append(step)
         after = _single_user(view, step)
-        if after is not None and view.kind(after) == "div" and view.operands(after) == [
-                centred, step]:
+        if after is not None and view.kind(after) == "div" and \
+                view.operands(after)[1] is step and _among(view.operands(after)[0], numerators):
             return [*chain, after]
         step = after if after is not None and view.kind(after) == "reciprocal" else None
     elif step is None or view.kind(step) != "rsqrt":
@@ -254,9 +254,14 @@ def _normalized(view: View, variance, centred):
         return None
     chain.append(step)
     after = _single_user(view, step)
-    if after is not None and view.kind(after) == "mul" and _other(view, after, step) is centred:
+    if after is not None and view.kind(after) == "mul" and \
+            _among(_other(view, after, step), numerators):
         return [*chain, after]
     return None
+
+
+def _among(value, values: list) -> bool:
+    return any(value is v for v in values)
 
 
 def _affine_tail(view: View, value) -> list:
@@ -274,20 +279,22 @@ def _affine_tail(view: View, value) -> list:
 
 def _norm(view: View, mean) -> Pattern | None:
     arg = view.operands(mean)[0]
-    for centred in view.users(mean):        # layernorm: x - mean(x)
-        if view.kind(centred) != "sub" or view.operands(centred) != [arg, mean]:
-            continue
-        for square in view.users(centred):
+    # layernorm: x - mean(x), written once or twice (``(x - u).pow(2)``, ``(x - u) / ...``)
+    centred = [u for u in view.users(mean)
+               if view.kind(u) == "sub" and _among(arg, view.operands(u)[:1])
+               and view.operands(u)[1] is mean]
+    for first in centred:
+        for square in view.users(first):
             variance = _single_user(view, square)
-            if not _squared(view, square, centred) or variance is None \
+            if not _squared(view, square, first) or variance is None \
                     or view.kind(variance) != "mean":
                 continue
             chain = _normalized(view, variance, centred)
             if chain is not None:
                 tail = _affine_tail(view, chain[-1]) if view.trailing(mean) else []
-                return Pattern("layernorm", [mean, centred, square, variance, *chain, *tail])
+                return Pattern("layernorm", [mean, *centred, square, variance, *chain, *tail])
     for x in (view.operands(arg)[0],) if view.kind(arg) in ("pow", "mul") else ():
-        chain = _normalized(view, mean, x) if _squared(view, arg, x) else None
+        chain = _normalized(view, mean, [x]) if _squared(view, arg, x) else None
         if chain is not None:                # rmsnorm: x / sqrt(mean(x^2) + eps)
             tail = _affine_tail(view, chain[-1]) if view.trailing(mean) else []
             return Pattern("rmsnorm", [arg, mean, *chain, *tail])

@@ -94,3 +94,31 @@ def test_a_scale_outside_any_pattern_still_folds():
     result = repfuse.fuse(model, torch.randn(2, C, 8, 8))
     assert len(result.report.fused) == 1
     assert not any("gelu" in note or "kept" in note for note in result.report.notes)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """A LayerNorm over channels written out as in ConvNeXt's code, then a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)
+        self.weight = nn.Parameter(torch.rand(C) + 0.5)
+        self.bias = nn.Parameter(torch.randn(C))
+
+    def forward(self, x):
+        x = self.conv1(x)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.conv2(self.weight[:, None, None] * x + self.bias[:, None, None])
+
+
+def test_channels_first_layernorm_affine_still_folds():
+    """No runtime fuses a norm over the channel axis with its affine (a LayerNormalization
+    kernel normalizes trailing axes): the norm is recognised, its affine folds."""
+    torch.manual_seed(0)
+    model = ChannelsFirstLayerNorm().eval()
+    result = repfuse.fuse(model, torch.randn(2, C, 8, 8))
+    assert result.report.ok
+    assert any("layernorm" in note for note in result.report.notes)
+    assert [r.path for r in result.report.fused] == ["conv2"]
