@@ -327,6 +327,6 @@ def kept_note(patterns: list[Pattern]) -> str | None:
         return None
     counts = Counter(p.name for p in patterns)
     kinds = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
-    return (f"kept {kinds} written out whole: runtimes fuse each into one kernel, so the "
-            "linear regions stop at their edges and their scales and shifts are not folded "
-            "into neighbouring convs")
+    return (f"kept whole, as runtimes fuse each into one kernel: {kinds} written out in "
+            "elementary ops (linear regions stop at their edges; their scales and shifts "
+            "are not folded into neighbouring convs)")
