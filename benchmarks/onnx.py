@@ -1,12 +1,24 @@
-"""ONNX Runtime latency: training-form export vs ``repfuse.fuse_onnx`` output.
+"""ONNX: repfuse's output against the export it came from and the authors' deploy export.
 
-For each architecture the training-form model is exported with ``repfuse.export_onnx``
-(the default torch exporter) and fused with ``repfuse.fuse_onnx``; both run in the same
-process with onnxruntime (CPU, 2 intra-op threads, default graph optimizations),
-interleaved; the median and minimum latency per batch size are printed with the ratios
-(on a shared machine the minimum is the better estimate of the unloaded latency).
+Part 1 (latency). Each timm model (seeded random weights, realistic BatchNorm statistics
+as the CLI gives them) is exported in every exporter style: TorchScript with constant
+folding (``ts-fold``), TorchScript without (``ts``) and torch.export (``dynamo``); so is
+its deploy form (``timm.utils.reparameterize_model``, the authors' own fusion code).
+``repfuse.fuse_onnx`` fuses the training-form export. The three files run with
+onnxruntime (CPU, all graph optimizations, ``--threads`` intra-op threads), alternately
+in one process; the table gives median latencies and the ratios repfuse / original
+(target: <= 1.0 within noise) and repfuse / deploy (target: <= 1.05), whether the graph
+onnxruntime runs for repfuse's file has the same kernels as the deploy export's (op types,
+conv weight shapes and geometry; then any latency difference is noise), and the number
+of kernels onnxruntime fuses (Gelu, QuickGelu, LayerNormalization) in each graph.
 
-    .venv/bin/python benchmarks/onnx.py [--arch repvgg_a0 mobileone_s0] [--size 224]
+Part 2 (conversion time, the ONNX front end against the torch one). For each model at
+``--timing-size``: ``repfuse.fuse(model, x)`` against ``repfuse.fuse_onnx`` of its
+``repfuse.export_onnx`` file, both with verification, alternately, ``--rounds`` times
+each; the table gives the medians and ONNX / fx (target: <= 2).
+
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
+        .venv/bin/python benchmarks/onnx.py [--arch ...] [--timing-arch ...]
 """
 
 from __future__ import annotations
@@ -19,93 +31,169 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
+import copy  # noqa: E402
+import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import repfuse  # noqa: E402
-from repfuse.cli.allocator import keep_freed_memory  # noqa: E402
-from repfuse.onnx.runtime import ort_session  # noqa: E402
+from repfuse.models.init import init_model  # noqa: E402
+
+STYLES = ("ts-fold", "ts", "dynamo")
+FUSED_KERNELS = ("Gelu", "QuickGelu", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
-def training_form(arch: str) -> torch.nn.Module:
-    """``repfuse.models`` when it has ``arch``, else timm (random weights and BN stats)."""
-    try:
-        from repfuse import models
-
-        if arch in models.names():
-            return models.create(arch, seed=0).eval()
-    except ImportError:
-        pass
+def timm_model(arch: str, size: int) -> torch.nn.Module:
     import timm
 
-    model = timm.create_model(arch, pretrained=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return init_model(lambda: timm.create_model(arch, pretrained=False), seed=0,
+                      realistic_bn=True, calibration_shape=(2, 3, size, size))
 
 
-def timings_ms(sessions: dict, feeds: dict, repeats: int, warmup: int) -> dict[str, list]:
-    """Interleaved timing: each repeat runs every session once, in turn."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+def export(model: torch.nn.Module, size: int, style: str, path: str) -> None:
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if style == "dynamo":
+            program = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=18,
+                                        dynamic_shapes=({0: "batch"},), verbose=False)
+            onnx.save(program.model_proto, path)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17,
+                              do_constant_folding=style == "ts-fold", input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}})
+
+
+def session(path: str, threads: int, dump: str | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    if dump:
+        opts.optimized_model_filepath = dump
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def optimized(path: str, folder: str) -> onnx.ModelProto:
+    """The graph onnxruntime runs (its optimized model as it saves it)."""
+    dump = os.path.join(folder, "optimized.onnx")
+    session(path, 1, dump)
+    return onnx.load(dump)
+
+
+def fused_kernels(model: onnx.ModelProto) -> str:
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    return " ".join(f"{k}:{ops[k]}" for k in FUSED_KERNELS if ops[k]) or "-"
+
+
+def kernels_signature(model: onnx.ModelProto) -> collections.Counter:
+    """Every node of the optimized graph by op type, and for convolutions the weight
+    shape and geometry: two files with the same signature run the same kernels."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = collections.Counter()
+    for n in model.graph.node:
+        attrs = tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a)))
+                             for a in n.attribute if a.name in (
+                                 "group", "strides", "pads", "dilations", "activation")))
+        weight = dims.get(n.input[1]) if "Conv" in n.op_type and len(n.input) > 1 else None
+        out[(n.op_type, weight, attrs)] += 1
+    return out
+
+
+def latencies(paths: dict, size: int, threads: int, repeats: int, warmup: int) -> dict:
+    """Median milliseconds per file, the files run alternately."""
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    name = next(iter(sessions.values())).get_inputs()[0].name
+    times = {k: [] for k in sessions}
     for i in range(warmup + repeats):
-        for name, sess in sessions.items():
+        for k, s in sessions.items():
             start = time.perf_counter()
-            sess.run(None, feeds)
+            s.run(None, {name: x})
             if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+                times[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def latency_table(args, folder: str) -> None:
+    print(f"\nonnxruntime CPU, all graph optimizations, {args.threads} thread(s), input "
+          f"{args.size}x{args.size}, batch 1, median of {args.repeats}, files alternated")
+    print(f"{'arch':<16} {'export':<7} {'original':>9} {'repfuse':>9} {'deploy':>9} "
+          f"{'rf/orig':>8} {'rf/deploy':>9} {'same as deploy':>14}  "
+          "fused kernels (original | repfuse | deploy)")
+    for arch in args.arch:
+        model = timm_model(arch, args.size)
+        import timm
+
+        deploy = timm.utils.reparameterize_model(copy.deepcopy(model)).eval()
+        for style in STYLES:
+            paths = {k: os.path.join(folder, f"{arch}.{style}.{k}.onnx")
+                     for k in ("original", "repfuse", "deploy")}
+            export(model, args.size, style, paths["original"])
+            export(deploy, args.size, style, paths["deploy"])
+            onnx.save(repfuse.fuse_onnx(paths["original"]).model, paths["repfuse"])
+            med = latencies(paths, args.size, args.threads, args.repeats, args.warmup)
+            graphs = {k: optimized(p, folder) for k, p in paths.items()}
+            kernels = " | ".join(fused_kernels(g) for g in graphs.values())
+            same = kernels_signature(graphs["repfuse"]) == kernels_signature(graphs["deploy"])
+            print(f"{arch:<16} {style:<7} {med['original']:>9.2f} {med['repfuse']:>9.2f} "
+                  f"{med['deploy']:>9.2f} {med['repfuse'] / med['original']:>8.2f} "
+                  f"{med['repfuse'] / med['deploy']:>9.2f} {'yes' if same else 'no':>14}  "
+                  f"{kernels}", flush=True)
+
+
+def timing_table(args, folder: str) -> None:
+    size = args.timing_size
+    print(f"\nconversion time with verification, input {size}x{size}, median of "
+          f"{args.rounds} alternated rounds (torch threads: the library's own choice, "
+          f"from {torch.get_num_threads()})")
+    print(f"{'arch':<16} {'fx (s)':>8} {'onnx (s)':>9} {'onnx/fx':>8}")
+    for arch in args.timing_arch:
+        model = timm_model(arch, size)
+        x = torch.randn(1, 3, size, size)
+        path = os.path.join(folder, f"{arch}.timing.onnx")
+        repfuse.export_onnx(model, x, path)
+        fx, ox = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            repfuse.fuse(model, x)
+            fx.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            repfuse.fuse_onnx(path)
+            ox.append(time.perf_counter() - start)
+        f, o = statistics.median(fx), statistics.median(ox)
+        print(f"{arch:<16} {f:>8.2f} {o:>9.2f} {o / f:>8.2f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["repvgg_a0", "mobileone_s0"])
+    parser.add_argument("--arch", nargs="*",
+                        default=["repvgg_a0", "mobileone_s0", "repghostnet_050", "fastvit_t8"])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--timing-arch", nargs="*",
+                        default=["repvgg_a0", "mobileone_s0", "repghostnet_050", "fastvit_t8",
+                                 "repvit_m0_9", "nextvit_small"])
+    parser.add_argument("--timing-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
-
-    print(f"onnxruntime CPU, {args.threads} threads, default graph optimizations, "
-          f"input {args.size}x{args.size}, median of {args.repeats}")
-    print("median and (min) milliseconds; the speed-up is the ratio of medians (of minima)")
-    print(f"{'arch':<13} {'batch':>5} {'training ms':>17} {'fused ms':>17} {'speed-up':>15} "
-          f"{'convs':>8} {'nodes':>8}")
+    logging.disable(logging.WARNING)
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        for arch in args.arch:
-            model = training_form(arch)
-            path = os.path.join(folder, f"{arch}.onnx")
-            repfuse.export_onnx(model, torch.randn(1, 3, args.size, args.size), path)
-            fused = repfuse.fuse_onnx(path)
-            rep = fused.report
-            original = onnx.load(path)
-            sessions = {"train": ort_session(original, optimize=True, threads=args.threads),
-                        "fused": ort_session(fused.model, optimize=True,
-                                             threads=args.threads)}
-            convs = f"{rep.ops_before.get('Conv', 0)}->{rep.ops_after.get('Conv', 0)}"
-            nodes = f"{sum(rep.ops_before.values())}->{sum(rep.ops_after.values())}"
-            for batch in args.batch:
-                x = np.random.default_rng(0).standard_normal(
-                    (batch, 3, args.size, args.size)).astype(np.float32)
-                name = sessions["train"].get_inputs()[0].name
-                times = timings_ms(sessions, {name: x}, args.repeats, args.warmup)
-                med = {k: statistics.median(v) for k, v in times.items()}
-                low = {k: min(v) for k, v in times.items()}
-                print(f"{arch:<13} {batch:>5} {med['train']:>8.1f} ({low['train']:>6.1f}) "
-                      f"{med['fused']:>8.1f} ({low['fused']:>6.1f}) "
-                      f"{med['train'] / med['fused']:>6.2f}x ({low['train'] / low['fused']:.2f}x)"
-                      f" {convs:>8} {nodes:>8}")
+        if args.arch:
+            latency_table(args, folder)
+        if args.timing_arch:
+            timing_table(args, folder)
 
 
 if __name__ == "__main__":

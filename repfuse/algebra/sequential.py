@@ -57,6 +57,21 @@ def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, r
     bsum = wb.sum((2, 3)).reshape(gb, o // gb, mpg_b)
     bias = then.bias + torch.einsum("gom,gm->go", bsum,
                                     first.bias.reshape(gb, mpg_b)).reshape(o)
+    if wa.shape[2:] == (1, 1) and _is_channelwise(first.spec):
+        # a per-channel scale (a BN as a conv) first: W[o, m, j] = B[o, m, j] A[m]
+        scale = wa.reshape(gb, 1, mpg_b, 1, 1)
+        return (wb.reshape(gb, o // gb, mpg_b, *wb.shape[2:]) * scale).reshape(wb.shape), bias
+    if wb.shape[2:] == (1, 1):
+        # a 1x1 after any conv: W[o, i, t] = sum_m B[o, m] A[m, i, t] within each group
+        if gb == 1 and _is_channelwise(first.spec):
+            return wb * wa.reshape(1, wa.shape[0], *wa.shape[2:]), bias
+        wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
+        mpg, ipg = wa.shape[0] // groups, wa.shape[1]
+        w = torch.einsum("gom,gmihw->goihw", wb.reshape(groups, o // groups, mpg),
+                         wa.reshape(groups, mpg, ipg, *wa.shape[2:]))
+        return w.reshape(o, ipg, *wa.shape[2:]), bias
+    # the grouped transposed convolutions below are slow for these (a batch of one
+    # 1x1 image per output channel in float64), exact for every case
     if _is_channelwise(then.spec):
         # per output channel: W[o, i] = B[o, 0] (*) A[o, i]; keeps first's groups
         w = F.conv_transpose2d(wb.reshape(1, o, *wb.shape[2:]), wa, stride=rate_b,

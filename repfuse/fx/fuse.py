@@ -29,6 +29,7 @@ from repfuse.errors import InputError, first_line
 from repfuse.fx.fuser import FusedRegion, Fuser
 from repfuse.fx.trace import META, run_graphs, trace_all
 from repfuse.region.op import is_region_value
+from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
 
 
@@ -124,6 +125,8 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
                             f"symbolically traceable ({mg.reason}); its submodules were "
                             "searched separately")
     report.regions = fuser.reports
+    if kept_note(fuser.kept):
+        report.notes.append(kept_note(fuser.kept))
     report.params_after = _count(fused)
     if not report.fused:
         report.notes.append("no fusable linear regions found; the model is unchanged")

@@ -23,6 +23,7 @@ from torch import nn
 from repfuse import region as rg
 from repfuse.errors import NotFusable
 from repfuse.fx.inline import inline_call, should_inline
+from repfuse.fx.keep import kept_patterns
 from repfuse.fx.match import Region, dominators, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.rewrite import (
@@ -166,6 +167,7 @@ class Fuser:
         self.inlined: set[int] = set()
         self.reports: list[RegionReport] = []
         self.fused: list[FusedRegion] = []
+        self.kept: list = []        # runtime-fused patterns left whole (fx.keep)
 
     # ------------------------------------------------------------------ helpers
     def shared(self, m: nn.Module) -> str:
@@ -240,6 +242,10 @@ class Fuser:
                 op = None
             if op is not None:
                 ops[n] = op
+        for pattern in kept_patterns(graph, ctx):     # runtime-fused: left whole
+            self.kept.append(pattern)
+            for n in pattern.values:
+                ops.pop(n, None)
         ign = ignorable_nodes(graph)
         an = _Analysis(ops, ign)
         self._check_pure(mg, an, const)

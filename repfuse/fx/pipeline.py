@@ -13,11 +13,17 @@ from repfuse.errors import first_line
 from repfuse.fx.fuse import FuseResult, fuse_module
 from repfuse.proofs.model import verify_models
 from repfuse.proofs.region import prove_region
+from repfuse.threads import conversion_threads
 
 
 def fuse_torch_model(model: nn.Module, example_inputs, *, verify: bool = True,
                      inplace: bool = False, tol=None) -> FuseResult:
     """Fuse ``model`` (see ``repfuse.fuse``) and, with ``verify``, prove the result."""
+    with conversion_threads():
+        return _fuse(model, example_inputs, verify, inplace, tol)
+
+
+def _fuse(model: nn.Module, example_inputs, verify: bool, inplace: bool, tol) -> FuseResult:
     result = fuse_module(model, example_inputs, verify=verify, inplace=inplace)
     try:
         if verify:

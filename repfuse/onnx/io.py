@@ -189,8 +189,9 @@ def load_onnx(model, *, check: bool = True) -> tuple[onnx.ModelProto, str]:
         raise InputError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
     if check:
         check_graph_inputs(proto, source)
-        try:
-            onnx.checker.check_model(proto)
+        try:    # a file is checked as it is on disk: no copy of a large model in memory
+            onnx.checker.check_model(source if isinstance(model, (str, os.PathLike))
+                                     else proto)
         except (onnx.checker.ValidationError, ValueError) as exc:
             raise InputError(f"{source}: fails the ONNX checker: {first_line(exc)}") from None
         _check_finite_initializers(proto, source)

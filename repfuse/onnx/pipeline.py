@@ -9,18 +9,27 @@ against the original graph.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
 from repfuse.errors import VerificationError, first_line
+from repfuse.onnx.clean import clean
 from repfuse.onnx.io import load_onnx, op_counts
+from repfuse.onnx.keep import kept_nodes, kept_patterns
+from repfuse.onnx.match import Constants
 from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
 from repfuse.proofs.region import prove_region
+from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
+from repfuse.threads import conversion_threads
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,19 +49,30 @@ def count_parameters(proto: onnx.ModelProto) -> int:
     return total
 
 
-def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _infer_shapes(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto)
+        return onnx.shape_inference.infer_shapes(data)
     except Exception:  # noqa: BLE001 - shapes are a help, not a requirement
         return proto
 
 
 def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
     """See ``repfuse.fuse_onnx``."""
+    with conversion_threads():
+        return _fuse(model, verify, tol)
+
+
+def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     proto, source = load_onnx(model)
-    graph_ir = ir.from_proto(_infer_shapes(proto))
+    source_data = proto.SerializeToString()     # serialized once: shapes, onnxruntime
+    graph_ir = ir.from_proto(_infer_shapes(proto, source_data))
     check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
-    regions = fuse_graph(graph_ir, check=check)
+    patterns = kept_patterns(graph_ir.graph, Constants())
+    for p in patterns:
+        log.debug("kept %s whole: %s", p.name, ", ".join(
+            v.producer().name or v.producer().op_type for v in p.values))
+    regions = fuse_graph(graph_ir, check=check, keep=frozenset(kept_nodes(patterns)))
+    clean(graph_ir)
     fused = ir.to_proto(graph_ir)
     del fused.graph.value_info[:]
     report = FuseReport(regions=regions, params_before=count_parameters(proto),
@@ -61,19 +81,24 @@ def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
     split = f", {len(report.split)} fused in parts" if report.split else ""
     report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
                         f"left as they are in {source}")
+    if kept_note(patterns):
+        report.notes.append(kept_note(patterns))
     overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
     if overridable:
         report.notes.append(
             f"{len(overridable)} initializer(s) are also graph inputs (overridable at run time), "
             "so nodes reading them were not fused; re-export with "
             "keep_initializers_as_inputs=False to fuse them")
+    fused_data = fused.SerializeToString()
     try:
-        onnx.checker.check_model(fused)
+        onnx.checker.check_model(fused_data)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"{source}: the fused graph fails the ONNX checker "
                                 f"({first_line(exc)}); nothing written") from None
     if verify:
-        report.model_checks = verify_onnx_pair(proto, fused, tol=tol)
+        report.model_checks = verify_onnx_pair(proto, fused, tol=tol,
+                                               threads=torch.get_num_threads(),
+                                               serialized=(source_data, fused_data))
         report.verified = True
         if not report.ok:
             failures = [c for c in report.model_checks.failures] or [

@@ -244,7 +244,8 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, 
     return report
 
 
-def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[RegionReport]:
+def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
+               keep: frozenset = frozenset()) -> list[RegionReport]:
     """Fuse every linear region of ``model.graph`` in place; returns one report per region
     found (fused, skipped with the reason, or split: refused as a whole while parts of it
     are fused, each reported as a region of its own).
@@ -254,7 +255,8 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
     repeat until one fuses nothing; in a later pass the Convs written by the earlier
     ones are not linear ops, so a region is also cut after a part that did fuse (a
     1x1+BN whose bias a padded depthwise conv must not see, say) and the rest, which
-    reads that part's output, becomes a region of its own."""
+    reads that part's output, becomes a region of its own. Nodes in ``keep`` (the
+    runtime-fused patterns, ``onnx.keep``) are never part of a region."""
     graph = model.graph
     claimed: set = set()
     written: set = set()
@@ -263,7 +265,8 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None) -> list[Reg
     progress = True
     while progress:
         progress = False
-        ops = {n: op for n, op in linear_ops(graph).items() if n not in written}
+        ops = {n: op for n, op in linear_ops(graph).items()
+               if n not in written and n not in keep}
         for cand in find_candidates(graph, ops):
             if cand.node_set & claimed:
                 continue

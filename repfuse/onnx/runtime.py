@@ -17,8 +17,10 @@ from repfuse.report import Check, VerifyReport
 _DEFAULT_DIM = 32  # size used for a symbolic non-batch dimension when making random inputs
 
 
-def ort_session(proto: onnx.ModelProto, *, optimize: bool = False, threads: int | None = None):
-    """An onnxruntime CPU session; graph optimizations disabled unless ``optimize``."""
+def ort_session(proto: onnx.ModelProto | bytes, *, optimize: bool = False,
+                threads: int | None = None):
+    """An onnxruntime CPU session of a model (or its serialized bytes); graph
+    optimizations disabled unless ``optimize``."""
     try:
         import onnxruntime as ort  # noqa: PLC0415
     except ImportError as exc:
@@ -31,7 +33,8 @@ def ort_session(proto: onnx.ModelProto, *, optimize: bool = False, threads: int 
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(proto.SerializeToString(), opts,
+    data = proto if isinstance(proto, bytes) else proto.SerializeToString()
+    return ort.InferenceSession(data, opts,
                                 providers=["CPUExecutionProvider"])
 
 
@@ -81,17 +84,22 @@ def compare_outputs(name: str, reference: Sequence, candidate: Sequence,
 
 
 def verify_onnx_pair(reference: onnx.ModelProto, candidate: onnx.ModelProto, *,
-                     tol=None, batches: Sequence[int] = (1, 3), seed: int = 0) -> VerifyReport:
-    """Run both models with onnxruntime (no graph optimizations) on the same random
-    inputs; checks per batch size (the second one only when the batch is dynamic)."""
+                     tol=None, batches: Sequence[int] = (1, 3), seed: int = 0,
+                     threads: int | None = None,
+                     serialized: tuple[bytes, bytes] | None = None) -> VerifyReport:
+    """Run both models with onnxruntime (no graph optimizations, ``threads`` intra-op
+    threads, or onnxruntime's default) on the same random inputs; checks per batch size
+    (the second one only when the batch is dynamic). ``serialized``: both models'
+    bytes, when the caller has them (a large model is slow to serialize)."""
+    ref_data, cand_data = serialized or (reference, candidate)
     try:
-        ref_sess = ort_session(reference)
+        ref_sess = ort_session(ref_data, threads=threads)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
         raise InputError(f"onnxruntime cannot load the original model ({ort_reason(exc)}); "
                          "pass verify=False to skip the check") from None
-    cand_sess = ort_session(candidate)
+    cand_sess = ort_session(cand_data, threads=threads)
     report = VerifyReport(notes=["onnxruntime, graph optimizations disabled, random inputs"])
     batches = batches if _has_dynamic_batch(reference) else batches[:1]
     for k, batch in enumerate(batches):

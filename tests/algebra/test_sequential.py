@@ -126,3 +126,22 @@ def test_compose_channel_mismatch_refused():
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(NotFusable, match="channels"):
         compose(rand_affine(ConvSpec(4, 8, 1), gen), rand_affine(ConvSpec(4, 4, 1), gen))
+
+
+@given(k=st.integers(1, 4), s=st.integers(1, 2), d=st.integers(1, 2), g=st.sampled_from([1, 2]),
+       ga=st.sampled_from([1, 2, 8]), out=st.sampled_from([8, 16]),
+       case=st.sampled_from(["scale first", "then 1x1"]), seed=st.integers(0, 2**16))
+def test_compose_with_a_pointwise_side(k, s, d, g, ga, out, case, seed):
+    """The products taken for a 1x1 side (a per-channel scale first; a 1x1 after a
+    depthwise, grouped or dense conv) equal evaluating the two convs in turn."""
+    gen = torch.Generator().manual_seed(seed)
+    if case == "scale first":
+        sa = ConvSpec(8, 8, 1, s, 0, 1, 8)
+        sb = ConvSpec(8, 4, k, 1, 0, d, g)
+    else:
+        sa = ConvSpec(8, out, k, s, k // 2, d, ga)
+        sb = ConvSpec(out, 4, 1, 1, 0, 1, g)
+    first, then = rand_affine(sa, gen), rand_affine(sb, gen)
+    x = torch.randn(2, 8, 15, 15, generator=gen, dtype=D)   # the fused kernel spans 13
+    fused = compose(first, then)
+    assert max_diff(run(fused, x), run(then, run(first, x))) < TOL
