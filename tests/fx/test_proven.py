@@ -1,17 +1,16 @@
 """What repfuse.fuse returns is always proven: a region whose proof fails is left in its
-training form and reported as a repfuse defect; a whole-model check that fails raises."""
+training form and reported as a repfuse defect (a whole-model check that fails raises:
+tests/fx/test_fuse_api.py)."""
 
 from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 from helpers.zoo import make
 
 import repfuse
 from repfuse import region as rg
-from repfuse.errors import VerificationError
 
 
 def test_region_whose_proof_fails_stays_in_training_form(monkeypatch, caplog):
@@ -44,21 +43,3 @@ def test_region_whose_proof_fails_stays_in_training_form(monkeypatch, caplog):
     # without verification nothing is proven: the (wrong) fusion is what was asked for
     unverified = repfuse.fuse(model, x, verify=False)
     assert len(unverified.report.fused) == 1
-
-
-def test_failing_whole_model_check_returns_no_model(monkeypatch):
-    from repfuse.algebra import affine
-
-    original = affine.AffineConv.to_module
-
-    def wrong(self):
-        module = original(self)
-        with torch.no_grad():
-            module.weight.mul_(1.001)
-        return module
-
-    monkeypatch.setattr(affine.AffineConv, "to_module", wrong)
-    with pytest.raises(VerificationError, match="disagrees") as info:
-        repfuse.fuse(make("acb"), torch.randn(1, 3, 10, 10, dtype=torch.float64))
-    report = info.value.report
-    assert not report.ok and not report.model_checks.ok
