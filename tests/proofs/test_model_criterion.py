@@ -126,7 +126,9 @@ def _topk_case(dtype):
     torch.manual_seed(0)
     model = TopK().eval()
     gen = torch.Generator().manual_seed(0)
-    offset = 1e5 if dtype == torch.float32 else 1e3
+    # rounding of the offset moves a score by at most half an ulp of it (0.004 in float32,
+    # 0.125 in float16) times the BN's scale: far below the selection's margins (0.5)
+    offset = 1e5 if dtype == torch.float32 else 256.0
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -161,7 +163,7 @@ def test_discrete_selection_after_a_fused_region(dtype):
     broken = copy.deepcopy(result.model)
     conv = next(m for m in broken.modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
-        conv.weight.mul_(1.3)
+        conv.weight.mul_(2.0)
     bad = repfuse.verify(model, broken, x)
     assert "output[0]" in {c.name for c in bad.failures}, bad.to_dict()
 
