@@ -1,13 +1,15 @@
 """The ``repfuse`` command: a click group with convert, inspect, verify and bench.
 
 Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad usage or bad input. Errors
-are shown as one line (``Error: ...``) without a traceback unless ``--debug`` is given.
+are shown as one line (``Error: ...``); ``--debug`` shows the traceback before it, with the
+same exit code.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 import warnings
 
 import click
@@ -34,26 +36,11 @@ class ReparamGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
-        except VerificationError as exc:
-            if debug_enabled(ctx):
-                raise
-            raise CheckFailed(f"verification failed: {one_line(exc)}; nothing written") from None
-        except ReparamError as exc:
-            if debug_enabled(ctx):
-                raise
-            raise Failure(one_line(exc)) from None
-        except MemoryError:
-            if debug_enabled(ctx):
-                raise
-            raise Failure("out of memory; use a smaller --input-shape or a smaller model") \
-                from None
         except Exception as exc:
-            if debug_enabled(ctx):
-                raise
-            stage = ctx.meta.get(STAGE_KEY, "run")
-            kind = Failure if stage == "load" else CheckFailed
-            raise kind(f"{type(exc).__name__} while {stage_text(stage)}: {one_line(exc)} "
-                       "(rerun with --debug for the traceback)") from None
+            debug = debug_enabled(ctx)   # (--debug may come after the subcommand)
+            if debug:   # the traceback, then the same one-line error and exit code
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            raise _failure(exc, ctx.meta.get(STAGE_KEY, "run"), debug) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
@@ -75,6 +62,19 @@ class ReparamGroup(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _failure(exc: Exception, stage: str, debug: bool) -> Failure:
+    """The one-line error (and its exit code) for an exception a command raised."""
+    if isinstance(exc, VerificationError):
+        return CheckFailed(f"verification failed: {one_line(exc)}; nothing written")
+    if isinstance(exc, ReparamError):
+        return Failure(one_line(exc))
+    if isinstance(exc, MemoryError):
+        return Failure("out of memory; use a smaller --input-shape or a smaller model")
+    kind = Failure if stage == "load" else CheckFailed
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    return kind(f"{type(exc).__name__} while {stage_text(stage)}: {one_line(exc)}{hint}")
 
 
 def stage_text(stage: str) -> str:

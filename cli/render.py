@@ -176,3 +176,5 @@ def show_report(out, err, source, report, rows, *, checked: bool) -> None:
     out.print(summary_table(rows))
     for note in report.notes:
         err.print(f"[yellow]note:[/yellow] {note}")
+    for region in getattr(report, "defects", []):
+        err.print(f"[bold red]repfuse defect:[/bold red] region {region.path}: {region.reason}")

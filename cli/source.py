@@ -170,9 +170,29 @@ def _randomize(model: nn.Module, shape: tuple[int, ...], seed: int) -> None:
     try:
         init_model(lambda: model, seed=seed, realistic_bn=True, calibration_shape=calibration)
     except Exception as exc:
+        text = f"{type(exc).__name__}: {first_line(exc)[:160]}"
+        if _runs_in_eval_mode(model, calibration):
+            raise InputError(f"the model runs in eval mode but fails with its batch norms in "
+                             f"training mode ({text}), which the random weights' BatchNorm "
+                             "calibration needs; pass --weights") from None
         raise InputError(f"the model does not run on an input of shape "
-                         f"{','.join(map(str, shape))} ({type(exc).__name__}: "
-                         f"{first_line(exc)[:160]}); pass the right --input-shape") from None
+                         f"{','.join(map(str, shape))} ({text}); pass the right "
+                         "--input-shape") from None
+
+
+@torch.no_grad()
+def _runs_in_eval_mode(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        ref = next((t for t in model.parameters() if t.is_floating_point()), None)
+        model(torch.zeros(shape, dtype=ref.dtype if ref is not None else torch.float32))
+        return True
+    except Exception:  # noqa: BLE001 - any failure: it does not
+        return False
+    finally:
+        for m, flag in training:
+            m.training = flag
 
 
 def load_source(*, model_file=None, arch=None, factory=None, timm_name=None, weights=None,

@@ -70,17 +70,31 @@ def randomize_batchnorms(model: nn.Module,
 @torch.no_grad()
 def calibrate_batchnorms(model: nn.Module, x: torch.Tensor) -> None:
     """Set every batch norm's running statistics to those of the batch ``x`` (one
-    train-mode forward pass with a cumulative average); restore the model's mode."""
+    train-mode forward pass with a cumulative average); restore the model's modes.
+
+    A model that runs only in eval mode (a detection head that decodes boxes at inference,
+    say) is calibrated with its batch norms alone in training mode."""
     bns = _batchnorms(model)
     momenta = [bn.momentum for bn in bns]
-    was_training = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.train()
-        model(x)
+        try:
+            _forward_with_batch_statistics(model, bns, x, everything=True)
+        except Exception:  # noqa: BLE001 - then with the batch norms alone in training mode
+            _forward_with_batch_statistics(model, bns, x, everything=False)
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
+
+
+def _forward_with_batch_statistics(model: nn.Module, bns: list, x: torch.Tensor, *,
+                                   everything: bool) -> None:
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train(everything)
+    for bn in bns:
+        bn.train()
+    model(x)

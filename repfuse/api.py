@@ -32,8 +32,11 @@ def fuse(model: nn.Module, example_inputs: Inputs, *, verify: bool = True,
     as its eval-mode function. ``tol``: as in ``repfuse.proofs.tolerance``.
     """
     from repfuse.fx.pipeline import fuse_torch_model
+    from repfuse.proofs.modes import own_mode
 
-    return fuse_torch_model(model, example_inputs, verify=verify, inplace=inplace, tol=tol)
+    with own_mode():
+        return fuse_torch_model(model, example_inputs, verify=verify, inplace=inplace,
+                                tol=tol)
 
 
 def fuse_onnx(model: str | os.PathLike | onnx.ModelProto, *, verify: bool = True,
@@ -52,8 +55,10 @@ def fuse_onnx(model: str | os.PathLike | onnx.ModelProto, *, verify: bool = True
     counts by op type before and after).
     """
     from repfuse.onnx.pipeline import fuse_onnx_model
+    from repfuse.proofs.modes import own_mode
 
-    return fuse_onnx_model(model, verify=verify, tol=tol)
+    with own_mode():
+        return fuse_onnx_model(model, verify=verify, tol=tol)
 
 
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs, *,
@@ -69,8 +74,10 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs, *
     relative error) and ``.to_dict()``.
     """
     from repfuse.proofs.model import verify_models
+    from repfuse.proofs.modes import own_mode
 
-    return verify_models(reference, candidate, example_inputs, grads=grads, tol=tol)
+    with own_mode():
+        return verify_models(reference, candidate, example_inputs, grads=grads, tol=tol)
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike, *,
@@ -87,6 +94,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     the figures and nothing is written. Returns a ``VerifyReport``.
     """
     from repfuse.onnx.export import export_onnx as _export_onnx
+    from repfuse.proofs.modes import own_mode
 
-    return _export_onnx(model, example_inputs, path, opset=opset,
-                        dynamic_batch=dynamic_batch, check=check, tol=tol)
+    with own_mode():
+        return _export_onnx(model, example_inputs, path, opset=opset,
+                            dynamic_batch=dynamic_batch, check=check, tol=tol)

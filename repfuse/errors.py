@@ -30,7 +30,13 @@ class InputError(ReparamError):
 
 
 class UnsafeInputError(InputError):
-    """Loading this input would execute code; it needs an explicit ``--trust-pickle``."""
+    """Loading this input would execute code; it needs an explicit ``--trust-pickle``.
+
+    ``imports``: the Python globals the file would import (``module.name``), when known."""
+
+    def __init__(self, message: str = "", *, imports: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.imports = list(imports or [])
 
 
 class VerificationError(ReparamError):

@@ -131,13 +131,29 @@ class FuseReport:
         return [r for r in self.regions if r.status is RegionStatus.SPLIT]
 
     @property
+    def defects(self) -> list[RegionReport]:
+        """Regions left in their training form because their proof failed: defects of
+        repfuse (the returned model does not contain them), to be reported."""
+        return [r for r in self.regions if r.status is not RegionStatus.FUSED
+                and r.proofs is not None and not r.proofs.ok]
+
+    @property
     def ok(self) -> bool:
         regions_ok = all(r.ok for r in self.regions)
         return regions_ok and (self.model_checks is None or self.model_checks.ok)
 
+    def note_defects(self) -> None:
+        """Add the note that names the regions whose proof failed (if any)."""
+        if self.defects:
+            self.notes.append(
+                f"{len(self.defects)} region(s) failed their proof and were left in their "
+                f"training form ({', '.join(r.path for r in self.defects)}): this is a "
+                "defect of repfuse, please report it with the region's figures")
+
     def to_dict(self) -> dict:
         return _clean({
             "ok": self.ok,
+            "defects": [r.path for r in self.defects],
             "verified": self.verified,
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -147,3 +163,13 @@ class FuseReport:
             "regions": [r.to_dict() for r in self.regions],
             "model_checks": self.model_checks.to_dict() if self.model_checks else None,
         })
+
+
+def proof_failed_reason(proofs: VerifyReport) -> str:
+    """Why a region whose per-region proof failed was left alone: the worst check with its
+    figures, and what to do."""
+    worst = max(proofs.failures, key=lambda c: c.max_rel)
+    return (f"per-region proof failed ({worst.name}: max abs {worst.max_abs:.3g}, max rel "
+            f"{worst.max_rel:.3g}, tolerance {worst.atol:.3g} + {worst.rtol:.3g} x "
+            "max|reference|); left in its training form. This is a defect of repfuse: "
+            "please report it")

@@ -20,7 +20,7 @@ from repfuse.cli.render import (
     write_json,
 )
 from repfuse.cli.spec import model_options
-from repfuse.errors import InputError
+from repfuse.errors import InputError, VerificationError
 from repfuse.io.atomic import atomic_write, check_output_path, same_file
 from repfuse.io.writers import (
     OUTPUT_FORMATS,
@@ -31,6 +31,8 @@ from repfuse.io.writers import (
     write_state_dict,
 )
 from repfuse.onnx.export import export_checked
+from repfuse.proofs.truth import JUDGED
+from repfuse.report import FuseReport
 
 
 def _writer(fmt: str, source, result, x, *, check: bool, tol):
@@ -56,14 +58,11 @@ def _verified_text(report) -> str:
     parts = [f"outputs max rel err {sci(max(r for r, _ in outs))} (max abs "
              f"{sci(max(a for _, a in outs))})"] if outs else []
     if grads:
-        worst = max(grads, key=lambda c: c.max_rel)
-        text = f"input gradients max rel err {sci(worst.max_rel)}"
-        if worst.detail.startswith("passed on rounding: "):
-            verdict = worst.detail.removeprefix("passed on rounding: ").split("; elementwise")[0]
-            text += f" (passed on rounding: {verdict})"
-        elif worst.detail.startswith("passed on"):
-            text += f" ({worst.detail.split(' (')[0]})"
-        parts.append(text)
+        parts.append(f"input gradients max rel err {sci(max(c.max_rel for c in grads))}")
+    judged = [c.name for c in checks if c.detail.startswith(JUDGED)]
+    if judged:
+        parts.append(f"{', '.join(judged)} as close to the float64 result as the training "
+                     "form")
     return "verified: " + "; ".join(parts) if parts else "verified"
 
 
@@ -114,14 +113,26 @@ def convert(ctx, model, output, force, no_verify, tol, json_path, quiet):
         raise InputError(f"an ONNX model can only be written as .onnx, not {fmt}; "
                          "give an output ending in .onnx")
 
-    result, x = fuse_model(ctx, source, err, verify=not no_verify, tol=tol, seed=model.seed,
-                           message="fusing" + ("" if no_verify else " and verifying each region"))
+    def data_of(report, rows):
+        return {"command": "convert", "model": source.label, "kind": source.kind,
+                "input_shape": list(source.input_shape), "output": os.fspath(output),
+                "format": fmt, "notes": source.notes, "figures": figures_dict(rows),
+                "written": False, "report": report.to_dict()}
+
+    try:
+        result, x = fuse_model(ctx, source, err, verify=not no_verify, tol=tol,
+                               seed=model.seed, message="fusing" + (
+                                   "" if no_verify else " and verifying each region"))
+    except VerificationError as exc:   # the report, then exit 1 (repfuse.cli.main)
+        if isinstance(exc.report, FuseReport):
+            rows = [("parameters", exc.report.params_before, exc.report.params_after)]
+            show_report(out, err, source, exc.report, rows, checked=True)
+            if json_path:
+                write_json(json_path, data_of(exc.report, rows), inputs=inputs)
+        raise
     report = result.report
     rows = figures(source, result, x, macs=False)
-    data = {"command": "convert", "model": source.label, "kind": source.kind,
-            "input_shape": list(source.input_shape), "output": os.fspath(output),
-            "format": fmt, "notes": source.notes, "figures": figures_dict(rows),
-            "written": False, "report": report.to_dict()}
+    data = data_of(report, rows)
 
     show_report(out, err, source, report, rows, checked=not no_verify)
 

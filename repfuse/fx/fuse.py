@@ -13,7 +13,8 @@
    contains it; each region is reduced (``region.reduce``) and written back
    (``fx.rewrite``); regions that cannot be fused exactly are left alone and split;
 4. with ``verify``, capture each region's real input activation, so that the layer
-   above (``repfuse.fx.pipeline``) can prove every fused region and the whole model.
+   above (``repfuse.fx.pipeline``) can prove every region (its ``check``, before the
+   region's rewrite is kept) and the whole model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from repfuse.errors import InputError, first_line
-from repfuse.fx.fuser import FusedRegion, Fuser
+from repfuse.fx.fuser import FusedRegion, Fuser, RegionCheck
 from repfuse.fx.trace import META, run_graphs, trace_all
 from repfuse.region.op import is_region_value
 from repfuse.region.patterns import kept_note
@@ -91,9 +92,11 @@ def _capture(node: fx.Node) -> bool:
 
 # ---------------------------------------------------------------------- entry point
 def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
-                inplace: bool = False) -> FuseResult:
+                inplace: bool = False, check: RegionCheck | None = None) -> FuseResult:
     """Fuse every linear region of ``model`` (see ``repfuse.fuse``); with ``verify`` the
-    regions' input activations are captured for the proofs, which run a layer above."""
+    regions' input activations are captured for the proofs, which run a layer above:
+    ``check(expression, AffineConv, activation)`` is each region's proof, run before its
+    rewrite is kept (a region whose proof fails stays in its training form)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _args(example_inputs)
@@ -113,7 +116,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
         first = first_line(err, 300)
         raise InputError(f"running the model on example_inputs failed ({type(err).__name__}: "
                          f"{first}); pass inputs the model accepts") from err
-    fuser = Fuser(work, graphs, verify)
+    fuser = Fuser(work, graphs, verify, check)
     for mg in [graphs[id(work)]] + [g for g in graphs.values() if g.calls]:
         fuser.rewrite(mg)
     fused = fuser.result()

@@ -6,7 +6,9 @@ its calls are linear ops of its caller, so a region spanning several modules is
 fused in the smallest module that contains it), finds maximal regions
 (``fx.match``), reduces them (``region.reduce``), leaves alone and reports the
 ones that are blocked or not exact (splitting them until nothing is left), and
-writes the fused convs back (``fx.rewrite``).
+writes the fused convs back (``fx.rewrite``). Given a ``check`` (the per-region
+proofs), a region's rewrite is kept only once its proof passes; a region whose proof
+fails is left in its training form and reported as a defect of repfuse.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +40,14 @@ from repfuse.fx.rewrite import (
 from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
 from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
-from repfuse.report import RegionReport, RegionStatus
+from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
 
 log = logging.getLogger(__name__)
+
+#: ``check(expression, AffineConv, activation or None) -> VerifyReport``: the proof a
+#: region must pass before its rewrite is kept (``repfuse.fx.pipeline`` passes the
+#: per-region proofs; the front end itself never imports them).
+RegionCheck = Callable[[rg.Node, object, "torch.Tensor | None"], VerifyReport]
 
 
 @dataclass(eq=False)
@@ -137,10 +145,13 @@ def _free_path(graph: fx.Graph, target: str) -> bool:
 
 
 class Fuser:
-    def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool) -> None:
+    def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool,
+                 check: RegionCheck | None = None) -> None:
         self.root = root
         self.graphs = graphs
         self.capture = capture
+        self.check = check
+        self.proofs: dict[frozenset, VerifyReport] = {}   # a chosen region's passed proof
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.path_counts = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
         self.calls: Counter = Counter()
@@ -276,16 +287,17 @@ class Fuser:
 
     # ------------------------------------------------------------------ rewriting
     def _report_skip(self, path: str, expr, reason: str,
-                     status: RegionStatus = RegionStatus.SKIPPED) -> None:
+                     status: RegionStatus = RegionStatus.SKIPPED) -> RegionReport:
         try:
             branches = rg.describe(expr)
         except Exception:  # noqa: BLE001 - a description must never stop fusion
             branches = []
-        if any(r.path == path and r.reason == reason and r.status == status
-               for r in self.reports):
-            return
+        for r in self.reports:
+            if r.path == path and r.reason == reason and r.status == status:
+                return r
         self.reports.append(RegionReport(path=path, branches=branches, status=status,
                                          reason=reason))
+        return self.reports[-1]
 
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
         """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
@@ -329,9 +341,29 @@ class Fuser:
                         barriers |= geometric or {r.output}
                     restart = True
                     break
+                if not self._proven(mg, r, expr, result[0]):
+                    barriers |= set(r.nodes)    # left in its training form
+                    restart = True
+                    break
                 chosen.append((r, expr, result))
             if not restart:
                 return chosen
+
+    def _proven(self, mg: ModuleGraph, r: Region, expr, affine) -> bool:
+        """Whether region ``r`` may be rewritten: no ``check``, or its proof passes (kept for
+        its report); a failing proof is reported as a defect of repfuse (once)."""
+        key = frozenset(r.nodes)
+        if self.check is None or key in self.proofs:
+            return True
+        proofs = self.check(expr, affine, r.input.meta.get(CAPTURE))
+        if proofs.ok:
+            self.proofs[key] = proofs
+            return True
+        where = join(mg.path, r.output.name)
+        reason = proof_failed_reason(proofs)
+        log.warning("region %s: %s", where, reason)
+        self._report_skip(where, expr, reason).proofs = proofs
+        return False
 
     def rewrite(self, mg: ModuleGraph) -> None:
         """Fuse the regions of ``mg``'s module (and, below it, of the modules it calls)."""
@@ -397,11 +429,12 @@ class Fuser:
 
     def _record(self, path: str, r: Region, expr, affine) -> None:
         module_params = affine.weight.numel() + affine.bias.numel()
+        proofs = self.proofs.get(frozenset(r.nodes))
         report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
                               params_before=rg.count_params(expr), params_after=module_params,
-                              cast_error=affine.cast_error())
+                              cast_error=affine.cast_error(), proofs=proofs)
         self.reports.append(report)
-        act = r.input.meta.get(CAPTURE)
+        act = r.input.meta.get(CAPTURE) if proofs is None else None
         self.fused.append(FusedRegion(r, expr, affine, report, act))
 
     # ------------------------------------------------------------------ result

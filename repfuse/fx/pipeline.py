@@ -1,18 +1,21 @@
-"""``fuse`` for torch models: the fx front end fuses, then every fused region and the
-whole model are proven (``repfuse.proofs``).
+"""``fuse`` for torch models: the fx front end fuses, proving each region before its
+rewrite is kept, then the whole model is checked (``repfuse.proofs``).
 
 The front end proper (``fx.fuse`` and below) never imports the proofs; this module (as
-``repfuse.onnx.pipeline`` for ONNX) puts the two together.
+``repfuse.onnx.pipeline`` for ONNX) puts the two together. What ``fuse`` returns is
+always proven: a region whose proof fails stays in its training form (a defect of
+repfuse, reported), and a whole-model check that fails raises ``VerificationError``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from repfuse.errors import first_line
+from repfuse.errors import VerificationError, first_line
 from repfuse.fx.fuse import FuseResult, fuse_module
 from repfuse.proofs.model import verify_models
 from repfuse.proofs.region import prove_region
+from repfuse.report import FuseReport
 from repfuse.threads import conversion_threads
 
 
@@ -24,41 +27,38 @@ def fuse_torch_model(model: nn.Module, example_inputs, *, verify: bool = True,
 
 
 def _fuse(model: nn.Module, example_inputs, verify: bool, inplace: bool, tol) -> FuseResult:
-    result = fuse_module(model, example_inputs, verify=verify, inplace=inplace)
-    try:
-        if verify:
-            args = example_inputs if isinstance(example_inputs, (tuple, list)) \
-                else (example_inputs,)
-            _prove(result, model, tuple(args), tol)
-    finally:
-        for region in result.regions:
-            region.activation = None
-        result.regions = []
+    def check(expr, affine, activation):
+        return prove_region(expr, affine, activation, tol=tol)
+
+    result = fuse_module(model, example_inputs, verify=verify, inplace=inplace,
+                         check=check if verify else None)
+    result.regions = []
+    if verify:
+        args = example_inputs if isinstance(example_inputs, (tuple, list)) \
+            else (example_inputs,)
+        _check_model(result.report, model, result.model, tuple(args), tol)
     return result
 
 
-def _prove(result: FuseResult, model: nn.Module, args: tuple, tol) -> None:
-    report = result.report
-    # Largest kernels first, each region's float64 kernel and activation released once
-    # proven: the large temporaries then grow the heap once and the smaller regions reuse
-    # the space; in model order each large region after many small ones found the heap
-    # fragmented and faulted in fresh pages. Reports keep model order.
-    pending = sorted(result.regions, key=lambda f: -f.affine.weight.numel())
-    result.regions = []
-    while pending:
-        f = pending.pop(0)
-        proofs = prove_region(f.expr, f.affine, f.activation, tol=tol)
-        f.report.proofs = proofs
-        outs = [c for c in proofs.checks if c.name.startswith("output")] or proofs.checks
+def _check_model(report: FuseReport, model: nn.Module, fused: nn.Module, args: tuple,
+                 tol) -> None:
+    for region in report.fused:
+        outs = [c for c in region.proofs.checks if c.name.startswith("output")] \
+            or region.proofs.checks
         if outs:
-            f.report.max_abs_err = max(c.max_abs for c in outs)
-            f.report.max_rel_err = max(c.max_rel for c in outs)
-        del f, proofs
+            region.max_abs_err = max(c.max_abs for c in outs)
+            region.max_rel_err = max(c.max_rel for c in outs)
+    report.note_defects()
     try:
-        report.model_checks = verify_models(model, result.model, args, grads=True, tol=tol)
+        report.model_checks = verify_models(model, fused, args, grads=True, tol=tol)
     except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
-        report.model_checks = verify_models(model, result.model, args, grads=False, tol=tol)
-        first = first_line(err, 200)
+        report.model_checks = verify_models(model, fused, args, grads=False, tol=tol)
         report.model_checks.notes.append(f"input gradients not compared: the model's "
-                                         f"backward fails ({first})")
+                                         f"backward fails ({first_line(err, 200)})")
     report.verified = True
+    if not report.model_checks.ok:
+        worst = max(report.model_checks.failures, key=lambda c: c.max_rel)
+        raise VerificationError(
+            f"the fused model disagrees with the training form on the example inputs "
+            f"({worst.name}: max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}; "
+            f"{first_line(Exception(worst.detail), 300)}); no model returned", report=report)

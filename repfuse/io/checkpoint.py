@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from repfuse.errors import InputError, UnsafeInputError, first_line
+from repfuse.io.pickles import plain_pickle_globals
 
 #: Keys under which training scripts nest the weights, best first (EMA weights preferred).
 NESTED_KEYS = ("state_dict_ema", "model_ema", "ema", "state_dict", "model", "module", "net",
@@ -36,7 +37,9 @@ def unsafe_global(exc: BaseException) -> str | None:
 
 
 def read_pickle_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False):
-    """``torch.load`` with ``weights_only=True`` (``False`` only when ``trust_pickle``)."""
+    """``torch.load`` with ``weights_only=True`` (``False`` only when ``trust_pickle``); a
+    plain pickle (``pickle.dump``, not ``torch.save``) is named as such, and read with
+    ``pickle.load`` only when ``trust_pickle``."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise InputError(f"{os.fspath(path)!r} is empty (0 bytes); not a checkpoint")
@@ -45,20 +48,39 @@ def read_pickle_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = Fals
     except pickle.UnpicklingError as exc:
         name = None if trust_pickle else unsafe_global(exc)
         if name is None:
-            raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint "
-                             "(corrupt or not a torch/pickle file)") from None
+            return _plain_pickle(path, trust_pickle)
         raise UnsafeInputError(
             f"{os.fspath(path)!r}: refused to unpickle arbitrary objects (it references "
             f"{name}); "
             "loading it could run code from the file. Pass --trust-pickle only if you trust "
-            "its source") from None
+            "its source", imports=[name]) from None
     except (EOFError, zipfile.BadZipFile):
         raise InputError(f"{os.fspath(path)!r} is truncated or not a checkpoint; "
                          "re-download or re-save it") from None
     except (RuntimeError, ValueError, OSError, TypeError, KeyError, AttributeError,
             IndexError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        if plain_pickle_globals(path) is not None:
+            return _plain_pickle(path, trust_pickle)
         raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint, it is truncated or "
                          f"corrupt ({first_line(exc, 100)})") from None
+
+
+def _plain_pickle(path: Path, trust_pickle: bool):
+    """A file ``torch.load`` refused: a plain pickle is named with what it imports (and
+    read when trusted); anything else is not a checkpoint."""
+    names = plain_pickle_globals(path)
+    if names is None:
+        raise InputError(f"{os.fspath(path)!r} is not a readable checkpoint "
+                         "(corrupt or not a torch/pickle file)")
+    if not trust_pickle:
+        own = [n for n in names if not n.startswith(("torch.", "collections.", "builtins."))]
+        shown = ", ".join((own or names)[:3])
+        raise UnsafeInputError(
+            f"{os.fspath(path)!r} is a plain pickle (pickle.dump, not torch.save) that "
+            f"imports {shown}; unpickling it could run code from the file. Pass "
+            "--trust-pickle only if you trust its source", imports=own or names)
+    with open(path, "rb") as f:
+        return pickle.load(f)   # noqa: S301 - trusted by the caller (--trust-pickle)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -44,15 +44,18 @@ def program_input_shape(program) -> tuple[int, ...] | None:
 
 
 def load_pickled_module(path: str | os.PathLike, *, trust_pickle: bool = False) -> nn.Module:
-    """A whole ``nn.Module`` saved with ``torch.save(model)`` (only with ``trust_pickle``)."""
+    """A whole ``nn.Module`` saved with ``torch.save(model)`` or ``pickle.dump`` (only with
+    ``trust_pickle``)."""
     source = os.fspath(path)
     if not trust_pickle:
         try:
             obj = read_pickle_checkpoint(path, trust_pickle=False)
-        except UnsafeInputError:
+        except UnsafeInputError as exc:
+            what = f" that imports {', '.join(exc.imports[:3])}" if exc.imports else ""
             raise UnsafeInputError(
-                f"{source} is a pickled Python object (a whole model?); unpickling it could run "
-                "code from the file. Pass --trust-pickle if the file is trusted") from None
+                f"{source} is a pickled Python object (a whole model?){what}; unpickling it "
+                "could run code from the file. Pass --trust-pickle if the file is trusted",
+                imports=exc.imports) from None
         raise InputError(
             f"{source} holds a {type(obj).__name__} of weights, not a model; pass it as "
             "--weights together with --arch, --factory or --timm")

@@ -2,7 +2,8 @@
 
 Each region is proved before it is rewritten (``repfuse.proofs.prove_region``: the
 fused kernel against the training-form expression in float64, with input and weight
-gradients); a region whose proof fails is left as it is and reported. The whole model
+gradients); a region whose proof fails is left as it is and reported as a defect of
+repfuse. The whole model
 is then checked with onnxruntime (graph optimizations disabled) on random inputs
 against the original graph.
 """
@@ -83,6 +84,7 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
                         f"left as they are in {source}")
     if kept_note(patterns):
         report.notes.append(kept_note(patterns))
+    report.note_defects()
     overridable = {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
     if overridable:
         report.notes.append(

@@ -28,7 +28,7 @@ from repfuse.onnx.match import Constants, linear_op
 from repfuse.onnx.rewrite import replace_with_conv, type_only_use
 from repfuse.region.op import LinearOp, OpKind, is_region_value
 from repfuse.region.worth import check_growth, worth_fusing
-from repfuse.report import RegionReport, RegionStatus, VerifyReport
+from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +284,11 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
                 cand, expr, fused = part
             proofs = check(expr, fused) if check is not None else None
             if proofs is not None and not proofs.ok:
-                worst = max(proofs.failures, key=lambda c: c.max_rel)
-                reason = (f"per-region proof failed ({worst.name}: max rel "
-                          f"{worst.max_rel:.3g}); left as it is")
+                reason = proof_failed_reason(proofs)
                 log.warning("region %s: %s", cand.label, reason)
                 if whole is not None:
                     whole.reason += f"; the part after '{cand.input.name}': {reason}"
+                    whole.proofs = proofs
                 else:
                     rep = _region_report(cand, expr, RegionStatus.SKIPPED, reason, fused,
                                          proofs)

@@ -14,15 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from repfuse.errors import InputError
-from repfuse.proofs.compare import (
-    GRAD_L2_RTOL,
-    SEED,
-    compare,
-    compare_grad,
-    failed,
-    least_precise,
-    tolerance,
-)
+from repfuse.proofs.compare import SEED, compare, failed, least_precise
+from repfuse.proofs.modes import ordinary, own_mode
+from repfuse.proofs.truth import judge
 from repfuse.report import Check, VerifyReport
 
 
@@ -91,13 +85,52 @@ def _run(model: nn.Module, args: tuple, grads: bool):
 
 def _input_grads(leaves: list[Tensor], outs: list[tuple[str, Any]],
                  upstream: dict[str, Tensor]) -> list:
-    """Gradients w.r.t. ``leaves`` of sum <out, upstream[name]> (None where unused)."""
+    """Gradients w.r.t. ``leaves`` of sum <out, upstream[name]> (None where unused); an
+    output whose shape is not its upstream's (a failed check already) is left out."""
     pairs = [(o, upstream[n].to(o.device, o.dtype)) for n, o in outs
-             if n in upstream and isinstance(o, Tensor) and o.requires_grad]
+             if n in upstream and isinstance(o, Tensor) and o.requires_grad
+             and o.shape == upstream[n].shape]
     if not pairs or not leaves:
         return [None] * len(leaves)
     return list(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
                                     allow_unused=True))
+
+
+def grad_names(args: tuple) -> list[str]:
+    """The input-gradient checks, one per floating tensor input, in order."""
+    if len(args) == 1:
+        return ["grad input"]
+    return [f"grad input[{i}]" for i, a in enumerate(args)
+            if isinstance(a, Tensor) and a.is_floating_point()]
+
+
+def upstream_for(flat: list[tuple[str, Any]]) -> dict[str, Tensor]:
+    """The seeded random upstream gradient of every floating output, drawn in float64 and
+    rounded to the output's dtype (the float64 run of the reference uses the same values)."""
+    gen = torch.Generator().manual_seed(SEED)
+    return {name: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype)
+            for name, r in flat if isinstance(r, Tensor) and r.is_floating_point()}
+
+
+def evaluate(model: nn.Module, args: tuple, grads: bool,
+             upstream: dict[str, Tensor] | None = None):
+    """Run ``model`` on copies of ``args`` (and back, with ``grads``); returns the detached
+    output leaves ``[(name, value)]``, the upstream gradient (``upstream``, or a new one
+    for these outputs) and ``{grad name: input gradient or None}``."""
+    leaves, out = _run(model, args, grads)
+    return _backward(leaves, out, args, grads, upstream)
+
+
+def _backward(leaves: list[Tensor], out, args: tuple, grads: bool,
+              upstream: dict[str, Tensor] | None):
+    """``evaluate`` after the forward pass (a failing backward raises here)."""
+    flat = flatten(out, "output")
+    del out
+    if upstream is None:
+        upstream = upstream_for(flat)
+    found = _input_grads(leaves, flat, upstream) if grads else []
+    flat = [(n, v.detach() if isinstance(v, Tensor) else v) for n, v in flat]
+    return flat, upstream, dict(zip(grad_names(args), found))
 
 
 def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
@@ -106,136 +139,104 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
 
     Both models run in eval mode (their training flags are restored afterwards) on
     separate copies of the inputs; neither model, nor its ``.grad`` fields, nor the
-    inputs are modified. Checks: every output leaf (nested tuples/lists/dicts of
-    tensors are matched by position/key), and with ``grads=True`` the gradient with
-    respect to every floating input for one random upstream gradient (seeded, the same
-    for both models) through autograd. A candidate whose output does not depend on an
-    input through autograd (e.g. it detaches it) gets a zero gradient there and fails.
-    ``tol`` as in ``tolerance``; by default from the table by dtype, and below float64
-    input gradients may instead pass on their relative L2 error (``compare_grad``).
+    inputs are modified, whatever the caller's grad mode (models whose tensors are
+    inference tensors are differentiated through ordinary copies). Checks: every output
+    leaf (nested tuples/lists/dicts of tensors are matched by position/key), and with
+    ``grads=True`` the gradient with respect to every floating input for one random
+    upstream gradient (seeded, the same for both models) through autograd. A candidate
+    whose output does not depend on an input through autograd (e.g. it detaches it)
+    gets a zero gradient there and fails. ``tol`` as in ``tolerance`` (by default the
+    table by dtype). Below float64 a check this direct comparison rejects is judged
+    against the reference run in float64 (``repfuse.proofs.truth``).
     """
     args = as_input_tuple(example_inputs)
+    with own_mode():
+        return _verify(reference, candidate, args, grads, tol)
+
+
+def _verify(reference: nn.Module, candidate: nn.Module, args: tuple, grads: bool,
+            tol) -> VerifyReport:
     report = VerifyReport()
-    gen = torch.Generator().manual_seed(SEED)
-    with eval_mode(reference, candidate):
+    ref_model = ordinary(reference) if grads else reference
+    cand_model = ordinary(candidate) if grads else candidate
+    with eval_mode(ref_model, cand_model):
         # the reference first, its graph freed before the candidate runs (peak memory)
         try:
-            ref_leaves, ref_out = _run(reference, args, grads)
+            leaves, out = _run(ref_model, args, grads)
         except Exception as e:
             raise InputError(f"the reference model fails on example_inputs: "
                              f"{type(e).__name__}: {e}") from e
-        ref_flat = flatten(ref_out, "output")
-        upstream = {name: torch.randn(r.shape, generator=gen, dtype=torch.float64)
-                    for name, r in ref_flat if isinstance(r, Tensor) and r.is_floating_point()}
-        ref_grads = _input_grads(ref_leaves, ref_flat, upstream)
-        ref_flat = [(n, r.detach() if isinstance(r, Tensor) else r) for n, r in ref_flat]
-        del ref_out
+        ref_flat, upstream, ref_grads = _backward(leaves, out, args, grads, None)
         try:
-            cand_leaves, cand_out = _run(candidate, args, grads)
+            leaves, out = _run(cand_model, args, grads)
         except Exception as e:  # a candidate that crashes is a failed check
             report.checks.append(failed("output", f"candidate raised {type(e).__name__}: {e}"))
             return report
-    cand_flat = flatten(cand_out, "output")
+        cand_flat, _, cand_grads = _backward(leaves, out, args, grads, upstream)
+        del leaves, out
     if [n for n, _ in ref_flat] != [n for n, _ in cand_flat]:
         report.checks.append(failed("output", (
             f"output structure differs: candidate gives {[n for n, _ in cand_flat]}, "
             f"reference {[n for n, _ in ref_flat]}")))
         return report
+    compared: dict[str, tuple[Check, Tensor, Tensor]] = {}
     dtypes = []
-    comparable = {}
     for (name, r), (_, c) in zip(ref_flat, cand_flat):
         if not isinstance(r, Tensor) or not isinstance(c, Tensor):
             report.checks.append(_compare_values(name, r, c))
             continue
         report.checks.append(compare(name, r, c, tol))
+        compared[name] = (report.checks[-1], r, c)
         dtypes.append(r.dtype)
-        if name in upstream and c.is_floating_point() and r.shape == c.shape:
-            comparable[name] = c
     dtype = least_precise(*dtypes) if dtypes else torch.float64
-    report.dtype = str(dtype).replace("torch.", "")
-    compared = {n: (r, c) for (n, r), (_, c) in zip(ref_flat, cand_flat) if n in comparable}
-    grad_names: list[str] = []
-    if grads and ref_leaves:
-        if not report.ok:
-            report.notes.append("outputs differ; input gradients compared anyway")
-        cand_grads = _input_grads(cand_leaves, list(comparable.items()),
-                                  {n: upstream[n] for n in comparable})
-        floating = [i for i, a in enumerate(args)
-                    if isinstance(a, Tensor) and a.is_floating_point()]
-        names = ["input"] if len(args) == 1 else [f"input[{i}]" for i in floating]
-        grad_names = [f"grad {name}" for name in names]
-        for name, leaf, rg, cg in zip(names, ref_leaves, ref_grads, cand_grads):
+    report.dtype = str(dtype).removeprefix("torch.")
+    if grads and ref_grads:
+        for (name, rg), leaf in zip(ref_grads.items(), _floating(args)):
             rg = torch.zeros_like(leaf) if rg is None else rg
-            check = compare_grad(f"grad {name}", rg,
-                                 torch.zeros_like(leaf) if cg is None else cg, tol)
+            cg = cand_grads.get(name)
+            check = compare(name, rg, torch.zeros_like(leaf) if cg is None else cg, tol)
             if cg is None:
-                check.detail = (f"candidate's outputs do not depend on {name} through "
+                check.detail = (f"candidate's outputs do not depend on {name[5:]} through "
                                 f"autograd; " + check.detail).rstrip("; ")
-            else:
-                compared[f"grad {name}"] = (rg, cg)
             report.checks.append(check)
-    if tol is None and dtype in ROUNDING_FACTOR and not report.ok:
-        _judge_by_float64(report, reference, args, upstream, compared, grad_names, dtype)
+            compared[name] = (check, rg, torch.zeros_like(leaf) if cg is None else cg)
+    pending = {n: v for n, v in compared.items()
+               if not v[0].ok and math.isfinite(v[0].max_abs)}
+    if dtype != torch.float64 and pending and len(pending) == len(report.failures):
+        judge(report, pending, lambda g: _float64_values(reference, args, g, upstream),
+              lambda: _float64_grads(candidate, args, upstream), dtype, tol)
+    if ref_grads and any(not c.ok for c in report.checks if not c.name.startswith("grad ")):
+        report.notes.append("outputs differ; input gradients compared anyway")
     return report
 
 
-#: Below float32 a deep model's own rounding can exceed the table's tolerance (repvgg_a0
-#: in bfloat16 differs from itself in float64 by ~8 % of its output range). A check that
-#: fails there is judged again against the reference (the training form) run in float64:
-#: it passes when the candidate's (the fused model's) error is at most this factor times
-#: the reference's own error in its dtype: the fused model is not less accurate than the
-#: model it replaces. Fusion errors themselves are caught by the per-region proofs, which
-#: run in float64.
-ROUNDING_FACTOR: dict[torch.dtype, float] = {torch.float16: 2.0, torch.bfloat16: 2.0}
+def _floating(args: tuple) -> list[Tensor]:
+    return [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
 
 
-def _judge_by_float64(report: VerifyReport, reference: nn.Module, args: tuple, upstream: dict,
-                      compared: dict, grad_names: list[str], dtype: torch.dtype) -> None:
-    """Re-judge the failed checks of a float16/bfloat16 comparison against a float64
-    copy of ``reference`` (see ``ROUNDING_FACTOR``); the detail gives both errors.
-    ``grad_names``: the input-gradient checks, one per floating input, in order."""
-    failing = [c for c in report.checks if not c.ok and c.name in compared]
-    if not failing or len(failing) != len([c for c in report.checks if not c.ok]):
-        return      # a structural failure (shape, non-tensor output) stays a failure
-    try:
-        ref64 = copy.deepcopy(reference).double()
-    except Exception as e:  # noqa: BLE001 - a model that cannot be copied keeps its verdict
-        report.notes.append(f"no float64 copy of the reference to judge rounding against "
-                            f"({type(e).__name__}: {e})")
-        return
+def _float64_values(model: nn.Module, args: tuple, grads: bool,
+                    upstream: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``model``'s outputs (and input gradients) run in float64 on ``args`` and
+    ``upstream``, by name, on a float64 copy of it (``model`` is not touched)."""
+    with torch.inference_mode(False):
+        model64 = copy.deepcopy(model).double()
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
-    with eval_mode(ref64):
-        leaves, out = _run(ref64, args64, bool(grad_names))
-        flat = flatten(out, "output")
-        truth = {n: t.detach() for n, t in flat if isinstance(t, Tensor)}
-        if grad_names and leaves:
-            g64 = _input_grads(leaves, flat, upstream)
-            truth.update({n: g for n, g in zip(grad_names, g64) if g is not None})
-    del ref64
-    factor = ROUNDING_FACTOR[dtype]
-    for check in failing:
-        if check.name not in truth:
-            continue
-        r, c = (t.detach().to(torch.float64) for t in compared[check.name])
-        exact = truth[check.name].to(torch.float64)
-        if check.name.startswith("grad "):   # relative L2 (isolated ReLU-kink flips)
-            norm = max(float(exact.norm()), torch.finfo(torch.float64).tiny)
-            e_ref, e_cand = float((r - exact).norm()) / norm, float((c - exact).norm()) / norm
-            budget, kind = max(factor * e_ref, GRAD_L2_RTOL[dtype]), "relative L2 error"
-        else:
-            e_ref = float((r - exact).abs().max())
-            e_cand = float((c - exact).abs().max())
-            t = tolerance(dtype)
-            budget = max(factor * e_ref, t.atol + t.rtol * float(exact.abs().max()))
-            kind = "max abs error"
-        verdict = (f"against the reference run in float64 the candidate's {kind} is "
-                   f"{e_cand:.3g}, the reference's own in {report.dtype} {e_ref:.3g}")
-        if math.isfinite(e_cand) and e_cand <= budget:
-            check.ok = True
-            check.detail = f"passed on rounding: {verdict}; elementwise: {check.detail}"
-        else:
-            check.detail = f"{verdict} (more than {factor:g}x); {check.detail}"
+    with eval_mode(model64):
+        flat, _, found = evaluate(model64, args64, grads, upstream)
+    values = {n: v for n, v in flat if isinstance(v, Tensor)}
+    values.update({n: g for n, g in found.items() if g is not None})
+    return values
+
+
+def _float64_grads(model: nn.Module, args: tuple,
+                   upstream: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """``model``'s input gradients run in float64, or None when it cannot run there."""
+    try:
+        values = _float64_values(model, args, True, upstream)
+    except Exception:  # noqa: BLE001 - then the gradient as run is all there is
+        return None
+    return {n: v for n, v in values.items() if n.startswith("grad ")}
 
 
 def _compare_values(name: str, r, c) -> Check:

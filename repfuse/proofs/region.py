@@ -38,6 +38,7 @@ from repfuse import core
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
 from repfuse.proofs.compare import SEED, compare, failed, tolerance
+from repfuse.proofs.modes import in_differentiable_mode
 from repfuse.report import VerifyReport
 
 
@@ -120,6 +121,7 @@ def _activation_window(act: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+@in_differentiable_mode
 def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None, *,
                  tol=None, module: bool = False) -> VerifyReport:
     """Prove that ``fused`` (an ``AffineConv``) computes region ``expr``.
@@ -137,7 +139,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     docstring: ``output[random]``, ``output[activation]`` (when an activation is
     given), ``grad input``, ``grad <param>`` for every ``region.parameters`` entry. It
     never raises for a wrong fusion, only reports it; neither ``expr``'s tensors nor
-    ``fused`` are modified.
+    ``fused`` are modified. The caller's grad mode does not matter: the proof runs on
+    its own float64 copies, outside inference mode, with grad enabled.
 
     Cost (one sample of twice the receptive field): a forward and a backward of the
     training form and a forward / input gradient / weight gradient of the fused kernel

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers.zoo import Net, RepVGG, batch_norms_left, conv_bn, count_convs, make, randomize_bn
 
 import repfuse
-from repfuse.errors import InputError
+from repfuse.errors import InputError, VerificationError
 
 
 def x64(*shape):
@@ -230,7 +230,7 @@ def test_report_to_dict_is_json_and_names_what_was_fused():
 
 
 def test_verification_catches_a_wrong_rewrite(monkeypatch):
-    """A fused kernel that is wrong by 1e-3 makes the report not ok."""
+    """A fused kernel that is wrong by 1e-3: fuse raises, with the report."""
     from repfuse.algebra import affine
 
     original = affine.AffineConv.to_module
@@ -242,9 +242,10 @@ def test_verification_catches_a_wrong_rewrite(monkeypatch):
         return module
     monkeypatch.setattr(affine.AffineConv, "to_module", wrong)
     model = make("acb")
-    result = repfuse.fuse(model, x64(1, 3, 10, 10))
-    assert not result.report.ok
-    assert not result.report.model_checks.ok
+    with pytest.raises(VerificationError) as info:   # no model returned
+        repfuse.fuse(model, x64(1, 3, 10, 10))
+    assert not info.value.report.ok
+    assert not info.value.report.model_checks.ok
 
 
 def test_bad_example_inputs():

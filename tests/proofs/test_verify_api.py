@@ -236,34 +236,6 @@ def test_inplace_first_op_and_crashing_candidate():
         repfuse.verify(Crash(), Plain(), x)
 
 
-def _kinky(shift):
-    """relu(x) @ w with ``shift`` added before the ReLU: where x == 0 exactly the
-    derivative flips from 0 to 1 (a ReLU kink crossed by a rounding-size change)."""
-    w = torch.linspace(-1, 1, 64)
-
-    class Kinky(nn.Module):
-        def forward(self, x):
-            return torch.relu(x + shift) * w
-
-    return Kinky()
-
-
-def test_float32_gradients_tolerate_isolated_kink_flips():
-    x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))
-    x.view(-1)[::4000] = 0.0                      # 0.025% of units exactly at the kink
-    rep = repfuse.verify(_kinky(0.0), _kinky(1e-7), x)
-    assert rep.ok, rep.to_dict()
-    grad = rep.checks[-1]
-    assert grad.max_rel > 0.1 and "relative L2" in grad.detail   # elementwise would fail
-    strict = repfuse.verify(_kinky(0.0), _kinky(1e-7), x, tol=TOLERANCES[torch.float32])
-    assert not strict.ok
-    # many flipped units (an O(1) change of the gradient) still fail
-    x.view(-1)[::10] = 0.0
-    bad = repfuse.verify(_kinky(0.0), _kinky(1e-7), x)
-    assert [c.name for c in bad.failures] == ["grad input"]
-    assert "relative L2" in bad.failures[0].detail
-
-
 def test_float32_detached_input_still_caught():
     ref = _branchy().float()
     fused = _fused(_branchy()).float()
@@ -274,30 +246,3 @@ def test_float32_detached_input_still_caught():
 
     rep = repfuse.verify(ref, Detaching(), torch.randn(2, 4, 6, 6))
     assert [c.name for c in rep.failures] == ["grad input"]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_models_are_judged_against_float64(dtype):
-    """A deep model in float16/bfloat16 differs from itself in float64 by more than the
-    table's tolerance; a failed check is judged again against the training form run in
-    float64, and the fused model passes when it is no less accurate than the training
-    form in its own dtype. A planted 30 % error in one fused conv still fails."""
-    from repfuse.models import create
-
-    model = create("repvgg_a0", seed=0).to(dtype)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    fused = repfuse.fuse(model, x, verify=False).model
-    report = repfuse.verify(model, fused, x)
-    assert report.ok, report.to_dict()
-    rejudged = [c for c in report.checks if c.detail.startswith("passed on rounding")]
-    assert rejudged, [c.detail for c in report.checks]   # the table alone rejects them
-    for c in rejudged:
-        assert "reference run in float64" in c.detail and c.ok
-    broken = copy.deepcopy(fused)
-    conv = broken.get_submodule("stage4.0.reparam_conv")
-    with torch.no_grad():
-        conv.weight.mul_(1.3)
-    bad = repfuse.verify(model, broken, x)
-    assert not bad.ok
-    assert any("more than 2x" in c.detail for c in bad.checks if not c.ok), bad.to_dict()
-    assert model.stage0.rbr_dense.conv.weight.dtype == dtype    # the input model untouched
