@@ -110,10 +110,13 @@ def _mutable(value, made: list):
 
 
 def _changed(made: list) -> bool:
-    return any(len(now) != len(was) or any(
-        (now[k] if isinstance(now, dict) else now[i]) is not
-        (was[k] if isinstance(was, dict) else was[i])
-        for i, k in enumerate(was)) for now, was in made)
+    """Whether a container ``_mutable`` made now holds other items than it was made with."""
+    for now, was in made:
+        keys = list(was) if isinstance(was, dict) else range(len(was))
+        if len(now) != len(was) or (isinstance(was, dict) and now.keys() != was.keys()) \
+                or any(now[k] is not was[k] for k in keys):
+            return True
+    return False
 
 
 def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> None:
