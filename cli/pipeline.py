@@ -53,16 +53,19 @@ def fuse_model(ctx, source: Source, err, *, verify: bool, message: str, tol=None
 
 
 def figures(source: Source, result, x, *, macs: bool = True) -> list[tuple[str, object, object]]:
-    """(name, training form, fused) rows: parameters, and MACs for torch models."""
+    """(name, training form, fused) rows: parameters, MACs for torch models, convs and
+    norms."""
     report = result.report
+    layers = [(name, b, a) for name, (b, a) in report.counts().items()]
     if source.kind == "onnx":
         return [("parameters", report.params_before, report.params_after),
-                ("nodes", sum(report.ops_before.values()), sum(report.ops_after.values()))]
+                ("nodes", sum(report.ops_before.values()), sum(report.ops_after.values())),
+                *layers]
     before, after = count_params(source.model), count_params(result.model)
     rows = [("parameters", before, after)]
     if macs:
         rows.append(("MACs", count_macs(source.model, x), count_macs(result.model, x)))
-    return rows
+    return rows + layers
 
 
 def figures_dict(rows) -> dict:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repfuse.io.atomic import atomic_write
-from repfuse.report import RegionStatus
+from repfuse.report import LayerStatus, RegionStatus
 
 
 def consoles(quiet: bool) -> tuple[Console, Console]:
@@ -94,9 +94,37 @@ def region_tables(report, *, title: str = "Regions", checked: bool = True) -> li
 
 
 def region_counts(report, fused_verb: str = "fused") -> str:
-    """``"80 region(s) fused, 3 fused in parts, 20 left alone"`` (no split part if none)."""
+    """``"80 region(s) fused, 3 fused in parts, 20 left alone, 2 layer(s) not reached;
+    convs 120 -> 80, norms 100 -> 0"`` (no split / not-reached part if none, no counts
+    where unknown). Left alone: regions, and norm layers outside them."""
     split = f", {len(report.split)} fused in parts" if report.split else ""
-    return f"{len(report.fused)} region(s) {fused_verb}{split}, {len(report.skipped)} left alone"
+    missed = len(report.layers_with(LayerStatus.NOT_REACHED))
+    unreached = f", {missed} layer(s) not reached" if missed else ""
+    counts = "; " + ", ".join(f"{name} {b} -> {a}" for name, (b, a) in report.counts().items()) \
+        if report.counts() else ""
+    return (f"{len(report.fused)} region(s) {fused_verb}{split}, {report.left_alone} left "
+            f"alone{unreached}{counts}")
+
+
+def layer_table(report, *, title: str = "Layers", limit: int = 40) -> Table | None:
+    """The conv and norm layers that were not fused and could have been (norms left as they
+    are, layers not reached), with the reason; None when there are none."""
+    in_regions = {p for r in report.skipped for p in r.layers}
+    rows = [layer for layer in report.layers if layer.path not in in_regions and (
+        layer.status is LayerStatus.NOT_REACHED
+        or (layer.status is LayerStatus.LEFT_ALONE and layer.kind == "norm"))]
+    if not rows:
+        return None
+    table = Table(title=f"{title}: layers not fused", title_justify="left")
+    table.add_column("layer", overflow="fold", min_width=12)
+    table.add_column("type", overflow="fold")
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("because", overflow="fold", min_width=20, ratio=2)
+    for layer in rows[:limit]:
+        table.add_row(layer.path, layer.type, str(layer.status), layer.reason)
+    if len(rows) > limit:
+        table.add_row("...", "", "", f"{len(rows) - limit} more in the JSON report")
+    return table
 
 
 def before_after_table(title: str, first: str, columns: tuple[str, str, str]) -> Table:
@@ -171,6 +199,9 @@ def show_report(out, err, source, report, rows, *, checked: bool) -> None:
     the model summary, then the report's notes (on stderr)."""
     for table in region_tables(report, title=source.label, checked=checked):
         out.print(table)
+    layers = layer_table(report, title=source.label)
+    if layers is not None:
+        out.print(layers)
     if source.kind == "onnx" and (report.ops_before or report.ops_after):
         out.print(ops_table(report.ops_before, report.ops_after))
     out.print(summary_table(rows))

@@ -33,6 +33,43 @@ class RegionStatus(str, enum.Enum):
         return self.value
 
 
+class LayerStatus(str, enum.Enum):
+    """What happened to one conv or norm layer of the input model (JSON: the value)."""
+
+    FUSED = "fused"              # part of a fused region
+    UNCHANGED = "unchanged"      # a conv with nothing linear next to it: already inference form
+    LEFT_ALONE = "left alone"    # in a region that was not fused, or a norm no region holds
+    NOT_REACHED = "not reached"  # not called, or called from code repfuse could not trace
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class LayerReport:
+    """One conv or normalization layer of the input model and what became of it."""
+
+    path: str                       # module path
+    kind: str                       # "conv" or "norm"
+    type: str                       # its class name
+    status: LayerStatus
+    reason: str = ""                # why it was not fused
+
+    def __post_init__(self) -> None:
+        self.status = LayerStatus(self.status)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["status"] = LayerStatus(self.status).value
+        return _clean(d)
+
+
+#: ONNX op types counted as convolutions and as normalizations.
+_ONNX_CONVS = ("Conv", "ConvTranspose")
+_ONNX_NORMS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
+               "GroupNormalization")
+
+
 @dataclass
 class Check:
     """One numerical comparison: ``candidate`` against ``reference``."""
@@ -87,6 +124,7 @@ class RegionReport:
     max_rel_err: float = 0.0
     cast_error: float = 0.0         # rounding error of casting the float64 result back
     proofs: VerifyReport | None = None
+    layers: list[str] = field(default_factory=list)   # conv / norm layers it holds (fx)
 
     def __post_init__(self) -> None:
         self.status = RegionStatus(self.status)
@@ -115,6 +153,12 @@ class FuseReport:
     ops_before: dict[str, int] = field(default_factory=dict)   # ONNX: node counts by op type
     ops_after: dict[str, int] = field(default_factory=dict)
     verified: bool = False
+    #: (fx) every conv and norm layer of the input model and what became of it
+    layers: list[LayerReport] = field(default_factory=list)
+    #: whole-model (before, after) counts of convolutions and of normalizations (fx:
+    #: modules and functional calls; ONNX: read from the op counts when not set)
+    convs: tuple[int, int] | None = None
+    norms: tuple[int, int] | None = None
 
     @property
     def fused(self) -> list[RegionReport]:
@@ -129,6 +173,34 @@ class FuseReport:
     def split(self) -> list[RegionReport]:
         """Regions refused as a whole and cut into parts, which are fused."""
         return [r for r in self.regions if r.status is RegionStatus.SPLIT]
+
+    def layers_with(self, status: LayerStatus) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status is status]
+
+    @property
+    def left_alone(self) -> int:
+        """Regions left alone (a part of a refused region refused again on its own counts
+        once, with it), plus the norm layers left as they are outside those regions (a
+        lone batch norm, a layer norm, ...)."""
+        sets = [frozenset(r.layers) for r in self.skipped]
+        outer = {s for s in sets if s and not any(s < o for o in sets)}
+        regions = len(outer) + sum(1 for s in sets if not s)
+        in_regions = {p for r in self.skipped for p in r.layers}
+        return regions + sum(
+            1 for layer in self.layers_with(LayerStatus.LEFT_ALONE)
+            if layer.kind == "norm" and layer.path not in in_regions)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """{"convs": (before, after), "norms": (before, after)} where known."""
+        out = {}
+        for key, mine, ops in (("convs", self.convs, _ONNX_CONVS),
+                               ("norms", self.norms, _ONNX_NORMS)):
+            if mine is not None:
+                out[key] = tuple(mine)
+            elif self.ops_before:
+                out[key] = (sum(self.ops_before.get(o, 0) for o in ops),
+                            sum(self.ops_after.get(o, 0) for o in ops))
+        return out
 
     @property
     def defects(self) -> list[RegionReport]:
@@ -151,16 +223,20 @@ class FuseReport:
                 "defect of repfuse, please report it with the region's figures")
 
     def to_dict(self) -> dict:
+        counts = self.counts()
         return _clean({
             "ok": self.ok,
             "defects": [r.path for r in self.defects],
             "verified": self.verified,
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "convs": counts.get("convs"),
+            "norms": counts.get("norms"),
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
             "notes": self.notes,
             "regions": [r.to_dict() for r in self.regions],
+            "layers": [layer.to_dict() for layer in self.layers],
             "model_checks": self.model_checks.to_dict() if self.model_checks else None,
         })
 

@@ -167,10 +167,12 @@ class AffineConv:
         or ``nn.Sequential(pad, nn.Conv2d)`` when the padding is asymmetric."""
         spec = self.spec
         symmetric = spec.is_symmetric_padding
-        conv = nn.utils.skip_init(  # no random init: every value is replaced below
-            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+        # built without storage (on "meta"): both parameters are replaced below (cheaper
+        # than skip_init, whose to_empty takes a slow path for meta tensors)
+        conv = nn.Conv2d(
+            spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
             spec.torch_padding if symmetric else 0, spec.dilation, spec.groups, bias=True,
-            padding_mode=spec.padding_mode if symmetric else "zeros", device=self.device,
+            padding_mode=spec.padding_mode if symmetric else "zeros", device="meta",
             dtype=self.dtype)
         self.cast_error()  # measured before the module owns (and may change) the values
         weight, bias = self.cast()

@@ -170,3 +170,29 @@ def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> Affin
     new = spec.replace(padding=(pt + t * sh, pb + b * sh, pl + l * sw, pr + r * sw),
                        padding_mode="zeros")
     return conv.replace(spec=new)
+
+
+def crop_output(conv: AffineConv, crop, name: str = "crop") -> AffineConv:
+    """``conv(x)[..., t:H-b, l:W-r]`` for ``crop`` = (top, bottom, left, right) >= 0.
+
+    Each output row or column removed moves the first (last) read of the input inward by
+    one stride: the padding on that side shrinks by ``stride`` per removed row (exact for
+    every padding mode: the rows still read see the same padded values). Where it would
+    become negative the reads start inside the input: the kernel gets zero taps on that
+    side instead (a whole number of dilation steps, else ``NotFusable``)."""
+    spec = conv.spec
+    cut = ConvSpec(1, 1, 1, padding=crop).padding   # (GeometryError if negative)
+    pads, grow = list(spec.padding), [0, 0, 0, 0]
+    for side, (removed, axis) in enumerate(zip(cut, (0, 0, 1, 1))):
+        pads[side] -= removed * spec.stride[axis]
+        if pads[side] < 0:
+            steps, rest = divmod(-pads[side], spec.dilation[axis])
+            if rest:
+                raise NotFusable(f"{name}: cropping {conv.describe()} starts its reads between "
+                                 "two dilated taps; not one convolution")
+            grow[side], pads[side] = steps, 0
+    weight = conv.weight
+    if any(grow):
+        weight = F.pad(weight, (grow[2], grow[3], grow[0], grow[1]))
+    new = spec.replace(padding=tuple(pads), kernel_size=tuple(weight.shape[2:]))
+    return conv.replace(weight=weight, spec=new)

@@ -5,16 +5,20 @@
 
 1. copy the module tree (tensors are shared with the input model and never written;
    the ones that survive fusion are cloned at the end), switch to eval mode;
-2. trace every module with its submodules as leaves (``fx.trace``) and run the
-   graphs once on the example inputs to learn every value's shape;
+2. run the model once on the example inputs (``fx.reach``): every module it calls is
+   traced with its submodules as leaves (``fx.trace``) and runs through its graph, which
+   records every value's shape; a module that cannot be traced runs its own Python on
+   real values and the modules it calls are reached the same way;
 3. per module, bottom-up: classify nodes (``fx.ops``), find maximal regions
    (``fx.match``); a module whose whole forward is one region is a linear op of its
    caller, so a region spanning several modules is fused in the smallest module that
-   contains it; each region is reduced (``region.reduce``) and written back
-   (``fx.rewrite``); regions that cannot be fused exactly are left alone and split;
-4. with ``verify``, capture each region's real input activation, so that the layer
-   above (``repfuse.fx.pipeline``) can prove every region (its ``check``, before the
-   region's rewrite is kept) and the whole model.
+   contains it; each region is reduced (``region.reduce``) and written back into its
+   module, which keeps its class (``fx.rewrite``, ``fx.install``); regions that cannot
+   be fused exactly are left alone and split;
+4. account for every conv and norm layer (``fx.account``) and, with ``verify``, capture
+   each region's real input activation, so that the layer above
+   (``repfuse.fx.pipeline``) can prove every region (its ``check``, before the region's
+   rewrite is kept) and the whole model.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import torch.fx as fx
 from torch import nn
 
 from repfuse.errors import InputError, first_line
+from repfuse.fx.account import account, count, inventory
 from repfuse.fx.fuser import FusedRegion, Fuser, RegionCheck
-from repfuse.fx.trace import META, run_graphs, trace_all
+from repfuse.fx.reach import Reach, reach
+from repfuse.fx.trace import META
 from repfuse.region.op import is_region_value
 from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
@@ -90,6 +96,25 @@ def _capture(node: fx.Node) -> bool:
         and any(u.op in ("call_module", "call_function", "call_method") for u in node.users)
 
 
+def _run(work: nn.Module, args: tuple, capture) -> Reach:
+    """``reach`` on the example inputs; a failure the model also shows without repfuse
+    is the inputs' (``InputError``), any other is a defect of repfuse."""
+    try:
+        return reach(work, args, capture)
+    except Exception as err:
+        first = first_line(err, 300)
+        try:
+            with torch.no_grad():
+                work(*args)
+        except Exception:  # noqa: BLE001 - the model itself fails on these inputs
+            raise InputError(f"running the model on example_inputs failed "
+                             f"({type(err).__name__}: {first}); pass inputs the model "
+                             "accepts") from err
+        raise RuntimeError(f"repfuse could not run the model through its traced graphs "
+                           f"({type(err).__name__}: {first}); the model itself runs on these "
+                           "inputs: this is a repfuse defect, please report it") from err
+
+
 # ---------------------------------------------------------------------- entry point
 def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
                 inplace: bool = False, check: RegionCheck | None = None) -> FuseResult:
@@ -109,28 +134,30 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     else:
         work, original = _share_copy(model)
     work.eval()
-    graphs, opaque = trace_all(work, len(args))
-    try:
-        run_graphs(work, graphs, opaque, args, _capture if verify else None)
-    except Exception as err:
-        first = first_line(err, 300)
-        raise InputError(f"running the model on example_inputs failed ({type(err).__name__}: "
-                         f"{first}); pass inputs the model accepts") from err
-    fuser = Fuser(work, graphs, verify, check)
-    for mg in [graphs[id(work)]] + [g for g in graphs.values() if g.calls]:
-        fuser.rewrite(mg)
-    fused = fuser.result()
+    layers = inventory(work)
+    found = _run(work, args, _capture if verify else None)
+    before = count(work, found)
+    fuser = Fuser(work, found, verify, check)
+    for unit in found.entries:
+        fuser.rewrite(unit)
+    fused = work
     fused.eval()
     if original:
         _unshare(fused, original)
-    for mg in opaque:
-        report.notes.append(f"module {mg.path or '(root)'} ({type(mg.module).__name__}) is not "
-                            f"symbolically traceable ({mg.reason}); its submodules were "
-                            "searched separately")
     report.regions = fuser.reports
     if kept_note(fuser.kept):
         report.notes.append(kept_note(fuser.kept))
+    report.layers = account(layers, found, fuser.reports)
+    after = count(fused, found)
+    report.convs, report.norms = (before[0], after[0]), (before[1], after[1])
     report.params_after = _count(fused)
+    opaque = found.opaque
+    if opaque:
+        names = ", ".join(f"{u.path or '(root)'} ({type(u.module).__name__})" for u in opaque[:4])
+        more = f" and {len(opaque) - 4} more" if len(opaque) > 4 else ""
+        report.notes.append(f"{len(opaque)} module(s) are not symbolically traceable ({names}"
+                            f"{more}; first: {opaque[0].reason}): they run their own code and "
+                            "the modules they call were fused on their own")
     if not report.fused:
         report.notes.append("no fusable linear regions found; the model is unchanged")
     return FuseResult(fused, report, fuser.fused)

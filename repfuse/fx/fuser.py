@@ -6,9 +6,12 @@ its calls are linear ops of its caller, so a region spanning several modules is
 fused in the smallest module that contains it), finds maximal regions
 (``fx.match``), reduces them (``region.reduce``), leaves alone and reports the
 ones that are blocked or not exact (splitting them until nothing is left), and
-writes the fused convs back (``fx.rewrite``). Given a ``check`` (the per-region
-proofs), a region's rewrite is kept only once its proof passes; a region whose proof
-fails is left in its training form and reported as a defect of repfuse.
+writes the fused convs back (``fx.rewrite``) into the module itself (``fx.install``: it
+keeps its class, attributes and hooks). Use counts and argument conformity come from the
+real forward pass (``fx.reach``).
+Given a ``check`` (the per-region proofs), a region's rewrite is kept only once its
+proof passes; a region whose proof fails is left in its training form and reported as a
+defect of repfuse.
 """
 
 from __future__ import annotations
@@ -25,18 +28,15 @@ from torch import nn
 
 from repfuse import region as rg
 from repfuse.errors import NotFusable
+from repfuse.fx.account import expression_layers, layer_kind
 from repfuse.fx.inline import inline_call, should_inline
+from repfuse.fx.install import install
 from repfuse.fx.keep import kept_patterns
 from repfuse.fx.match import Region, dominators, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
-from repfuse.fx.rewrite import (
-    build_graph_module,
-    drop_dead,
-    drop_noops,
-    keep_hooks,
-    replace_region,
-    unique_name,
-)
+from repfuse.fx.reach import Reach
+from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
+from repfuse.fx.slicing import normalize
 from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
 from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
@@ -66,13 +66,6 @@ class _Analysis:
     pure: Region | None = None
     passthrough: bool = False
     fused: list = field(default_factory=list)
-
-
-def _resolve(module: nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _mark_constants(graph: fx.Graph) -> set[fx.Node]:
@@ -145,35 +138,18 @@ def _free_path(graph: fx.Graph, target: str) -> bool:
 
 
 class Fuser:
-    def __init__(self, root: nn.Module, graphs: dict[int, ModuleGraph], capture: bool,
+    def __init__(self, root: nn.Module, found: Reach, capture: bool,
                  check: RegionCheck | None = None) -> None:
         self.root = root
-        self.graphs = graphs
+        self.found = found
+        self.graphs = {k: u for k, u in found.units.items() if u.graph is not None}
         self.capture = capture
         self.check = check
         self.proofs: dict[frozenset, VerifyReport] = {}   # a chosen region's passed proof
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.path_counts = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
-        self.calls: Counter = Counter()
-        self.plain: dict[int, bool] = {}
-        for mg in graphs.values():
-            if mg.graph is None:
-                continue
-            for n in mg.graph.nodes:
-                if n.op != "call_module":
-                    continue
-                sub = mg.module.get_submodule(n.target)
-                self.calls[id(sub)] += 1
-                sub_mg = graphs.get(id(sub))
-                ok = not n.kwargs and all(isinstance(a, fx.Node) for a in n.args) and (
-                    sub_mg is None or len(n.args) == sub_mg.n_inputs)
-                self.plain[id(sub)] = self.plain.get(id(sub), True) and ok
-            if mg.calls:
-                self.calls[id(mg.module)] += len(mg.calls)
-                ok = all(c == (mg.n_inputs, ()) for c in mg.calls)
-                self.plain[id(mg.module)] = self.plain.get(id(mg.module), True) and ok
+        self.plain = {k: found.plain(u.module) for k, u in self.graphs.items()}
         self.analyses: dict[int, _Analysis] = {}
-        self.replaced: dict[int, nn.Module] = {}
         self.rewritten: set[int] = set()
         self.inlined: set[int] = set()
         self.reports: list[RegionReport] = []
@@ -186,7 +162,7 @@ class Fuser:
         hooked = hook_reason(m, self.paths.get(id(m), ""))
         if hooked:
             return hooked
-        n_paths, n_calls = self.path_counts[id(m)], self.calls[id(m)]
+        n_paths, n_calls = self.path_counts[id(m)], self.found.uses(m)
         if n_paths > 1 or n_calls > 1:
             path = self.paths.get(id(m), type(m).__name__)
             return (f"module {path} is used {max(n_paths, n_calls)} times; fusing one use "
@@ -232,6 +208,7 @@ class Fuser:
                                  and not self.shared(sub)) and self._summary(sub_mg) is None:
                     inline_call(graph, n, sub_mg.graph)
                     self.inlined.add(id(sub))
+        normalize(graph)
         const = _mark_constants(graph)
         summaries = {}
         for n in graph.nodes:
@@ -241,7 +218,7 @@ class Fuser:
                 if sub_mg is not None and sub_mg.graph is not None and id(sub) not in summaries:
                     summaries[id(sub)] = self._summary(sub_mg)
         summaries = {k: v for k, v in summaries.items() if v is not None}
-        ctx = Context(mg.module, mg.path, summaries, self.shared)
+        ctx = Context(mg.module, mg.path, summaries, self.shared, const)
         ops = {}
         for n in graph.nodes:
             if n in const:
@@ -296,7 +273,7 @@ class Fuser:
             if r.path == path and r.reason == reason and r.status == status:
                 return r
         self.reports.append(RegionReport(path=path, branches=branches, status=status,
-                                         reason=reason))
+                                         reason=reason, layers=expression_layers(expr)))
         return self.reports[-1]
 
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
@@ -370,7 +347,8 @@ class Fuser:
         if id(mg.module) in self.rewritten or mg.graph is None:
             return
         self.rewritten.add(id(mg.module))
-        if mg.module is not self.root and not self.plain.get(id(mg.module), False):
+        if mg.module is not self.root and not self.plain.get(id(mg.module), False) or \
+                id(mg.module) in self.found.changed_args:
             self._rewrite_children(mg, set())
             return
         an = self.analyze(mg)
@@ -382,10 +360,14 @@ class Fuser:
             only = r.nodes[0] if len(r.nodes) == 1 else None
             if only is not None and only.op == "call_module" and \
                     r.ops[only].kind is OpKind.MODULE:
-                child = mg.module.get_submodule(only.target)
-                path = self.paths.get(id(child), join(mg.path, only.target))
-                self.replaced[id(child)] = module
-                self._record(path, r, expr, affine)
+                # a lone call of a module whose whole forward is the region: that module
+                # is rewritten (it keeps its class and attributes), the call stays
+                child_mg = self.graphs[id(mg.module.get_submodule(only.target))]
+                self.rewritten.add(id(child_mg.module))
+                pure = self.analyze(child_mg).pure
+                if frozenset(r.nodes) in self.proofs:   # the call's proof is the forward's
+                    self.proofs[frozenset(pure.nodes)] = self.proofs[frozenset(r.nodes)]
+                self._rewrite_graph(child_mg, [(pure, expr, affine, module)])
             else:
                 graph_regions.append((r, expr, affine, module))
         self._rewrite_children(mg, absorbed)
@@ -395,22 +377,23 @@ class Fuser:
     def _rewrite_children(self, mg: ModuleGraph, absorbed: set) -> None:
         for n in mg.graph.nodes:
             if n.op == "call_module" and n not in absorbed:
-                sub = mg.module.get_submodule(n.target)
-                sub_mg = self.graphs.get(id(sub))
-                if sub_mg is not None and id(sub) not in self.replaced:
+                sub_mg = self.graphs.get(id(mg.module.get_submodule(n.target)))
+                if sub_mg is not None:
                     self.rewrite(sub_mg)
 
     def _rewrite_graph(self, mg: ModuleGraph, regions) -> None:
         graph, module = mg.graph, mg.module
-        taken = {str(n.target).split(".")[0] for n in graph.nodes
-                 if n.op in ("call_module", "get_attr")}
+        before = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+        taken = {t.split(".")[0] for t in before} | {
+            k for store in (module._modules, module._parameters, module._buffers, vars(module))
+            for k, v in store.items() if v is not None}
         new_modules: dict[str, nn.Module] = {}
         renamed: dict[fx.Node, fx.Node] = {}   # a fused output read by a later region
         for r, expr, affine, module_new in regions:
             if r.input in renamed:
                 r = dataclasses.replace(r, input=renamed[r.input])
-            convs = [n for n in r.nodes if r.ops[n].kind is OpKind.CONV
-                     and n.op == "call_module"]
+            convs = [n for n in r.nodes
+                     if r.ops[n].kind is OpKind.CONV and n.op == "call_module"]
             single = len(convs) == 1 and \
                 sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
             base = convs[0].target if single and _free_path(graph, convs[0].target) \
@@ -422,33 +405,26 @@ class Fuser:
             renamed[r.output] = replace_region(graph, r, name)
             self._record(join(mg.path, name), r, expr, affine)
         drop_noops(graph, module)
-        drop_dead(graph)
-        gm = build_graph_module(module, graph, new_modules, _resolve)
-        keep_hooks(module, gm)
-        self.replaced[id(module)] = gm
+        drop_dead(graph, module)
+        install(module, before, graph, new_modules)
+
+    def _module_layers(self, r: Region) -> set[str]:
+        """Paths of the conv and norm modules a region's ops are or hold."""
+        out = set()
+        for n in r.nodes:
+            for m in r.ops[n].source:
+                base = self.paths.get(id(m), "")
+                out |= {join(base, p) for p, sub in m.named_modules() if layer_kind(sub)}
+        return out
 
     def _record(self, path: str, r: Region, expr, affine) -> None:
         module_params = affine.weight.numel() + affine.bias.numel()
         proofs = self.proofs.get(frozenset(r.nodes))
+        layers = sorted(set(expression_layers(expr)) | self._module_layers(r))
         report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
                               params_before=rg.count_params(expr), params_after=module_params,
-                              cast_error=affine.cast_error(), proofs=proofs)
+                              cast_error=affine.cast_error(), layers=layers,
+                              proofs=proofs)
         self.reports.append(report)
         act = r.input.meta.get(CAPTURE) if proofs is None else None
         self.fused.append(FusedRegion(r, expr, affine, report, act))
-
-    # ------------------------------------------------------------------ result
-    def result(self) -> nn.Module:
-        """The fused model: every replaced module swapped in, bottom-up."""
-        def swap(module: nn.Module, seen: set) -> nn.Module:
-            module = self.replaced.get(id(module), module)
-            if id(module) in seen:
-                return module
-            seen.add(id(module))
-            for name, child in list(module._modules.items()):
-                if child is not None:
-                    new = swap(child, seen)
-                    if new is not child:
-                        module._modules[name] = new
-            return module
-        return swap(self.root, set())

@@ -6,6 +6,7 @@ to the runtime whole."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repfuse.fx.values import Context, constant, tensor_meta
+from repfuse.region.computed import Computed
 from repfuse.region.patterns import Pattern, find_patterns
 
 _FUNCTIONS = {
@@ -69,6 +71,11 @@ class FxView:
 
     def scalar(self, operand) -> float | None:
         value, _ = constant(self.ctx, operand)
+        if isinstance(value, Computed):
+            if math.prod(value.shape) != 1:
+                return None
+            with torch.no_grad():
+                value = value.value()
         if isinstance(value, Tensor):
             return float(value.reshape(())) if value.numel() == 1 else None
         return value

@@ -9,14 +9,18 @@ that holds it is left alone and reported with that reason.
 
 Rules (what is matched / what must hold / what it becomes):
 
-* ``nn.Conv2d`` module or ``F.conv2d`` / parameter weight, literal geometry / ``Conv``
-* ``nn.BatchNorm2d`` module or ``F.batch_norm`` / running statistics, eval / ``BatchNorm``
+* ``nn.Conv2d`` module or ``F.conv2d`` / a parameter weight, or one computed in forward from
+  parameters and buffers only (``values.computed``), literal geometry / ``Conv``
+* a batch norm module (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``: their eval-mode forward) or
+  ``F.batch_norm`` / running statistics, eval / ``BatchNorm``
 * ``nn.Identity``, ``nn.Dropout*`` (eval), ``F.dropout(training=False)``,
   ``contiguous``, ``clone`` / - / the input itself
 * ``nn.AvgPool2d`` or ``F.avg_pool2d`` / literal geometry / ``AvgPool``
-* ``nn.ZeroPad2d``, ``nn.ConstantPad2d``, ``F.pad(mode="constant")`` / non-negative / ``Pad``
-* ``x * c``, ``x / c``, ``c * x`` / ``c`` a number or a parameter/buffer of shape
-  (C,1,1), (1,C,1,1) or one element / ``Scale``; ``x + c``, ``x - c`` likewise ``Shift``
+* pads and crops (``nn.ZeroPad2d``, ``F.pad``, slicing, padding by slice writes): see
+  ``fx.slicing`` / ``Pad``, ``Crop``
+* ``x * c``, ``x / c``, ``c * x`` / ``c`` a number or a parameter/buffer (or a value computed
+  from them) of shape (C,1,1), (1,C,1,1) or one element / ``Scale``; ``x + c``, ``x - c``
+  likewise ``Shift``
 * ``a + b``, ``a - b``, ``-a``, ``torch.cat([...], dim=1)`` on activations / equal
   shapes / ``Add``, ``Sub``, ``Neg``, ``Concat``
 * a call of a module whose whole forward is one linear region / called once,
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
+from repfuse.fx.slicing import border_pad, border_pad_function, crop_function, pad_function, pad_op
 from repfuse.fx.trace import hook_reason
 from repfuse.fx.values import (
     ARITH,
@@ -46,13 +51,16 @@ from repfuse.fx.values import (
     bind,
     channel_factor,
     constant,
+    inplace_target,
     is_activation,
     join,
     literal,
     pair,
     same_shape,
+    tensor_like,
     tensor_meta,
 )
+from repfuse.region.computed import Computed
 from repfuse.region.op import OpKind, produced, produces
 
 __all__ = ["Context", "LinearOp", "classify", "inplace_target", "tensor_meta"]
@@ -133,20 +141,21 @@ def _avg_pool_module(node: fx.Node, m: nn.AvgPool2d, ctx: Context) -> LinearOp |
     return LinearOp(OpKind.POOL, [inp], pool, label=label)
 
 
-@produces(rg.Pad)
+@produces(rg.Pad, rg.Crop)
 def _pad_module(node: fx.Node, m: nn.Module, ctx: Context) -> LinearOp | None:
     inp = _single_input(node, m, ctx)
     if inp is None:
         return None
-    return _pad_op(inp, tuple(m.padding), float(getattr(m, "value", 0.0)),
-                   join(ctx.path, node.target))
+    return pad_op(inp, tuple(m.padding), float(getattr(m, "value", 0.0)),
+                  join(ctx.path, node.target))
 
 
 #: What is matched (a module of this type, or of a subclass that overrides none of the
 #: listed methods) -> the rule that decides what must hold and what it becomes.
 MODULE_RULES: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
     nn.Conv2d: (_conv_module, ("forward", "_conv_forward")),
-    nn.BatchNorm2d: (_bn_module, ("forward",)),
+    nn.modules.batchnorm._BatchNorm: (_bn_module, ("forward",)),
+    nn.SyncBatchNorm: (_bn_module, ("forward",)),
     nn.AvgPool2d: (_avg_pool_module, ("forward",)),
     nn.ZeroPad2d: (_pad_module, ("forward",)),
     nn.ConstantPad2d: (_pad_module, ("forward",)),
@@ -182,35 +191,24 @@ def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
     return op
 
 
-def _pad_op(inp, pad, value, label="") -> LinearOp | None:
-    if not is_activation(inp) or len(pad) not in (2, 4) or min(pad) < 0:
-        return None
-    left, right = pad[0], pad[1]
-    top, bottom = (pad[2], pad[3]) if len(pad) == 4 else (0, 0)
-    padding = (top, bottom, left, right)
-    return LinearOp(OpKind.PAD, [inp], lambda xs: rg.Pad(xs[0], padding, value, label), label=label)
-
-
 # ----------------------------------------------------------------------------- functions
 @produces(rg.Conv)
 def _conv_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     inp = a["input"]
-    if not is_activation(inp) or not literal(a["stride"], a["padding"], a["dilation"],
-                                               a["groups"]):
+    if not is_activation(inp) or not isinstance(a["weight"], fx.Node) or not literal(
+            a["stride"], a["padding"], a["dilation"], a["groups"]):
         return None
     weight, why = constant(ctx, a["weight"])
-    if a["weight"] is not None and not isinstance(a["weight"], fx.Node):
-        return None
     bias, why_b = (None, "") if a["bias"] is None else constant(ctx, a["bias"])
-    label = join(ctx.path, getattr(a["weight"], "target", node.name))
-    if not isinstance(weight, Tensor) or weight.dim() != 4 or (
-            a["bias"] is not None and not isinstance(bias, Tensor)):
+    named = a["weight"].target if a["weight"].op == "get_attr" else node.name
+    label = join(ctx.path, named)
+    shape = tuple(getattr(tensor_like(weight), "shape", ()))
+    if len(shape) != 4 or (a["bias"] is not None and bias is None):
         why = why or why_b or "weight is not a 4-D tensor"
-        return LinearOp(OpKind.CONV, [inp], lambda xs: xs[0], f"F.conv2d {node.name}: {why}", label)
-    blocked = why or why_b
-    if blocked or a["weight"].op != "get_attr":
-        blocked = f"F.conv2d {node.name}: weight {blocked or 'is computed in forward'}"
-    spec = ConvSpec.from_weight(tuple(weight.shape), stride=a["stride"], padding=a["padding"],
+        return LinearOp(OpKind.CONV, [inp], lambda xs: xs[0], f"F.conv2d {node.name}: {why}",
+                        label)
+    blocked = f"F.conv2d {node.name}: weight {why or why_b}" if why or why_b else ""
+    spec = ConvSpec.from_weight(shape, stride=a["stride"], padding=a["padding"],
                                 dilation=a["dilation"], groups=a["groups"])
     return LinearOp(OpKind.CONV, [inp], lambda xs: rg.Conv(xs[0], weight, bias, spec, label),
                     blocked, label)
@@ -280,7 +278,7 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
     if factor is None:
         return None
     blocked = f"{node.name}: operand {why}" if why else ""
-    if isinstance(factor, Tensor) and tensor_meta(node)[1] != tensor_meta(act)[1]:
+    if isinstance(tensor_like(factor), Tensor) and tensor_meta(node)[1] != tensor_meta(act)[1]:
         return None
     if kind == "mul":
         if isinstance(factor, float) and factor == 1.0:
@@ -289,14 +287,15 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
     if kind == "div":
         if not act_first:
             return None
-        inv = 1.0 / factor if isinstance(factor, float) else 1.0 / factor
+        inv = _map(factor, lambda t: 1.0 / t)
         return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Scale(xs[0], inv), blocked)
-    value = factor * alpha if act_first else factor
+    value = _map(factor, lambda t: t * alpha) if act_first else factor
     sign = -1.0 if kind == "sub" else 1.0
     if isinstance(value, float) and value == 0.0 and act_first:
         return LinearOp(OpKind.PASS, [act], lambda xs: xs[0])
     if act_first:
-        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(xs[0], sign * value), blocked)
+        shift = value if sign > 0 else _map(value, lambda t: -t)
+        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(xs[0], shift), blocked)
     if kind == "add":  # c + alpha * x
         inner = (lambda xs: rg.Scale(xs[0], float(alpha))) if alpha != 1 else (lambda xs: xs[0])
         if isinstance(value, float) and value == 0.0:
@@ -308,6 +307,11 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
         inner = rg.Neg(xs[0]) if alpha == 1 else rg.Scale(xs[0], -float(alpha))
         return rg.Shift(inner, value)
     return LinearOp(OpKind.AFFINE, [act], rsub, blocked)
+
+
+def _map(value, f):
+    """``f`` applied to a constant (to a computed one as part of its computation)."""
+    return value.map(f) if isinstance(value, Computed) else f(value)
 
 
 @produces()
@@ -329,14 +333,6 @@ def _avg_pool_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
         return rg.AvgPool(xs[0], k, s, p, bool(a["count_include_pad"]), bool(a["ceil_mode"]),
                           a["divisor_override"], label)
     return LinearOp(OpKind.POOL, [inp], pool, label=label)
-
-
-@produces(rg.Pad)
-def _pad_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
-    if a["mode"] != "constant" or not literal(a["pad"], a["value"]):
-        return None
-    value = 0.0 if a["value"] is None else float(a["value"])
-    return _pad_op(a["input"], tuple(a["pad"]), value, node.name)
 
 
 @produces(rg.Concat)
@@ -369,7 +365,9 @@ FUNCTION_RULES: dict[Callable, Callable] = {
     F.conv2d: _conv_function,
     F.batch_norm: _bn_function,
     F.avg_pool2d: _avg_pool_function,
-    F.pad: _pad_function,
+    F.pad: pad_function,
+    operator.getitem: crop_function,
+    border_pad: border_pad_function,
     torch.cat: _cat_function,
     torch.concat: _cat_function,
     **dict.fromkeys(DROPOUT_FUNCS, _dropout_function),
@@ -415,24 +413,4 @@ def classify(node: fx.Node, ctx: Context) -> LinearOp | None:
         return _module_op(node, ctx)
     if node.op in ("call_function", "call_method"):
         return _function_op(node, ctx)
-    return None
-
-
-def inplace_target(node: fx.Node, module: nn.Module) -> fx.Node | None:
-    """The activation an op modifies in place, if any."""
-    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-            and not node.target.startswith("_") and node.args:
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_function":
-        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv) or \
-                node.kwargs.get("inplace") is True:
-            return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if node.op == "call_module":
-        try:
-            m = module.get_submodule(node.target)
-        except AttributeError:
-            return None
-        if getattr(m, "inplace", False) is True and node.args and \
-                isinstance(node.args[0], fx.Node):
-            return node.args[0]
     return None

@@ -3,23 +3,22 @@
 Each module is traced on its own, with the submodules it calls kept as
 ``call_module`` nodes, so a rewrite touches only the smallest module that holds a
 region and every other module keeps its class and attribute path. A module whose
-forward cannot be traced that way is traced through its submodules instead
-(``flat``); one that cannot be traced at all is opaque and its children are
-traced as separate units.
+forward cannot be traced is opaque: it keeps running its own Python on real values,
+and the modules it calls are traced as units of their own when they are called
+(``repfuse.fx.reach``).
 
-``run_graphs`` executes the traced graphs once on the example inputs (one real
-forward pass: a traced submodule is run through its own graph) and records the
-shape and dtype of every value, and optionally a small copy of selected values for
-the per-region proofs.
+A traced submodule that returns a tuple, list or dict gives its caller a container of
+its items (indexing proxies), so a caller that unpacks, iterates or extends with the
+result still traces. ``x[i] = v`` on a traced value is recorded as ``operator.setitem``
+(slice assignment: DBB's and ECB's padding with a bias value).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import operator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
@@ -63,16 +62,14 @@ def hook_reason(module: nn.Module, path: str = "") -> str:
 
 @dataclass(eq=False)
 class ModuleGraph:
-    """The traced graph of one module (``graph`` is None when it could not be traced)."""
+    """The traced graph of one module (``graph`` is None when it could not be traced:
+    ``reason`` says why)."""
 
     module: nn.Module
     path: str
     graph: fx.Graph | None
-    flat: bool = False
     reason: str = ""
     n_inputs: int = 0
-    calls: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
-    ran: bool = False
 
 
 class _Lookup:
@@ -93,13 +90,12 @@ class _Lookup:
 class _Frame:
     module: nn.Module
     path: str
-    flat: bool
     names: _Lookup
     tensors: _Lookup
     cache: dict = field(default_factory=dict)
 
 
-def _frame(module: nn.Module, path: str, flat: bool) -> _Frame:
+def _frame(module: nn.Module, path: str) -> _Frame:
     names = _Lookup({id(m): n for n, m in module._modules.items() if m is not None},
                     lambda: {id(m): n for n, m in module.named_modules() if n})
     direct = {id(t): n for n, t in module._parameters.items() if t is not None}
@@ -109,7 +105,7 @@ def _frame(module: nn.Module, path: str, flat: bool) -> _Frame:
         out = {id(t): n for n, t in module.named_parameters()}
         out.update({id(t): n for n, t in module.named_buffers()})
         return out
-    return _Frame(module, path, flat, names, _Lookup(direct, full))
+    return _Frame(module, path, names, _Lookup(direct, full))
 
 
 class _TensorAttrs(dict):
@@ -129,17 +125,51 @@ class _TensorAttrs(dict):
         return super().get(key, default)
 
 
-class _NestedTracer(fx.Tracer):
-    """One fx trace of the whole model in which every called non-torch.nn module gets
-    its own graph (traced at its first call, independently of the call's arguments)
-    and appears as a ``call_module`` node in its caller's graph. torch's patching is
-    set up once for the whole model instead of once per module."""
+class _Proxy(fx.Proxy):
+    """A proxy on which ``x[i] = v`` is recorded (``operator.setitem``)."""
 
-    def __init__(self, graphs: dict[int, ModuleGraph], paths: dict[int, str]) -> None:
+    def __setitem__(self, key, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _structured(proxy: fx.Proxy, graph: fx.Graph):
+    """The caller's view of a call of a module traced into ``graph``: a tuple, list or
+    dict of indexing proxies when the module returns one, else ``proxy``."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    if isinstance(out, tuple):
+        return tuple(proxy[i] for i in range(len(out)))
+    if isinstance(out, list):
+        return [proxy[i] for i in range(len(out))]
+    if isinstance(out, dict) and all(isinstance(k, str) for k in out):
+        return {k: proxy[k] for k in out}
+    return proxy
+
+
+def forward_function(module: nn.Module, forward):
+    """``forward`` (what the module's calls run: its class's ``forward`` or a method set
+    on the instance) as a function of ``self``; None when it is not a method of the
+    module."""
+    if inspect.ismethod(forward):
+        return forward.__func__ if forward.__self__ is module else None
+    return forward if inspect.isfunction(forward) else None
+
+
+class _NestedTracer(fx.Tracer):
+    """One fx trace in which every called non-torch.nn module gets its own graph
+    (traced at its first call, independently of the call's arguments) and appears as a
+    ``call_module`` node in its caller's graph. torch's patching is set up once per
+    traced unit instead of once per module."""
+
+    def __init__(self, graphs: dict[int, ModuleGraph], paths: dict[int, str],
+                 forwards: dict[int, object]) -> None:
         super().__init__(autowrap_modules=())
         self.graphs = graphs
         self.paths = paths
+        self.forwards = forwards
         self.stack: list[_Frame] = []
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if not isinstance(attr_val, Tensor) or not self.stack:
@@ -154,38 +184,36 @@ class _NestedTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         fr = self.stack[-1]
-        if fr.flat and not is_torch_leaf(m) and not hook_reason(m):
-            return forward(*args, **kwargs)
         rel = fr.names.get(id(m))
         if rel is None:
             raise fx.proxy.TraceError(f"{type(m).__name__} is not a submodule of "
                                       f"{fr.path or 'the model'}")
         if not is_torch_leaf(m) and id(m) not in self.graphs:
             self.graphs[id(m)] = self.nested(m, self.paths.get(id(m), join(fr.path, rel)))
-        return self.create_proxy("call_module", rel, args, kwargs)
+        proxy = self.create_proxy("call_module", rel, args, kwargs)
+        sub = self.graphs.get(id(m))
+        return proxy if sub is None or sub.graph is None else _structured(proxy, sub.graph)
 
     def nested(self, m: nn.Module, path: str, n_inputs: int | None = None) -> ModuleGraph:
         saved = (self.graph, self.root, self.tensor_attrs)
-        reasons = []
+        fn = forward_function(m, self.forwards.get(id(m), type(m).forward))
+        if fn is None:
+            return ModuleGraph(m, path, None, reason="its forward is replaced on the "
+                               "instance by a function that is not one of its methods")
+        self.graph = fx.Graph()  # a plain Graph: fused modules pickle with fx.Tracer
+        self.root = m
+        self.tensor_attrs = _TensorAttrs(m)
+        self.stack.append(_frame(m, path))
         try:
-            for flat in (False, True):
-                self.graph = fx.Graph()  # a plain Graph: fused modules pickle with fx.Tracer
-                self.root = m
-                self.tensor_attrs = _TensorAttrs(m)
-                self.stack.append(_frame(m, path, flat))
-                try:
-                    concrete, required = _concrete_args(m, n_inputs)
-                    fn, args = self.create_args_for_root(type(m).forward, True,
-                                                         concrete or None)
-                    self.create_node("output", "output", (self.create_arg(fn(*args)),), {})
-                    return ModuleGraph(m, path, self.graph, flat=flat, n_inputs=required)
-                except Exception as err:  # noqa: BLE001 - any failure: not traceable so
-                    first = first_line(err) if str(err).strip() else ""
-                    reasons.append(f"{type(err).__name__}: {first}")
-                finally:
-                    self.stack.pop()
-            return ModuleGraph(m, path, None, reason=reasons[-1])
+            concrete, required = _concrete_args(fn, n_inputs)
+            fn_, args = self.create_args_for_root(fn, True, concrete or None)
+            self.create_node("output", "output", (self.create_arg(fn_(*args)),), {})
+            return ModuleGraph(m, path, self.graph, n_inputs=required)
+        except Exception as err:  # noqa: BLE001 - any failure: not traceable
+            first = first_line(err) if str(err).strip() else ""
+            return ModuleGraph(m, path, None, reason=f"{type(err).__name__}: {first}")
         finally:
+            self.stack.pop()
             self.graph, self.root, self.tensor_attrs = saved
 
     def trace_root(self, root: nn.Module, path: str, n_inputs: int | None) -> ModuleGraph:
@@ -199,7 +227,7 @@ class _NestedTracer(fx.Tracer):
                 return None
 
         entry = _Entry()
-        self.stack.append(_frame(entry, path, False))
+        self.stack.append(_frame(entry, path))
         try:
             super().trace(entry)
         finally:
@@ -212,12 +240,13 @@ def join(path: str, name: str) -> str:
     return f"{path}.{name}" if path and name else path or name
 
 
-def _concrete_args(module: nn.Module, n_inputs: int | None) -> tuple[dict, int]:
+def _concrete_args(fn, n_inputs: int | None) -> tuple[dict, int]:
     """Defaults of the forward's optional parameters, baked into the trace (fx guards
     them with asserts), and the number of parameters left as placeholders."""
-    sig = inspect.signature(module.forward)
+    sig = inspect.signature(fn)
     concrete, required = {}, 0
-    for i, (name, p) in enumerate(sig.parameters.items()):
+    params = list(sig.parameters.items())[1:]  # self
+    for i, (name, p) in enumerate(params):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is p.empty or (n_inputs is not None and i < n_inputs):
@@ -227,103 +256,3 @@ def _concrete_args(module: nn.Module, n_inputs: int | None) -> tuple[dict, int]:
     return concrete, required
 
 
-def trace_all(root: nn.Module, n_inputs: int) -> tuple[dict[int, ModuleGraph], list]:
-    """Trace ``root`` and, recursively, every non-torch.nn module it calls.
-
-    Returns the graphs by ``id(module)`` and the list of opaque modules (no graph);
-    the children of an opaque module are traced as separate units (their graphs have
-    ``calls`` filled by ``run_graphs`` to check that the standalone trace is faithful).
-    """
-    graphs: dict[int, ModuleGraph] = {}
-    paths = {id(m): p for p, m in root.named_modules()}
-    opaque: list[ModuleGraph] = []
-    stack = [(root, "", n_inputs)]
-    while stack:
-        module, path, n = stack.pop()
-        if id(module) in graphs:
-            continue
-        if is_torch_leaf(module):  # a torch.nn layer as the model: nothing to trace
-            graphs[id(module)] = ModuleGraph(module, path, None, reason="a torch.nn layer")
-            continue
-        mg = _NestedTracer(graphs, paths).trace_root(module, path, n)
-        graphs[id(module)] = mg
-        for g in list(graphs.values()):
-            if g.graph is None and g not in opaque:
-                opaque.append(g)
-                for name, child in g.module.named_children():
-                    if not is_torch_leaf(child) and id(child) not in graphs:
-                        stack.append((child, join(g.path, name), None))
-    return graphs, opaque
-
-
-def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> None:
-    if isinstance(value, Tensor) and META not in node.meta:
-        node.meta[META] = (tuple(value.shape), value.dtype)
-        if capture is not None and capture(node) and value.dim() == 4:
-            node.meta[CAPTURE] = value[:2, :, :CAPTURE_CROP, :CAPTURE_CROP].detach().clone()
-
-
-class _GraphRunner(fx.Interpreter):
-    """Runs one module's traced graph; traced submodules run through their graphs."""
-
-    def __init__(self, mg: ModuleGraph, graphs: dict[int, ModuleGraph],
-                 capture: Callable[[fx.Node], bool] | None) -> None:
-        super().__init__(mg.module, garbage_collect_values=True, graph=mg.graph)
-        self.mg = mg
-        self.graphs = graphs
-        self.capture = capture
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        _record(n, out, self.capture)
-        return out
-
-    def call_module(self, target, args, kwargs):
-        sub = self.fetch_attr(target)
-        mg = self.graphs.get(id(sub))
-        if mg is not None and mg.graph is not None and not kwargs:
-            mg.ran = True
-            return _GraphRunner(mg, self.graphs, self.capture).run(*args)
-        return sub(*args, **kwargs)
-
-
-def _signature(args, kwargs) -> tuple[int, tuple[str, ...]]:
-    n = len(args) if all(isinstance(a, Tensor) for a in args) else -1
-    return n, tuple(sorted(kwargs))
-
-
-def run_graphs(root: nn.Module, graphs: dict[int, ModuleGraph], opaque: list[ModuleGraph],
-               args: tuple, capture: Callable[[fx.Node], bool] | None = None) -> None:
-    """One forward pass of ``root`` on ``args`` through the traced graphs (no grad),
-    recording every value's shape and dtype (and captures, see ``capture``).
-
-    Units below an opaque module are run through their graphs from a forward hook
-    (on a copy of their inputs) and their call signatures are recorded."""
-    handles = []
-    units = [mg for mg in graphs.values()
-             if mg.graph is not None and mg.module is not root
-             and any(mg.module in dict(o.module.named_children()).values() for o in opaque)]
-
-    def hook(mg):
-        def fn(module, a, kw, out):
-            mg.calls.append(_signature(a, kw))
-            if not mg.ran and not kw and mg.calls[-1][0] == len(a):
-                mg.ran = True
-                with torch.no_grad():
-                    _GraphRunner(mg, graphs, capture).run(
-                        *[x.detach().clone() for x in a])
-        return fn
-
-    for mg in units:
-        handles.append(mg.module.register_forward_hook(hook(mg), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            top = graphs[id(root)]
-            if top.graph is not None:
-                top.ran = True
-                _GraphRunner(top, graphs, capture).run(*args)
-            else:
-                root(*args)
-    finally:
-        for h in handles:
-            h.remove()

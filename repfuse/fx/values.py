@@ -1,16 +1,18 @@
 """Values seen by the fx front end: linear ops, parameter constants, argument binding.
 
 ``LinearOp`` (``repfuse.region.op``) is what ``fx.ops.classify`` returns; ``constant``
-resolves a number or a parameter/buffer (possibly through view-like ops) and says why
-when it is neither;
-``bind`` names a call's arguments for the functions and methods the front end knows.
+resolves a number, a parameter/buffer, or a tensor computed in forward from parameters,
+buffers and literals only (``computed``: a view of a parameter, OREPA's generated kernel,
+ECB's ``scale * mask``, a frozen batch norm's scale), and says why when it is none of
+these; ``bind`` names a call's arguments for the functions and methods the front end
+knows.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -18,13 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repfuse.fx.trace import META, join
+from repfuse.region.computed import Computed
 from repfuse.region.op import LinearOp, is_region_value
 
 PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                 nn.AlphaDropout, nn.FeatureAlphaDropout)
 DROPOUT_FUNCS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                  F.feature_alpha_dropout)
-_VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "contiguous")
 
 
 @dataclass(eq=False)
@@ -35,6 +37,8 @@ class Context:
     path: str
     summaries: dict[int, Callable[[fx.Node], LinearOp | None]]
     shared: Callable[[nn.Module], str]
+    #: nodes computed from parameters, buffers and literals only
+    const: set[fx.Node] = field(default_factory=set)
 
 
 # ----------------------------------------------------------------------------- values
@@ -68,8 +72,9 @@ def resolve_attr(ctx: Context, node: fx.Node) -> tuple[Tensor | None, str]:
     return None, f"{node.target} is not a tensor"
 
 
-def constant(ctx: Context, arg) -> tuple[float | Tensor | None, str]:
-    """A number, or a parameter/buffer (possibly through view-like ops); else (None, why)."""
+def constant(ctx: Context, arg) -> tuple[float | Tensor | Computed | None, str]:
+    """A number, a parameter/buffer, or a value computed from them (``computed``); else
+    (None, why)."""
     if isinstance(arg, bool) or arg is None:
         return None, "not a number"
     if isinstance(arg, (int, float)):
@@ -78,30 +83,89 @@ def constant(ctx: Context, arg) -> tuple[float | Tensor | None, str]:
         return None, "not a number"
     if arg.op == "get_attr":
         return resolve_attr(ctx, arg)
-    if arg.op == "call_method" and arg.target in _VIEW_METHODS and arg.args:
-        base, why = constant(ctx, arg.args[0])
-        if not isinstance(base, Tensor):
-            return None, why or "not a tensor"
-        rest = [a for a in arg.args[1:]]
-        if any(isinstance(a, fx.Node) for a in rest) or any(
-                isinstance(v, fx.Node) for v in arg.kwargs.values()):
-            return None, "view with computed arguments"
-        return getattr(base, arg.target)(*rest, **arg.kwargs), why
-    if arg.op == "call_function" and arg.target is operator.getitem:
-        base, why = constant(ctx, arg.args[0])
-        index = arg.args[1]
-        items = index if isinstance(index, tuple) else (index,)
-        if isinstance(base, Tensor) and all(
-                i is None or i is Ellipsis or i == slice(None) for i in items):
-            return base[index], why
-    return None, "computed in forward (not a parameter or buffer)"
+    if arg in ctx.const:
+        return computed(ctx, arg)
+    return None, "computed in forward from values other than parameters and buffers"
 
 
-def channel_factor(value, shape) -> float | Tensor | None:
-    """``value`` as a scalar or a (C,) tensor if broadcasting it over ``shape`` (N,C,H,W)
-    acts per channel and keeps the shape; else None."""
+# ----------------------------------------------------------------------------- computed
+#: Substrings of the names of functions whose result is random.
+_RANDOM = ("rand", "bernoulli", "normal", "uniform", "multinomial", "poisson", "dropout",
+           "exponential", "cauchy", "geometric", "log_normal")
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _identity_on_values(node: fx.Node) -> bool:
+    """``t.detach()`` and ``t.data``: the same values (the map is differentiated through
+    them: fusion keeps the inference function, whose values they do not change)."""
+    if node.op == "call_method" and node.target == "detach" and len(node.args) == 1:
+        return True
+    return node.op == "call_function" and node.target is getattr and \
+        len(node.args) == 2 and node.args[1] == "data"
+
+
+def computed(ctx: Context, node: fx.Node) -> tuple[Computed | None, str]:
+    """A value computed in forward from parameters, buffers and literals only (OREPA's
+    generated kernel, ECB's ``scale * mask``, DBB's pad value, a frozen batch norm's
+    scale): a ``Computed`` of the parameters and buffers it reads, so the proofs
+    differentiate through it; else (None, why)."""
+    need, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in need:
+            continue
+        if n not in ctx.const:
+            return None, "computed in forward from values other than parameters and buffers"
+        need.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    nodes = sorted(need, key=order.__getitem__)
+    if any(inplace_target(u, ctx.module) in need for n in nodes for u in n.users):
+        return None, "computed in forward with in-place writes"
+    if any(n.op != "get_attr" and any(r in _name(n) for r in _RANDOM) for n in nodes):
+        return None, "computed in forward with random values"
+    graph, env, sources, names = fx.Graph(), {}, [], []
+    for n in nodes:
+        if n.op == "get_attr":
+            t, why = resolve_attr(ctx, n)
+            if t is None or why:
+                return None, why or f"{n.target} is not a tensor"
+            env[n] = graph.placeholder(f"s{len(sources)}")
+            sources.append(t)
+            names.append(join(ctx.path, n.target))
+        elif _identity_on_values(n):
+            env[n] = env[n.args[0]]
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[node])
+    fn = fx.GraphModule(nn.Module(), graph)
+    return Computed(fn, tuple(sources), tuple(names), join(ctx.path, node.name)), ""
+
+
+def tensor_like(value):
+    """``value`` itself, or for a computed value a tensor of its shape and dtype without
+    data (for checks of shape and dtype)."""
+    if isinstance(value, Computed):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def channel_factor(value, shape) -> float | Tensor | Computed | None:
+    """``value`` as a scalar or a (C,) tensor (computed: a (C,) computed value) if
+    broadcasting it over ``shape`` (N,C,H,W) acts per channel and keeps the shape; else
+    None."""
     if isinstance(value, float):
         return value
+    if isinstance(value, Computed):
+        probe = channel_factor(tensor_like(value), shape)
+        if not isinstance(probe, Tensor):
+            return None
+        c = shape[1]
+        return value.map(lambda t: t.reshape(1).expand(c) if t.numel() == 1 else t.reshape(c))
     if not isinstance(value, Tensor) or value.dim() > 4 or not value.is_floating_point():
         return None
     c = shape[1]
@@ -122,6 +186,7 @@ SIGS: dict = {
     F.avg_pool2d: (("input", "kernel_size", "stride", "padding", "ceil_mode",
                     "count_include_pad", "divisor_override"), (None, 0, False, True, None)),
     F.pad: (("input", "pad", "mode", "value"), ("constant", None)),
+    operator.getitem: (("input", "index"), ()),
     torch.cat: (("tensors", "dim"), (0,)),
     torch.add: (("input", "other", "alpha"), (1,)),
     torch.sub: (("input", "other", "alpha"), (1,)),
@@ -203,3 +268,21 @@ def same_shape(node: fx.Node, *inputs) -> bool:
         and tensor_meta(i)[1] == meta[1] for i in inputs)
 
 
+def inplace_target(node: fx.Node, module: nn.Module) -> fx.Node | None:
+    """The activation an op modifies in place, if any."""
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("_") and node.args:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function":
+        if node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                           operator.setitem) or node.kwargs.get("inplace") is True:
+            return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_module":
+        try:
+            m = module.get_submodule(node.target)
+        except AttributeError:
+            return None
+        if getattr(m, "inplace", False) is True and node.args and \
+                isinstance(node.args[0], fx.Node):
+            return node.args[0]
+    return None

@@ -12,6 +12,8 @@ Rules (what is matched -> what must hold -> what it becomes):
 * ``Add/Sub/Sum`` of non-constant values -> ``Add`` / ``Sub``; ``Neg`` -> ``Neg``.
 * ``Concat(axis=1)`` of non-constant values -> ``Concat``.
 * ``Pad(x, pads[, value])`` -> constant mode, constant pads on H and W only -> ``Pad``.
+* ``Slice(x, starts, ends[, axes, steps])`` -> constant, on H and W only, step 1, a
+  static input shape -> ``Crop``.
 * ``Identity`` / inference ``Dropout`` of a non-constant value -> the value itself.
 
 Constants are initializers that are not graph inputs, ``Constant`` nodes, and the
@@ -315,6 +317,32 @@ def _pad(node: ir.Node, consts: Constants) -> LinearOp | None:
     return _op(node, [x], lambda a: rg.Pad(a[0], padding, fill, name), OpKind.PAD)
 
 
+@produces(rg.Crop)
+def _slice(node: ir.Node, consts: Constants) -> LinearOp | None:
+    x = node.inputs[0]
+    if x is None or consts(x) is not None or x.shape is None or len(x.shape) != 4:
+        return None
+    args = [consts(v) if v is not None else None for v in node.inputs[1:5]]
+    if any(a is None for a, v in zip(args, node.inputs[1:5]) if v is not None):
+        return None
+    starts, ends = (a.reshape(-1).tolist() for a in args[:2])
+    axes = args[2].reshape(-1).tolist() if len(args) > 2 and args[2] is not None \
+        else list(range(len(starts)))
+    steps = args[3].reshape(-1).tolist() if len(args) > 3 and args[3] is not None \
+        else [1] * len(starts)
+    crop = [0, 0, 0, 0]
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = x.shape[axis % 4]
+        if not isinstance(size, int) or step != 1 or axis % 4 not in (2, 3):
+            return None
+        first, stop, _ = slice(int(start), int(end)).indices(size)
+        if stop <= first:
+            return None
+        crop[2 * (axis % 4 - 2)], crop[2 * (axis % 4 - 2) + 1] = first, size - stop
+    cut, name = tuple(crop), node.name or ""
+    return _op(node, [x], lambda a: rg.Crop(a[0], cut, name), OpKind.CROP)
+
+
 @produces()
 def _passthrough(node: ir.Node, consts: Constants) -> LinearOp | None:
     x = node.inputs[0] if node.inputs else None
@@ -341,7 +369,7 @@ def _neg(node: ir.Node, consts: Constants) -> LinearOp | None:
 _RULES = {
     "Conv": _conv, "BatchNormalization": _batchnorm, "AveragePool": _avgpool,
     "Mul": _binary, "Div": _binary, "Add": _binary, "Sub": _binary,
-    "Sum": _variadic, "Concat": _variadic, "Pad": _pad,
+    "Sum": _variadic, "Concat": _variadic, "Pad": _pad, "Slice": _slice,
     "Identity": _passthrough, "Dropout": _passthrough,
     "Neg": _neg,
 }

@@ -15,6 +15,7 @@ here, and a rule in each front end (``repfuse.fx.ops``, ``repfuse.onnx.match``);
 """
 
 from repfuse.region import reference
+from repfuse.region.computed import Computed
 from repfuse.region.description import describe
 from repfuse.region.nodes import *  # noqa: F403  (the node types)
 from repfuse.region.nodes import __all__ as _node_names
@@ -26,6 +27,7 @@ from repfuse.region.tree import (
     count_params,
     input_channels,
     label,
+    materialized,
     node_tensors,
     parameters,
     substitute,
@@ -34,7 +36,8 @@ from repfuse.region.tree import (
 from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
 
 __all__ = [
-    *_node_names, "GROWTH_LIMIT", "LinearOp", "OpKind", "check_growth", "children",
-    "count_params", "describe", "evaluate", "input_channels", "is_region_value", "label",
-    "node_tensors", "parameters", "reduce", "reference", "substitute", "walk", "worthwhile",
+    *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
+    "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
+    "label", "materialized", "node_tensors", "parameters", "reduce", "reference",
+    "substitute", "walk", "worthwhile",
 ]

@@ -75,6 +75,11 @@ def _pad(node: N.Pad, args: list[list[str]]) -> list[str]:
     return _after(args[0], "pad")
 
 
+@describer(N.Crop)
+def _crop(node: N.Crop, args: list[list[str]]) -> list[str]:
+    return _after(args[0], "crop")
+
+
 def describe(expr: N.Node) -> list[str]:
     """Branch kinds, e.g. ``["conv3x3+bn", "conv1x1+bn", "bn"]``."""
     memo: dict[int, list[str]] = {}

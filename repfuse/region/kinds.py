@@ -13,6 +13,7 @@ class OpKind(str, enum.Enum):
     NORM = "bn"            # an inference-mode normalization with constant statistics
     POOL = "avgpool"       # average pooling
     PAD = "pad"            # constant padding
+    CROP = "crop"          # cropping the spatial dimensions (slicing)
     AFFINE = "affine"      # scale, shift or negation by constants
     COMBINE = "combine"    # sum, difference or channel concatenation of branches
     PASS = "pass"          # identity, inference dropout, contiguous / clone
@@ -24,4 +25,4 @@ class OpKind(str, enum.Enum):
 
 #: Kinds whose operation is defined by its geometry (a cut there cannot make a refused
 #: region exact by splitting the branches: the front ends end the region at such a node).
-GEOMETRIC = frozenset({OpKind.POOL, OpKind.PAD})
+GEOMETRIC = frozenset({OpKind.POOL, OpKind.PAD, OpKind.CROP})

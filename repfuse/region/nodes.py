@@ -35,7 +35,11 @@ Add        elementwise sum of two or more branches
 Sub, Neg   difference, negation
 Concat     concatenation of branches along channels
 Pad        constant padding (scalar or per-channel value) of the spatial dims
+Crop       cropping of the spatial dims (slicing ``x[..., t:H-b, l:W-r]``)
 ========== ===============================================================
+
+A tensor field may hold a ``region.computed.Computed`` value instead (a kernel, scale or
+pad value computed in forward from parameters and buffers).
 """
 
 from __future__ import annotations
@@ -158,8 +162,15 @@ class Pad(Node):
     zero_response: bool = False
 
 
-__all__ = ["Add", "AvgPool", "BatchNorm", "Concat", "Conv", "Input", "Neg", "Node", "Pad",
-           "Scale", "Shift", "Sub", "node_type", "node_types"]
+@node_type(OpKind.CROP)
+class Crop(Node):
+    input: Node
+    crop: Pad4                  # rows and columns removed: (top, bottom, left, right)
+    name: str = ""
+
+
+__all__ = ["Add", "AvgPool", "BatchNorm", "Concat", "Conv", "Crop", "Input", "Neg", "Node",
+           "Pad", "Scale", "Shift", "Sub", "node_type", "node_types"]
 
 
 def node_types() -> list[type[Node]]:

@@ -16,7 +16,14 @@ from repfuse.core.spec import ConvSpec
 from repfuse.errors import InputError, NotFusable
 from repfuse.region import nodes as N
 from repfuse.region.registry import REDUCERS, reducer
-from repfuse.region.tree import children, dtype_device, label, walk
+from repfuse.region.tree import (
+    children,
+    dtype_device,
+    label,
+    materialized,
+    own_tensors,
+    walk,
+)
 
 
 @dataclass
@@ -174,12 +181,17 @@ def _pad(node: N.Pad, args: list, ctx: _Context):
     return A.pad_output(arg, node.padding, value, name=label(node))
 
 
+@reducer(N.Crop)
+def _crop(node: N.Crop, args: list, ctx: _Context):
+    return A.crop_output(_affine(args[0]), node.crop, name=label(node))
+
+
 # ---------------------------------------------------------------------------- reduce
 def _check_materialized(expr: N.Node) -> None:
     """Refuse tensors without values (``meta`` device): nothing exact can be computed."""
     for node in walk(expr):
-        for t in vars(node).values():
-            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        for t in own_tensors(node):
+            if t.device.type == "meta":
                 raise InputError(
                     f"{label(node)} holds a tensor on the 'meta' device, which has no "
                     "values; materialize the model first (model.to_empty(device='cpu') "
@@ -193,11 +205,14 @@ def _located(node: N.Node, err: Exception) -> NotFusable:
 def reduce(expr: N.Node):
     """The region as one ``AffineConv`` (float64, differentiable in the node tensors).
 
-    Raises ``NotFusable`` (its ``.node`` is the offending node) naming the node whose
-    operation would not be exact or whose values make the fused kernel NaN or infinite,
-    and ``InputError`` for tensors without values (``meta`` device)."""
+    Computed values (``region.computed``) are evaluated from float64 copies of their
+    sources, differentiably. Raises ``NotFusable`` (its ``.node`` is the offending node,
+    with its computed values evaluated) naming the node whose operation would not be exact
+    or whose values make the fused kernel NaN or infinite, and ``InputError`` for tensors
+    without values (``meta`` device)."""
     _check_materialized(expr)
     ctx = _Context(*dtype_device(expr))
+    original, expr = expr, materialized(expr, exact=True)
     memo: dict[int, object] = {}
     for node in walk(expr):
         args = [memo[id(c)] for c in children(node)]
@@ -218,6 +233,8 @@ def reduce(expr: N.Node):
         raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
                          "parameters, running_var + eps <= 0, or a division by zero); fix "
                          "the weights or leave the region unfused", node=culprit)
+    if expr is not original:  # computed values were evaluated in float64: cast back to
+        out = out.replace(dtype=ctx.dtype)  # the dtype they have in the model
     return out
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from repfuse.core.spec import ConvSpec
 from repfuse.region import nodes as N
 from repfuse.region.registry import EVALUATORS, evaluator
-from repfuse.region.tree import children, walk
+from repfuse.region.tree import children, materialized, walk
 
 
 def _channel_view(value, x: Tensor):
@@ -129,8 +129,17 @@ def _pad(node: N.Pad, args: list, x: Tensor) -> Tensor:
     return padded + mask * _channel_view(value, y)
 
 
+@evaluator(N.Crop)
+def _crop(node: N.Crop, args: list, x: Tensor) -> Tensor:
+    y = args[0]
+    t, b, l, r = node.crop
+    return y[:, :, t:y.shape[2] - b, l:y.shape[3] - r]
+
+
 def evaluate(expr: N.Node, x: Tensor) -> Tensor:
-    """The region's training form applied to ``x`` with torch ops (the reference)."""
+    """The region's training form applied to ``x`` with torch ops (the reference);
+    computed values are evaluated from their sources as they are."""
+    expr = materialized(expr)
     memo: dict[int, Tensor] = {}
     for node in walk(expr):
         rule = EVALUATORS.get(type(node))

@@ -1,7 +1,10 @@
 """The one set of utilities that walk a region expression (a DAG of ``region.nodes``).
 
 Everything here reads the facts the node types declare (``links``, ``tensors``,
-``dtype_fields``), so a new node type needs nothing added here.
+``dtype_fields``), so a new node type needs nothing added here. A field may hold a
+``Computed`` value (``region.computed``) in place of a tensor: its parameter sources are
+the node's parameters, its sources are the node's tensors, and ``materialized`` evaluates
+it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from repfuse.region.computed import Computed, parameter_sources
 from repfuse.region.nodes import Input, Node
 
 
@@ -60,22 +64,31 @@ def input_channels(expr: Node) -> int:
     raise ValueError("region expression has no Input node")
 
 
+def own_tensors(node: Node) -> list[Tensor]:
+    """The tensors ``node`` itself holds (a computed value's sources included)."""
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        out += [t for t in (value.sources if isinstance(value, Computed) else (value,))
+                if isinstance(t, Tensor)]
+    return out
+
+
 def node_tensors(expr: Node) -> list[Tensor]:
     """Every tensor held by a node of ``expr`` (each once): parameters, buffers, constants."""
     found: dict[int, Tensor] = {}
     for node in walk(expr):
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if isinstance(value, Tensor):
-                found.setdefault(id(value), value)
+        for t in own_tensors(node):
+            found.setdefault(id(t), t)
     return list(found.values())
 
 
 def parameters(expr: Node) -> dict[str, Tensor]:
     """The tensors the fused (weight, bias) is differentiable in, keyed
     ``"<node name>.<field>"`` (each node type's declared ``tensors``: conv weight/bias, BN
-    weight/bias, tensor scale/shift/pad values). BN running statistics are buffers and
-    are not included."""
+    weight/bias, tensor scale/shift/pad values; of a computed value, the parameters it is
+    computed from, keyed by their names in the model). BN running statistics are buffers
+    and are not included."""
     out: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     for node in walk(expr):
@@ -85,17 +98,26 @@ def parameters(expr: Node) -> dict[str, Tensor]:
         base = getattr(node, "name", "") or f"{kind}{counts.get(kind, 0)}"
         counts[kind] = counts.get(kind, 0) + 1
         for f in node.tensors:
-            t = getattr(node, f, None)
-            if not isinstance(t, Tensor):
-                continue
-            key = f"{base}.{f}"
-            if key in out and out[key] is not t:
-                n = 2
-                while f"{base}#{n}.{f}" in out:
-                    n += 1
-                key = f"{base}#{n}.{f}"
-            out[key] = t
+            value = getattr(node, f, None)
+            named = parameter_sources(value) if isinstance(value, Computed) else \
+                [(f"{base}.{f}", value)]
+            for key, t in named:
+                if isinstance(t, Tensor):
+                    _add_unique(out, key, t)
     return out
+
+
+def _add_unique(out: dict[str, Tensor], key: str, t: Tensor) -> None:
+    """``out[key] = t``; a different tensor already under ``key`` gets ``key#2`` ..."""
+    if out.get(key) is t:
+        return
+    if key in out:
+        base, _, f = key.rpartition(".")
+        n = 2
+        while f"{base}#{n}.{f}" in out:
+            n += 1
+        key = f"{base}#{n}.{f}"
+    out[key] = t
 
 
 def count_params(expr: Node) -> int:
@@ -118,7 +140,7 @@ def dtype_device(expr: Node) -> tuple[torch.dtype, torch.device]:
     for node in nodes:
         for attr in node.dtype_fields:
             t = getattr(node, attr, None)
-            if isinstance(t, Tensor) and t.is_floating_point():
+            if isinstance(t, (Tensor, Computed)) and t.dtype.is_floating_point:
                 return t.dtype, t.device
     return torch.get_default_dtype(), torch.device("cpu")
 
@@ -133,6 +155,8 @@ def substitute(expr: Node, tensors: dict[int, Tensor]) -> Node:
             return copy(v)
         if isinstance(v, Tensor):
             return tensors.get(id(v), v)
+        if isinstance(v, Computed):
+            return v.with_sources(tuple(tensors.get(id(t), t) for t in v.sources))
         if isinstance(v, tuple):
             return tuple(conv(c) for c in v)
         if isinstance(v, list):
@@ -143,6 +167,32 @@ def substitute(expr: Node, tensors: dict[int, Tensor]) -> Node:
         if id(node) not in memo:
             changes = {f.name: conv(getattr(node, f.name)) for f in dataclasses.fields(node)}
             memo[id(node)] = dataclasses.replace(node, **changes)
+        return memo[id(node)]
+
+    return copy(expr)
+
+
+def materialized(expr: Node, exact: bool = False) -> Node:
+    """A copy of ``expr`` with every ``Computed`` field evaluated (differentiably in its
+    sources; from float64 copies of them with ``exact``); ``expr`` itself when it holds
+    none."""
+    if not any(isinstance(getattr(n, f.name), Computed) for n in walk(expr)
+               for f in dataclasses.fields(n)):
+        return expr
+    memo: dict[int, Node] = {}
+
+    def copy(node: Node) -> Node:
+        if id(node) not in memo:
+            changes = {}
+            for f in dataclasses.fields(node):
+                v = getattr(node, f.name)
+                if isinstance(v, Computed):
+                    changes[f.name] = v.value(exact)
+                elif isinstance(v, Node):
+                    changes[f.name] = copy(v)
+                elif isinstance(v, tuple) and any(isinstance(c, Node) for c in v):
+                    changes[f.name] = tuple(copy(c) for c in v)
+            memo[id(node)] = dataclasses.replace(node, **changes) if changes else node
         return memo[id(node)]
 
     return copy(expr)

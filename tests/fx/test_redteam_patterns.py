@@ -96,7 +96,10 @@ class UsedTwice(nn.Module):
 
 
 class FunctionalConv(nn.Module):
-    def __init__(self, computed=False):
+    """``computed``: "params" scales the kernel by a constant in forward (folded, the proofs
+    differentiate through it), "input" by a statistic of the input (not a constant)."""
+
+    def __init__(self, computed=""):
         super().__init__()
         self.computed = computed
         self.w3 = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
@@ -104,7 +107,11 @@ class FunctionalConv(nn.Module):
         self.n = bn(8)
 
     def forward(self, x):
-        w3 = self.w3 * 2 if self.computed else self.w3
+        w3 = self.w3
+        if self.computed == "params":
+            w3 = w3 * 2
+        elif self.computed == "input":
+            w3 = w3 * x.mean()
         return F.relu(self.n(F.conv2d(x, w3, None, 1, 1) + F.conv2d(x, self.w1)))
 
 
@@ -164,7 +171,7 @@ def test_nonlinear_patterns_keep_their_nonlinear_node(op):
      "different output grids"),
     (UsedTwice, "used 3 times"),
     (NoStats, "no running statistics"),
-    (lambda: FunctionalConv(computed=True), "computed in forward"),
+    (lambda: FunctionalConv(computed="input"), "computed in forward from values other than"),
 ])
 def test_unfusable_patterns_are_left_alone_with_a_reason(make, reason):
     torch.manual_seed(0)
@@ -178,6 +185,7 @@ def test_unfusable_patterns_are_left_alone_with_a_reason(make, reason):
     lambda: TwoBranch("sum", conv_bn(8, 8, 3, g=4), conv_bn(8, 8, 1, p=0, g=2)),  # groups
     SharedWeights,
     FunctionalConv,
+    lambda: FunctionalConv(computed="params"),
 ])
 def test_geometry_mixes_fuse_exactly(make):
     torch.manual_seed(0)

@@ -123,7 +123,8 @@ def test_cli_tables_say_fused_in_parts():
         console.print(table)
     text = console.export_text()
     assert "not fused as a whole" in text and "fused in parts" in text
-    assert region_counts(result.report) == "2 region(s) fused, 1 fused in parts, 0 left alone"
+    assert region_counts(result.report) == ("2 region(s) fused, 1 fused in parts, 0 left alone; "
+                                            "convs 2 -> 2, norms 3 -> 0")
 
 
 def test_zero_bias_parameters_are_cut_like_nonzero_ones():

@@ -1,0 +1,127 @@
+"""Accounting for every convolution and normalization layer of a model (fx front end).
+
+``inventory(model)`` lists the conv and norm modules by path before fusion;
+``account(layers, found, reports)`` gives each one an outcome (``report.LayerStatus``):
+
+* ``fused``: part of a fused region;
+* ``left alone``: part of a region that was not fused (the region's reason), or a norm no
+  region could hold (a lone batch norm between nonlinear ops, a norm that normalizes with
+  its input's own statistics);
+* ``unchanged``: a conv with nothing linear next to it to fold (already its inference form);
+* ``not reached``: not called on the example inputs, called from code that could not be
+  traced (the reason names the module and why), or inside a module that ran its own code
+  because it was called with arguments its trace does not take.
+
+``count(model, found)`` gives the whole-model numbers of convs and norms: modules, plus
+the functional ``F.conv2d`` / ``F.batch_norm`` calls in the traced graphs of modules the
+model still holds.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from repfuse import region as rg
+from repfuse.fx.reach import TORCH_LAYER, Reach
+from repfuse.report import LayerReport, LayerStatus, RegionReport, RegionStatus
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm) \
+    + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    """"conv", "norm" or None (a batch norm by another library, such as torchvision's
+    ``FrozenBatchNorm2d``, is recognised by its class name)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, _NORMS) or "BatchNorm" in type(m).__name__:
+        return "norm"
+    return None
+
+
+def inventory(model: nn.Module) -> dict[str, nn.Module]:
+    """path -> module, for every conv and norm module."""
+    return {path: m for path, m in model.named_modules() if layer_kind(m)}
+
+
+def expression_layers(expr: rg.Node) -> list[str]:
+    """The names (module paths) of the convs, norms and per-channel constants a region
+    expression holds."""
+    kinds = (rg.Conv, rg.BatchNorm, rg.Scale, rg.Shift)
+    return sorted({n.name for n in rg.walk(expr) if isinstance(n, kinds) and n.name})
+
+
+def _not_reached(m: nn.Module, found: Reach) -> str:
+    if id(m) not in found.ran:
+        return "not called when the model runs on the example inputs"
+    caller = found.from_python.get(id(m))
+    if caller is not None and caller.graph is None:
+        where = f"inside {caller.path or 'the model'} ({type(caller.module).__name__})"
+        if caller.reason == TORCH_LAYER:
+            return f"{where}, {TORCH_LAYER}"
+        return f"{where}: not traceable: {caller.reason}"
+    sites = found.sites.get(id(m), set())
+    for unit in found.units.values():
+        if unit.graph is None or not any(n.graph is unit.graph for n in sites):
+            continue
+        if id(unit.module) in found.unplain:
+            return (f"inside {unit.path or 'the model'} ({type(unit.module).__name__}), which "
+                    "is called with arguments its traced forward does not take")
+        if id(unit.module) in found.changed_args:
+            return (f"inside {unit.path or 'the model'} ({type(unit.module).__name__}), which "
+                    f"hands {found.changed_args[id(unit.module)]} a list or dict that it "
+                    "changes (its traced forward may not see the change)")
+    return ""
+
+
+def _unchanged(m: nn.Module) -> tuple[LayerStatus, str]:
+    if layer_kind(m) == "conv":
+        return LayerStatus.UNCHANGED, "nothing linear next to it to fold into it"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+        return LayerStatus.LEFT_ALONE, "normalizes with batch statistics (no running statistics)"
+    if "BatchNorm" in type(m).__name__:
+        return LayerStatus.LEFT_ALONE, ("a lone batch norm between nonlinear ops: no conv next "
+                                        "to it to fold into")
+    return LayerStatus.LEFT_ALONE, "not linear: normalizes with its input's own statistics"
+
+
+def account(layers: dict[str, nn.Module], found: Reach,
+            reports: list[RegionReport]) -> list[LayerReport]:
+    """One ``LayerReport`` per layer of ``layers`` (see the module docstring)."""
+    fused = {p for r in reports if r.status is RegionStatus.FUSED for p in r.layers}
+    refused: dict[str, str] = {}
+    for r in reports:
+        if r.status is not RegionStatus.FUSED:
+            for p in r.layers:
+                refused.setdefault(p, r.reason)
+    out = []
+    for path, m in layers.items():
+        if path in fused:
+            status, reason = LayerStatus.FUSED, ""
+        elif path in refused:
+            status, reason = LayerStatus.LEFT_ALONE, refused[path]
+        else:
+            reason = _not_reached(m, found)
+            status = LayerStatus.NOT_REACHED
+            if not reason:
+                status, reason = _unchanged(m)
+        out.append(LayerReport(path, layer_kind(m), type(m).__name__, status, reason))
+    return out
+
+
+def count(model: nn.Module, found: Reach) -> tuple[int, int]:
+    """(convs, norms) of ``model``: its conv and norm modules, plus the functional ones in
+    the traced graphs of its modules that ran."""
+    modules = {id(m): m for m in model.modules()}
+    convs = sum(layer_kind(m) == "conv" for m in modules.values())
+    norms = sum(layer_kind(m) == "norm" for m in modules.values())
+    for unit in found.units.values():
+        if unit.graph is None or id(unit.module) not in found.ran or \
+                id(unit.module) not in modules:
+            continue
+        for n in unit.graph.nodes:
+            if n.op == "call_function":
+                convs += n.target is F.conv2d
+                norms += n.target is F.batch_norm
+    return convs, norms
