@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from repfuse.algebra.affine import AffineConv, promote_dtypes
 from repfuse.algebra.embed import reads_padding, regroup
 from repfuse.algebra.scaling import _channel_vector
+from repfuse.algebra.transposed import compose_channelwise
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -81,9 +82,15 @@ def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, r
         # per input channel: W[o, m] = B[o, m] (*) A[m, 0]
         w = F.conv_transpose2d(wb, wa, stride=rate_b, dilation=rate_a, groups=wa.shape[0])
         return w, bias
+    wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
+    if wa.shape[2:] == (1, 1) and wb.shape[2:] == (1, 1):
+        # pointwise after pointwise (Linear after Linear): per group, a matrix product
+        ipg, mpg = wa.shape[1], wb.shape[1]
+        w = torch.bmm(wb[:, :, 0, 0].reshape(groups, o // groups, mpg),
+                      wa[:, :, 0, 0].reshape(groups, -1, ipg))
+        return w.reshape(o, ipg, 1, 1), bias
     # general case, per group, as one grouped transposed convolution of B (batch = outputs
     # per group) with A
-    wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
     mpg = wb.shape[1]
     opg = o // groups
     inp = wb.reshape(groups, opg, mpg, *wb.shape[2:]).transpose(0, 1)
@@ -97,6 +104,12 @@ def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, r
 def compose(first: AffineConv, then: AffineConv) -> AffineConv:
     """then(first(x)) as one affine convolution (refused where it would not be exact)."""
     a, b = first.spec, then.spec
+    if b.transposed:
+        return compose_channelwise(first, then)
+    if a.transposed:
+        raise NotFusable(f"{then.describe()} after the transposed {first.describe()}: only "
+                         "per-channel maps and sums follow a transposed convolution in one "
+                         "region")
     if first.out_channels != then.in_channels:
         raise NotFusable(f"{then.describe()} expects {then.in_channels} channels but "
                          f"{first.describe()} produces {first.out_channels}")
@@ -151,7 +164,7 @@ def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> Affin
     zeros instead. ``padding`` is (top, bottom, left, right)."""
     spec = conv.spec
     pad = ConvSpec(1, 1, 1, padding=padding).padding
-    if not zero_padding_commutes(spec):
+    if spec.transposed or not zero_padding_commutes(spec):
         raise NotFusable(f"{name}: padding the output of {conv.describe()} (padding "
                          f"{spec.padding}, {spec.padding_mode}) is not a padding of its "
                          "input; leave it unfused")
