@@ -382,7 +382,7 @@ class Fuser:
             single = len(convs) == 1 and \
                 sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
             base = convs[0].target if single and _free_path(graph, convs[0].target) \
-                else "reparam_conv"
+                else ("reparam_linear" if isinstance(module_new, nn.Linear) else "reparam_conv")
             name = base if base in {n.target for n in convs} else unique_name(
                 taken | set(new_modules), base)
             new_modules[name] = module_new
