@@ -145,12 +145,14 @@ def _activation_window(act: Tensor, x: Tensor, layout: str) -> Tensor:
     return out
 
 
-def _merger(layout: str, out_layout: str):
-    """The map from the probe (canonical view of the region input) to the fused kernel's
-    input: the identity, or merging the positions of tokens into the batch."""
-    if layout == out_layout:
+def _merger(layout: str, reads: str, gives: str):
+    """The map from the probe (canonical view of a region input in ``layout``) to the fused
+    kernel's input: the identity, or merging the positions of tokens into the batch where
+    the kernel says it reads ``reads`` values and gives ``gives`` ones (``input_layout``,
+    ``value_layout``)."""
+    if not reads or reads == gives:
         return lambda t: t
-    return lambda t: L.to_canonical(L.from_canonical(t, layout).flatten(0, -2), out_layout)
+    return lambda t: L.to_canonical(L.from_canonical(t, layout).flatten(0, -2), gives)
 
 
 def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None, *,
@@ -187,8 +189,12 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     gen = torch.Generator().manual_seed(SEED)
     expr64, leaves = float64_leaves(expr)
     layout = rg.region_input(expr).layout
-    out_layout = getattr(fused, "value_layout", layout)
-    merge = _merger(layout, out_layout)
+    try:
+        out_layout = rg.value_layouts(expr)[id(expr)]
+    except Exception as e:  # noqa: BLE001 - a layout the nodes do not agree on: not proven
+        report.checks.append(failed("output[random]", f"{type(e).__name__}: {e}", t64))
+        return report
+    merge = _merger(layout, getattr(fused, "input_layout", ""), fused.value_layout)
     x = torch.randn(probe_shape(spec, layout), generator=gen,
                     dtype=torch.float64).to(weight.device)
     probes = {"random": x}
