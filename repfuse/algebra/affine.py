@@ -55,6 +55,8 @@ class AffineConv:
     #: the layout of the values read, when they are tokens (NLC) or a channels-last map
     #: (NHWC) whose positions are merged into the batch first (``value_layout`` NC)
     input_layout: str = ""
+    #: the layer reads the mean of its input over positions (a global average pool first)
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         if self.spec.layout != "NCHW":
@@ -110,7 +112,7 @@ class AffineConv:
         """A copy with some of weight, bias, spec, dtype, device replaced."""
         fields = dict(weight=self.weight, bias=self.bias, spec=self.spec, dtype=self.dtype,
                       device=self.device, value_layout=self.value_layout,
-                      input_layout=self.input_layout)
+                      input_layout=self.input_layout, pooled=self.pooled)
         fields.update(changes)
         return AffineConv(**fields)
 

@@ -120,7 +120,15 @@ def torch_transposed_padding(spec: ConvSpec) -> tuple[tuple[int, int], tuple[int
 
 
 def to_module(conv) -> nn.Module:
-    """The torch layer for ``conv`` in its ``value_layout`` (see the module docstring)."""
+    """The torch layer for ``conv`` in its ``value_layout`` (see the module docstring),
+    after a global average pool when ``conv.pooled``."""
+    if conv.pooled:
+        pool = [nn.AdaptiveAvgPool2d(1)] + ([nn.Flatten(1)] if conv.value_layout == "NC" else [])
+        return nn.Sequential(*pool, _layer(conv))
+    return _layer(conv)
+
+
+def _layer(conv) -> nn.Module:
     layout = conv.value_layout
     if conv.spec.transposed:
         if layout != "NCHW":
@@ -141,8 +149,10 @@ def to_module(conv) -> nn.Module:
 
 
 def describe(conv) -> str:
-    """``conv3x3/s2``, ``deconv4x4/s2 g2``, ``conv1d3/s2``, ``linear``."""
+    """``conv3x3/s2``, ``deconv4x4/s2 g2``, ``conv1d3/s2``, ``linear``, ``globalpool+linear``."""
     spec, layout = conv.spec, conv.value_layout
+    if conv.pooled:
+        return "globalpool+" + describe(conv.replace(pooled=False))
     if layout in LINEAR_LAYOUTS:
         return "linear"
     if layout == "NCL":

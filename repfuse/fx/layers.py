@@ -12,6 +12,9 @@ Rules (what is matched / what must hold / what it becomes):
 * ``x.transpose(1, 2)``, ``x.permute(0, 2, 1)`` on 3-D, ``x.permute(0, 2, 3, 1)`` /
   ``(0, 3, 1, 2)`` on 4-D / - / ``Transpose`` (the region's layout decides whether it
   moves the channel axis, as it must)
+* ``x.mean((2, 3))``, ``F.adaptive_avg_pool2d(x, 1)``, ``nn.AdaptiveAvgPool2d(1)`` on
+  (N, C, H, W) / - / ``GlobalPool``; ``x.flatten(1)``, ``nn.Flatten()`` of the pooled
+  (N, C, 1, 1) / - / ``Flatten(start=1)``
 * ``x.flatten(0, -2)`` (``flatten(0, 1)`` of tokens) / - / ``Flatten``;
   ``y.reshape_as(x)``, ``y.view_as(x)`` of the flattened value / ``x`` is an activation
   with the same last axis / ``Unflatten`` (back to ``x``'s shape)
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
+from repfuse.fx.trace import hook_reason
 from repfuse.fx.values import (
     Context,
     LinearOp,
@@ -91,11 +95,32 @@ def _conv_transpose_module(node: fx.Node, m: nn.ConvTranspose2d, ctx: Context
     return layer_op(node, m, ctx, OpKind.CONV, build, _why("transposed conv", m), (4,))
 
 
+def _plain_input(node: fx.Node, m: nn.Module):
+    """The one argument of a call of a parameter-free module without hooks, or None."""
+    if len(node.args) != 1 or node.kwargs or hook_reason(m):
+        return None
+    return node.args[0]
+
+
+@produces(rg.GlobalPool)
+def _adaptive_pool_module(node: fx.Node, m: nn.AdaptiveAvgPool2d, ctx: Context
+                          ) -> LinearOp | None:
+    return _global_pool_op(_plain_input(node, m), m.output_size, True)
+
+
+@produces(rg.Flatten)
+def _flatten_module(node: fx.Node, m: nn.Flatten, ctx: Context) -> LinearOp | None:
+    inp = _plain_input(node, m)
+    return None if inp is None else _flatten_op(inp, m.start_dim, m.end_dim)
+
+
 #: What is matched -> (rule, the methods a subclass must not override).
 LAYER_MODULE_RULES: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
     nn.Linear: (_linear_module, ("forward",)),
     nn.Conv1d: (_conv1d_module, ("forward", "_conv_forward")),
     nn.ConvTranspose2d: (_conv_transpose_module, ("forward",)),
+    nn.AdaptiveAvgPool2d: (_adaptive_pool_module, ("forward",)),
+    nn.Flatten: (_flatten_module, ("forward",)),
 }
 
 
@@ -177,16 +202,46 @@ def _permute(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     return _transpose_op(a["input"], tuple(dims)) if isinstance(dims, (list, tuple)) else None
 
 
-@produces(rg.Flatten)
-def _flatten(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
-    inp, start, end = a["input"], a["start_dim"], a["end_dim"]
+def _flatten_op(inp, start, end) -> LinearOp | None:
+    """Tokens' positions merged into the batch, or a pooled (N, C, 1, 1) map to (N, C)."""
     if not is_activation(inp, (3, 4)) or not isinstance(start, int) \
             or not isinstance(end, int):
         return None
     rank = _rank(inp)
-    if start % rank != 0 or end % rank != rank - 2:
+    if start % rank == 0 and end % rank == rank - 2:
+        return LinearOp(OpKind.PASS, [inp], lambda xs: rg.Flatten(xs[0]))
+    if rank == 4 and start % rank == 1 and end % rank == 3 \
+            and tuple(tensor_meta(inp)[0][2:]) == (1, 1):
+        return LinearOp(OpKind.PASS, [inp], lambda xs: rg.Flatten(xs[0], 1))
+    return None
+
+
+@produces(rg.Flatten)
+def _flatten(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
+    return _flatten_op(a["input"], a["start_dim"], a["end_dim"])
+
+
+def _global_pool_op(inp, size, keepdim: bool) -> LinearOp | None:
+    if inp is None or not is_activation(inp, (4,)) or size not in (1, (1, 1), [1, 1]):
         return None
-    return LinearOp(OpKind.PASS, [inp], lambda xs: rg.Flatten(xs[0]))
+    return LinearOp(OpKind.PASS, [inp], lambda xs: rg.GlobalPool(xs[0], keepdim))
+
+
+@produces(rg.GlobalPool)
+def _mean(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
+    inp, dims, keepdim = a["input"], a["dim"], a["keepdim"]
+    if not is_activation(inp, (4,)) or not isinstance(dims, (list, tuple)) \
+            or not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
+        return None
+    if sorted(d % 4 for d in dims) != [2, 3]:
+        return None
+    return _global_pool_op(inp, 1, keepdim)
+
+
+@produces(rg.GlobalPool)
+def _adaptive_pool(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
+    size = a["output_size"]
+    return _global_pool_op(a["input"], tuple(size) if isinstance(size, list) else size, True)
 
 
 @produces(rg.Unflatten)
@@ -208,10 +263,12 @@ LAYER_FUNCTION_RULES: dict[Callable, Callable] = {
     torch.transpose: _transpose,
     torch.permute: _permute,
     torch.flatten: _flatten,
+    torch.mean: _mean,
+    F.adaptive_avg_pool2d: _adaptive_pool,
 }
 
 #: Tensor methods -> their rule.
 LAYER_METHOD_RULES: dict[str, Callable] = {
     "transpose": _transpose, "permute": _permute, "flatten": _flatten,
-    "reshape_as": _reshape_as, "view_as": _reshape_as,
+    "reshape_as": _reshape_as, "view_as": _reshape_as, "mean": _mean,
 }

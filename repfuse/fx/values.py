@@ -154,6 +154,8 @@ SIGS: dict = {
     torch.transpose: (("input", "dim0", "dim1"), ()),
     torch.permute: (("input", "dims"), ()),
     torch.flatten: (("input", "start_dim", "end_dim"), (0, -1)),
+    torch.mean: (("input", "dim", "keepdim"), (False,)),
+    F.adaptive_avg_pool2d: (("input", "output_size"), ()),
 }
 for _f in DROPOUT_FUNCS:
     SIGS[_f] = (("input", "p", "training", "inplace"), (0.5, True, False))
@@ -171,7 +173,10 @@ _METHODSIGS = {
     "neg": ("input",), "neg_": ("input",), "contiguous": ("input",), "clone": ("input",),
     "transpose": ("input", "dim0", "dim1"), "flatten": ("input", "start_dim", "end_dim"),
     "reshape_as": ("input", "other"), "view_as": ("input", "other"),
+    "mean": ("input", "dim", "keepdim"),
 }
+#: Defaults of method arguments that may be left out.
+_METHOD_DEFAULTS = {"mean": {"keepdim": False}, "flatten": {"end_dim": -1}}
 #: Methods whose trailing positional arguments form one sequence (``x.permute(0, 2, 1)``).
 _VARARG_METHODS = {"permute": ("input", "dims")}
 
@@ -202,6 +207,8 @@ def bind(node: fx.Node) -> dict | None:
     if node.op == "call_method":
         out.setdefault("alpha", 1)
         out.setdefault("rounding_mode", None)
+        for k, v in _METHOD_DEFAULTS.get(node.target, {}).items():
+            out.setdefault(k, v)
     return out if all(k in out for k in names) else None
 
 

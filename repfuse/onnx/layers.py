@@ -14,6 +14,9 @@ Rules (what is matched -> what must hold -> what it becomes):
 * ``ConvTranspose(x, W[, B])`` -> W (and B) constant, 2-D, explicit pads, no
   ``output_shape`` -> ``ConvTranspose``.
 * ``Transpose(x, perm)`` -> (0, 2, 1), (0, 2, 3, 1) or (0, 3, 1, 2) -> ``Transpose``.
+* ``GlobalAveragePool``, ``ReduceMean`` over H and W -> ``GlobalPool``; ``Flatten(axis=1)``,
+  ``Reshape(x, [-1, C])``, ``Squeeze(x, [2, 3])`` of the pooled (N, C, 1, 1) ->
+  ``Flatten(start=1)``.
 * ``Flatten(x, axis=rank - 1)``, ``Reshape(x, [-1, C])`` of tokens -> ``Flatten``;
   ``Reshape(y, Shape(x))`` and ``Reshape(y, [-1, L, C])`` back to the tokens ``y`` was
   flattened from -> ``Unflatten``.
@@ -150,14 +153,58 @@ def _flatten_op(node: ir.Node, x: ir.Value) -> LinearOp:
     return op(node, [x], lambda a: rg.Flatten(a[0]), OpKind.PASS)
 
 
+def _pooled_map(x: ir.Value) -> bool:
+    """An (N, C, 1, 1) value."""
+    return rank(x) == 4 and tuple(x.shape[2:]) == (1, 1) and isinstance(x.shape[1], int)
+
+
+def _squeeze_op(node: ir.Node, x: ir.Value) -> LinearOp:
+    return op(node, [x], lambda a: rg.Flatten(a[0], 1), OpKind.PASS)
+
+
 @produces(rg.Flatten)
 def _flatten(node: ir.Node, consts) -> LinearOp | None:
     x = node.inputs[0]
     n = rank(x)
-    if not _activation(x, consts) or n not in (3, 4) \
-            or node.attributes.get_int("axis", 1) % n != n - 1:
+    if not _activation(x, consts) or n not in (3, 4):
         return None
-    return _flatten_op(node, x)
+    axis = node.attributes.get_int("axis", 1) % n
+    if axis == 1 and _pooled_map(x):
+        return _squeeze_op(node, x)
+    return _flatten_op(node, x) if axis == n - 1 else None
+
+
+@produces(rg.Flatten)
+def _squeeze(node: ir.Node, consts) -> LinearOp | None:
+    x = node.inputs[0]
+    axes = consts(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else np.asarray(ints(node, "axes", []))
+    if not _activation(x, consts) or not _pooled_map(x) or axes is None:
+        return None
+    return _squeeze_op(node, x) if sorted(int(a) % 4 for a in axes.reshape(-1)) == [2, 3] \
+        else None
+
+
+def _global_pool_op(node: ir.Node, x: ir.Value, keepdim: bool) -> LinearOp:
+    name = node.name or ""
+    return op(node, [x], lambda a: rg.GlobalPool(a[0], keepdim, name), OpKind.PASS)
+
+
+@produces(rg.GlobalPool)
+def _global_average_pool(node: ir.Node, consts) -> LinearOp | None:
+    x = node.inputs[0]
+    return _global_pool_op(node, x, True) if _activation(x, consts) and rank(x) == 4 else None
+
+
+@produces(rg.GlobalPool)
+def _reduce_mean(node: ir.Node, consts) -> LinearOp | None:
+    x = node.inputs[0]
+    axes = consts(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        else np.asarray(ints(node, "axes", []))
+    if not _activation(x, consts) or rank(x) != 4 or axes is None \
+            or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+        return None
+    return _global_pool_op(node, x, bool(node.attributes.get_int("keepdims", 1)))
 
 
 @produces(rg.Flatten, rg.Unflatten)
@@ -182,6 +229,9 @@ def _reshape(node: ir.Node, consts) -> LinearOp | None:
     if not isinstance(channels, int) or 0 in dims.reshape(-1):  # 0: copy a dimension
         return None
     dims = [int(d) for d in dims.reshape(-1)]
+    if _pooled_map(x) and len(dims) == 2 and dims[1] == shape[1] and (
+            dims[0] == -1 or dims[0] == shape[0]):
+        return _squeeze_op(node, x)
     rows = shape[:-1]
     if n in (3, 4) and len(dims) == 2 and dims[1] == channels and (
             dims[0] == -1 or all(isinstance(d, int) for d in rows)
@@ -214,4 +264,6 @@ def _flattening_source(x: ir.Value, consts, steps: int = 32):
 LAYER_RULES = {
     "Gemm": _gemm, "MatMul": _matmul, "ConvTranspose": _conv_transpose,
     "Transpose": _transpose, "Flatten": _flatten, "Reshape": _reshape,
+    "GlobalAveragePool": _global_average_pool, "ReduceMean": _reduce_mean,
+    "Squeeze": _squeeze,
 }

@@ -1,7 +1,8 @@
 """Rewrite a linear region of an onnx_ir graph as one layer: ``Conv`` (2-D, or 1-D for
 sequences), ``ConvTranspose``, ``Gemm`` for (N, C) values, ``MatMul`` + ``Add`` for tokens
 and channels-last maps (by the fused kernel's ``value_layout``; a ``Flatten`` first where
-the region merges the positions of tokens into the batch).
+the region merges the positions of tokens into the batch, a ``GlobalAveragePool`` where it
+pools first).
 
 The new layer reads the region's input, produces the region's output value (same
 name, type and shape, so graph outputs keep their names) and owns two new
@@ -91,6 +92,13 @@ def transposed_pads(spec) -> tuple[list[int], list[int]]:
 def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Node]:
     """The nodes computing ``fused`` on ``x`` (see the module docstring); the last one
     produces the output."""
+    if fused.pooled:    # the mean over positions first, flattened for a Gemm
+        pool = [ir.node("GlobalAveragePool", [x], name=_unique(graph, f"{base}.fused_pool"))]
+        if fused.value_layout == "NC":
+            pool.append(ir.node("Flatten", [pool[0].outputs[0]], attributes={"axis": 1},
+                                name=_unique(graph, f"{base}.fused_flatten")))
+        return pool + _layer(graph, pool[-1].outputs[0], fused.replace(pooled=False), dtype,
+                             base)
     spec, layout = fused.spec, fused.value_layout
     weight = fused.weight.detach().cpu().numpy()
     bias = (fused.bias.detach().cpu().numpy() if fused.bias is not None

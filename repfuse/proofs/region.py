@@ -145,11 +145,13 @@ def _activation_window(act: Tensor, x: Tensor, layout: str) -> Tensor:
     return out
 
 
-def _merger(layout: str, reads: str, gives: str):
+def _merger(layout: str, reads: str, gives: str, pooled: bool = False):
     """The map from the probe (canonical view of a region input in ``layout``) to the fused
-    kernel's input: the identity, or merging the positions of tokens into the batch where
-    the kernel says it reads ``reads`` values and gives ``gives`` ones (``input_layout``,
-    ``value_layout``)."""
+    kernel's input: the identity, the mean over positions where the kernel says it pools
+    first, or merging the positions of tokens into the batch where it says it reads
+    ``reads`` values and gives ``gives`` ones (``input_layout``, ``value_layout``)."""
+    if pooled:
+        return lambda t: t.mean((2, 3), keepdim=True)
     if not reads or reads == gives:
         return lambda t: t
     return lambda t: L.to_canonical(L.from_canonical(t, layout).flatten(0, -2), gives)
@@ -194,7 +196,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     except Exception as e:  # noqa: BLE001 - a layout the nodes do not agree on: not proven
         report.checks.append(failed("output[random]", f"{type(e).__name__}: {e}", t64))
         return report
-    merge = _merger(layout, getattr(fused, "input_layout", ""), fused.value_layout)
+    merge = _merger(layout, getattr(fused, "input_layout", ""), fused.value_layout,
+                    getattr(fused, "pooled", False))
     x = torch.randn(probe_shape(spec, layout), generator=gen,
                     dtype=torch.float64).to(weight.device)
     probes = {"random": x}

@@ -70,6 +70,11 @@ def _linear(node: N.Linear, args: list[list[str]]) -> list[str]:
     return _after(args[0], "linear")
 
 
+@describer(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list[list[str]]) -> list[str]:
+    return _after(args[0], "globalpool")
+
+
 @describer(N.Transpose, N.Flatten, N.Unflatten)
 def _relayout(node: N.Node, args: list[list[str]]) -> list[str]:
     return args[0]

@@ -40,8 +40,10 @@ Add           elementwise sum of two or more branches
 Sub, Neg      difference, negation
 Concat        concatenation of branches along the channel axis ``dim``
 Pad           constant padding (scalar or per-channel value) of the spatial dims
+GlobalPool    mean over H and W (``keepdim``: (N, C, 1, 1), else (N, C))
 Transpose     a permutation that moves the channel axis (NCL <-> NLC, NCHW <-> NHWC)
-Flatten       merge the leading axes of a channels-last value: (N, L, C) -> (N * L, C)
+Flatten       merge the leading axes of a channels-last value: (N, L, C) -> (N * L, C);
+              ``start=1``: a pooled (N, C, 1, 1) value to (N, C)
 Unflatten     the inverse: reshape to the shape of ``like`` (``reshape_as``)
 ============= ============================================================================
 """
@@ -236,6 +238,17 @@ class Pad(Node):
     zero_response: bool = False
 
 
+#: (kind PASS: the pool stays, in front of the fused layer; it is not fused away)
+@node_type(OpKind.PASS, layouts=frozenset({"NCHW"}))
+class GlobalPool(Node):
+    input: Node
+    keepdim: bool = False
+    name: str = ""
+
+    def out_layout(self, inputs: list[str]) -> str:
+        return super().out_layout(inputs) if self.keepdim else "NC"
+
+
 @node_type(OpKind.PASS)
 class Transpose(Node):
     input: Node
@@ -252,9 +265,13 @@ class Transpose(Node):
 @node_type(OpKind.PASS, layouts=frozenset({"NLC", "NHWC"}))
 class Flatten(Node):
     input: Node
+    start: int = 0      # 0: merge the leading axes; 1: the (1, 1) spatial axes of NCHW
 
     def out_layout(self, inputs: list[str]) -> str:
-        super().out_layout(inputs)
+        if self.start == 1 and inputs[0] != "NCHW":
+            raise NotFusable(f"flattens the trailing axes of a {inputs[0]} value")
+        if self.start != 1:
+            super().out_layout(inputs)
         return "NC"
 
 
@@ -271,8 +288,8 @@ class Unflatten(Node):
 
 
 __all__ = ["Add", "AvgPool", "BatchNorm", "Concat", "Conv", "ConvTranspose", "Flatten",
-           "Input", "Linear", "Neg", "Node", "Pad", "Scale", "Shift", "Sub", "Transpose",
-           "Unflatten", "node_type", "node_types"]
+           "GlobalPool", "Input", "Linear", "Neg", "Node", "Pad", "Scale", "Shift", "Sub",
+           "Transpose", "Unflatten", "node_type", "node_types"]
 
 
 def node_types() -> list[type[Node]]:

@@ -9,7 +9,7 @@ row, a change of layout the identity; the result records the region's value layo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class _Context:
 
     dtype: torch.dtype
     device: torch.device
+    #: ids of the nodes whose value is globally pooled (read after the pool)
+    pooled: set = field(default_factory=set)
 
 
 class _Identity:
@@ -154,6 +156,18 @@ def _conv_transpose(node: N.ConvTranspose, args: list, ctx: _Context):
     return A.compose(_affine(args[0]), deconv)
 
 
+def _track_pooling(node: N.Node, ctx: _Context) -> None:
+    """Record whether ``node``'s value is read after a global pool; branches combined
+    must agree."""
+    inputs = [id(c) in ctx.pooled for c in children(node)]
+    if isinstance(node, N.Unflatten):
+        inputs = inputs[:1]
+    if any(inputs) and not all(inputs):
+        raise NotFusable("combines a globally pooled value with one that is not")
+    if isinstance(node, N.GlobalPool) or any(inputs):
+        ctx.pooled.add(id(node))
+
+
 def _pointwise(arg) -> bool:
     spec = None if isinstance(arg, _Identity) else arg.spec
     return spec is None or (spec.kernel_size == (1, 1) and spec.stride == (1, 1)
@@ -165,8 +179,25 @@ def _relayout(node: N.Node, args: list, ctx: _Context):
     return args[0]
 
 
+@reducer(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list, ctx: _Context):
+    """The mean over positions commutes with what came before only when that is pointwise;
+    the fused layer then reads the pooled input (``AffineConv.pooled``)."""
+    if id(node.input) in ctx.pooled:
+        raise NotFusable("pools a value that is pooled already")
+    if not _pointwise(args[0]):
+        raise NotFusable(f"averages the positions of a value computed by "
+                         f"{_affine(args[0]).describe()}, which is not pointwise: the mean does "
+                         "not commute with it")
+    return args[0]
+
+
 @reducer(N.Flatten)
 def _flatten(node: N.Flatten, args: list, ctx: _Context):
+    if node.start == 1:
+        if id(node.input) not in ctx.pooled:
+            raise NotFusable("flattens the positions of a value that is not pooled to 1x1")
+        return args[0]
     if not _pointwise(args[0]):
         raise NotFusable(f"merges the positions of a value computed by "
                          f"{_affine(args[0]).describe()}, which is not pointwise")
@@ -265,6 +296,7 @@ def reduce(expr: N.Node):
             raise NotFusable(f"{type(node).__name__} is not a linear region node", node=node)
         try:
             layouts[id(node)] = node.out_layout([layouts[id(c)] for c in children(node)])
+            _track_pooling(node, ctx)
             memo[id(node)] = rule(node, args, ctx)
         except NotFusable as err:
             if err.node is not None:
@@ -274,13 +306,18 @@ def reduce(expr: N.Node):
             raise _located(node, err) from err
     out = _affine(memo[id(expr)])
     layout, inp = layouts[id(expr)], region_input(expr).layout
+    pooled = id(expr) in ctx.pooled
+    if pooled and not _pointwise(out):
+        raise NotFusable(f"the region pools its input and gives {out.describe()}, which is "
+                         "not pointwise; cut it at the pool", node=expr)
     merged = inp in ("NLC", "NHWC") and layout == "NC" and _pointwise(out)
-    if layout != inp and not merged:
+    if layout != inp and not merged and not (pooled and inp == "NCHW"):
         raise NotFusable(f"the region reads a {inp} value and gives a {layout} one (a "
                          "transpose inside it is not undone); cut it at the transpose",
                          node=expr)
     out.value_layout = layout
     out.input_layout = inp if merged else ""
+    out.pooled = pooled
     if not _finite(out):
         culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
         raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "

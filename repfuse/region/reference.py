@@ -101,7 +101,12 @@ def _transpose(node: N.Transpose, args: list, x: Tensor) -> Tensor:
 
 @evaluator(N.Flatten)
 def _flatten(node: N.Flatten, args: list, x: Tensor) -> Tensor:
-    return args[0].flatten(0, -2)
+    return args[0].flatten(1) if node.start == 1 else args[0].flatten(0, -2)
+
+
+@evaluator(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list, x: Tensor) -> Tensor:
+    return F.adaptive_avg_pool2d(args[0], 1) if node.keepdim else args[0].mean((-2, -1))
 
 
 @evaluator(N.Unflatten)

@@ -43,9 +43,10 @@ def test_float64_heads_merge_into_one_linear():
         got, expected = result.model(x), model(x)
     assert result.report.ok and len(result.report.fused) == regions
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # both heads and their norms in one Linear, named as a fused layer of the module
-    assert [n for n, m in result.model.named_modules() if n] == ["reparam_linear"]
-    assert isinstance(result.model.reparam_linear, nn.Linear)
+    # the pool, both heads and their norms in one Linear, named as a fused layer
+    fused = result.model.reparam_linear
+    assert [n for n, _ in result.model.named_children()] == ["reparam_linear"]
+    assert [type(m) for m in fused] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
 
 
 class StridedAfterBN(nn.Module):
@@ -88,5 +89,27 @@ def test_linear_over_positions_is_not_a_channel_linear():
     result = repfuse.fuse(model, x)
     assert result.report.ok and not result.report.fused
     assert any(isinstance(m, nn.BatchNorm1d) for m in result.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x))
+
+
+class ConvPoolHead(nn.Module):
+    """A 3x3 conv before the global pool: the mean does not commute with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_global_pool_after_a_spatial_conv_is_not_folded():
+    model = randomize(ConvPoolHead())
+    x = torch.randn(2, 4, 5, 5)
+    result = repfuse.fuse(model, x)
+    assert result.report.ok and not result.report.fused
+    assert any("not pointwise" in r.reason for r in result.report.skipped)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x))

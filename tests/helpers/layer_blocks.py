@@ -75,6 +75,19 @@ class DistilledHead(nn.Module):
         return (self.head(x) + self.head_dist(x)) / 2
 
 
+class PooledHead(nn.Module):
+    """BN2d -> global pool -> flatten -> BN1d -> Linear (a ClassifierHead after a norm)."""
+
+    def __init__(self, c: int = 8, classes: int = 5):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c)
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten(1)
+        self.head = BNLinear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.flatten(self.pool(self.norm(x))))
+
+
 class TransposedNormTokens(nn.Module):
     """Tokens (N, L, C): BatchNorm1d through transposes, a Linear, a layer scale."""
 
@@ -168,6 +181,7 @@ class Conv1dStack(nn.Module):
 BLOCKS = {
     "token_mlp": (TokenMlp, (2, 5, 8), nn.Linear, 2),
     "distilled_head": (DistilledHead, (3, 8, 4, 4), nn.Linear, 1),
+    "pooled_head": (PooledHead, (3, 8, 5, 4), nn.Linear, 1),
     "transposed_norm_tokens": (TransposedNormTokens, (2, 7, 8), nn.Linear, 1),
     "linear_bn": (LinearThenBN, (4, 8), nn.Linear, 2),
     "deconv_bn": (DeconvBN, (1, 8, 5, 6), nn.ConvTranspose2d, 2),

@@ -168,3 +168,15 @@ def test_non_differentiable_transposed_reducer_caught(monkeypatch):
     monkeypatch.setattr(rg, "reduce", detached)
     failed = _failed(prove_region(expr, real(expr)))
     assert "grad big.weight" in failed and not any(n.startswith("output") for n in failed)
+
+
+def test_pooled_head_proves_and_unpooled_kernel_caught():
+    gen = torch.Generator().manual_seed(3)
+    bn2d, bn1d, lin = _bn(4, gen, "a"), _bn(4, gen, "b", nn.BatchNorm1d), nn.Linear(4, 3)
+    expr = rg.with_input((2, 4, 5, 6), lambda x: rg.Linear(
+        _bn_node(rg.GlobalPool(_bn_node(x, bn2d, "a")), bn1d, "b"), lin.weight, lin.bias,
+        "lin"))
+    fused = rg.reduce(expr)
+    assert fused.pooled and prove_region(expr, fused, module=True).ok
+    # a kernel that does not pool reads every position: wrong outputs
+    assert "output[random]" in _failed(prove_region(expr, fused.replace(pooled=False)))

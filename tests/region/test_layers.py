@@ -217,3 +217,49 @@ def test_describe_layers():
     assert rg.describe(rg.Add((conv, x))) == ["conv1d3/s2 g2", "identity"]
     assert rg.reduce(rg.Conv(x, w, None, ConvSpec.one_row(4, 4, 3, 1, 1))).describe() == \
         "conv1d3"
+
+
+@given(seed=st.integers(0, 2**16), keepdim=st.booleans(), conv=st.booleans())
+def test_pointwise_maps_before_a_global_pool_fold_into_the_head(seed, keepdim, conv):
+    """BN2d (and a 1x1 conv) -> global pool -> [flatten] -> BN1d -> Linear: the mean
+    commutes with the pointwise maps before it, so one Linear reads the pooled input."""
+    gen = torch.Generator().manual_seed(seed)
+    bn2d_t, bn2d = _bn(4, gen, "bn2d")
+    bn1d_t, bn1d = _bn(6 if conv else 4, gen, "bn1d")
+    c1 = nn.Conv2d(4, 6, 1).double() if conv else None
+    lin = nn.Linear(6 if conv else 4, 3).double()
+
+    def torch_form(x):
+        y = bn2d_t(x)
+        y = c1(y) if conv else y
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1) if keepdim else y.mean((2, 3))
+        return lin(bn1d_t(y))
+
+    def build(x):
+        e = bn2d(x)
+        if conv:
+            e = rg.Conv(e, c1.weight, c1.bias, ConvSpec(4, 6, 1), "c1")
+        e = rg.Flatten(rg.GlobalPool(e, True), 1) if keepdim else rg.GlobalPool(e)
+        return rg.Linear(bn1d(e), lin.weight, lin.bias, "lin")
+
+    x = torch.randn(2, 4, 5, 3, generator=gen, dtype=D)
+    expr = rg.with_input(x.shape, build)
+    fused = rg.reduce(expr)
+    assert fused.pooled and fused.describe() == "globalpool+linear"
+    with torch.no_grad():
+        torch.testing.assert_close(fused.to_module().double()(x), torch_form(x),
+                                   rtol=1e-10, atol=1e-10)
+    assert prove_region(expr, fused, x, module=True).ok
+
+
+def test_global_pool_refusals():
+    w = torch.randn(4, 4, 3, 3, dtype=D)
+    x = rg.Input(4)
+    conv = rg.Conv(x, w, torch.zeros(4, dtype=D), ConvSpec(4, 4, 3, padding=1), "c")
+    with pytest.raises(NotFusable, match="not pointwise: the mean does not commute"):
+        rg.reduce(rg.Linear(rg.GlobalPool(conv), torch.randn(3, 4, dtype=D), None))
+    pooled = rg.GlobalPool(x, True)
+    with pytest.raises(NotFusable, match="combines a globally pooled value"):
+        rg.reduce(rg.Add((rg.Conv(pooled, w[:, :, :1, :1], None, ConvSpec(4, 4, 1)), x)))
+    with pytest.raises(NotFusable, match="not pooled to 1x1"):
+        rg.reduce(rg.Linear(rg.Flatten(x, 1), torch.randn(3, 4, dtype=D), None))
