@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from repfuse.algebra import transposed
 from repfuse.algebra.affine import AffineConv
 from repfuse.algebra.transposed import common_padding
 from repfuse.core.spec import ConvSpec
@@ -162,10 +161,9 @@ def scatter_index(src: ConvSpec, target: ConvSpec) -> tuple[Tensor, ...]:
 
 def regroup(conv: AffineConv, groups: int) -> AffineConv:
     """``conv`` as a convolution with fewer groups (``groups`` must divide its groups):
-    each new group's weight is block diagonal in the old groups."""
+    each new group's weight is block diagonal in the old groups. The same for a transposed
+    conv: its (I, O/g) weight is grouped by rows as a forward conv's (O, I/g) is."""
     g = conv.spec.groups
-    if conv.spec.transposed:
-        return transposed.regroup(conv, groups)
     if groups == g:
         return conv
     if groups < 1 or g % groups:

@@ -9,8 +9,9 @@ common geometry of a sum are the forward conv's (``algebra.embed``); output padd
 lengthens the output, and two branches produce the same output grid when their strides
 and ``pad_lo + pad_hi - output_padding - effective kernel`` agree (``ConvSpec.grid_key``).
 
-What differs is done here: scaling output channels (a following BN), regrouping, and a
-per-channel affine map *before* the transposed conv (a preceding BN): its scale folds
+What differs is done here: scaling output channels (a following BN; regrouping is the
+forward conv's, the weight being grouped by rows in both layouts), and a per-channel
+affine map *before* the transposed conv (a preceding BN): its scale folds
 into the input rows of the weight; its shift is a bias only when every output position
 receives every tap (stride 1, padding >= dilation * (kernel - 1) on each side), since
 otherwise the outputs of different stride phases and the borders are reached through
@@ -34,23 +35,6 @@ def scale_outputs(conv, scale: Tensor) -> Tensor:
     i, opg, kh, kw = conv.weight.shape
     w = conv.weight.reshape(g, i // g, opg, kh, kw) * scale.reshape(g, 1, opg, 1, 1)
     return w.reshape(i, opg, kh, kw)
-
-
-def regroup(conv, groups: int):
-    """``conv`` (transposed) with fewer groups: each new group's weight is block diagonal
-    in the old ones."""
-    g = conv.spec.groups
-    if groups == g:
-        return conv
-    if groups < 1 or g % groups:
-        raise NotFusable(f"{conv.describe()} with groups={g} cannot be written with "
-                         f"groups={groups} (it must divide {g})")
-    r = g // groups
-    i, opg, kh, kw = conv.weight.shape
-    w = conv.weight.reshape(groups, r, i // g, opg, kh, kw)
-    eye = torch.eye(r, dtype=w.dtype, device=w.device)
-    w = torch.einsum("gaiokl,ab->gaibokl", w, eye).reshape(i, r * opg, kh, kw)
-    return conv.replace(weight=w, spec=conv.spec.replace(groups=groups))
 
 
 def shift_passes(spec: ConvSpec) -> bool:

@@ -67,3 +67,15 @@ def explicit_pads(node: ir.Node, kernel: list[int], dilation: list[int],
         begin.append(large if auto == "SAME_LOWER" else small)
         end.append(small if auto == "SAME_LOWER" else large)
     return begin + end
+
+
+def constant_weights(node: ir.Node, consts, ndim: int):
+    """``(x, weight, bias)`` of a Conv-like node: a non-constant input, a floating constant
+    ``ndim``-D weight and an optional constant bias (None when absent); None otherwise."""
+    x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    weight, bias = consts(w), (consts(b) if b is not None else None)
+    if x is None or consts(x) is not None or weight is None or weight.ndim != ndim \
+            or weight.dtype.kind != "f" or (b is not None and bias is None):
+        return None
+    return x, weight, bias

@@ -30,7 +30,7 @@ import onnx_ir as ir
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import GeometryError, NotFusable
-from repfuse.onnx.attrs import explicit_pads, ints, op, rank, tensor
+from repfuse.onnx.attrs import constant_weights, explicit_pads, ints, op, rank, tensor
 from repfuse.region.op import LinearOp, OpKind, produces
 
 __all__ = ["LAYER_RULES", "conv1d"]
@@ -77,12 +77,10 @@ def _matmul(node: ir.Node, consts) -> LinearOp | None:
 
 def conv1d(node: ir.Node, consts) -> LinearOp | None:
     """A ``Conv`` with a 3-D weight (called by ``onnx.match``'s Conv rule)."""
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    weight, bias = consts(w), (consts(b) if b is not None else None)
-    if not _activation(x, consts) or weight is None or weight.ndim != 3 \
-            or weight.dtype.kind != "f" or (b is not None and bias is None):
+    found = constant_weights(node, consts, 3)
+    if found is None:
         return None
+    x, weight, bias = found
     group = node.attributes.get_int("group", 1)
     k = int(weight.shape[2])
     strides, dilation = ints(node, "strides", [1]), ints(node, "dilations", [1])
@@ -101,12 +99,10 @@ def conv1d(node: ir.Node, consts) -> LinearOp | None:
 
 @produces(rg.ConvTranspose)
 def _conv_transpose(node: ir.Node, consts) -> LinearOp | None:
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    weight, bias = consts(w), (consts(b) if b is not None else None)
-    if not _activation(x, consts) or weight is None or weight.ndim != 4 \
-            or weight.dtype.kind != "f" or (b is not None and bias is None):
+    found = constant_weights(node, consts, 4)
+    if found is None:
         return None
+    x, weight, bias = found
     if node.attributes.get("output_shape") is not None or \
             node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID"):
         return None
