@@ -82,15 +82,9 @@ def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, r
         # per input channel: W[o, m] = B[o, m] (*) A[m, 0]
         w = F.conv_transpose2d(wb, wa, stride=rate_b, dilation=rate_a, groups=wa.shape[0])
         return w, bias
-    wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
-    if wa.shape[2:] == (1, 1) and wb.shape[2:] == (1, 1):
-        # pointwise after pointwise (Linear after Linear): per group, a matrix product
-        ipg, mpg = wa.shape[1], wb.shape[1]
-        w = torch.bmm(wb[:, :, 0, 0].reshape(groups, o // groups, mpg),
-                      wa[:, :, 0, 0].reshape(groups, -1, ipg))
-        return w.reshape(o, ipg, 1, 1), bias
     # general case, per group, as one grouped transposed convolution of B (batch = outputs
     # per group) with A
+    wa, wb = regroup(first, groups).weight, regroup(then, groups).weight
     mpg = wb.shape[1]
     opg = o // groups
     inp = wb.reshape(groups, opg, mpg, *wb.shape[2:]).transpose(0, 1)
