@@ -1,4 +1,5 @@
-"""Fuzzing: random multi-branch blocks through ``repfuse.fuse`` and ``repfuse.fuse_onnx``.
+"""Fuzzing: random multi-branch blocks through ``repfuse.fuse`` and ``repfuse.fuse_onnx``
+(Conv2d blocks, and blocks of Linear / BatchNorm1d, Conv1d and ConvTranspose2d layers).
 
 Every block is either fused and proven equal, or left alone with a reason: never
 wrong. ``REPFUSE_FUZZ_EXAMPLES`` sets the number of cases (CI: 500; ``make fuzz``:
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from helpers.fuzz_blocks import block_specs
+from helpers.fuzz_layers import layer_block_specs
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import repfuse
 
@@ -40,9 +43,7 @@ def _record(prefix: str, report) -> None:
         COUNTS[f"{prefix} cases with nothing fused"] += 1
 
 
-@FUZZ
-@given(spec=block_specs())
-def test_fuse_is_never_wrong(spec):
+def _never_wrong_fx(spec, prefix: str):
     block = spec.module().double()
     x = spec.example_input(torch.float64)
     before = {k: v.clone() for k, v in block.state_dict().items()}
@@ -62,17 +63,27 @@ def test_fuse_is_never_wrong(spec):
     after = block.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    _record("fx", report)
+    _record(prefix, report)
 
 
 @FUZZ
 @given(spec=block_specs())
-def test_fuse_onnx_is_never_wrong(spec):
+def test_fuse_is_never_wrong(spec):
+    _never_wrong_fx(spec, "fx")
+
+
+@FUZZ
+@given(spec=layer_block_specs())
+def test_fuse_layers_is_never_wrong(spec):
+    _never_wrong_fx(spec, "fx layers")
+
+
+def _never_wrong_onnx(spec, prefix: str):
     import onnxruntime as ort
 
     model = spec.onnx(opset=[13, 15, 17, 18, 21][spec.seed % 5])
     if model is None:
-        COUNTS["onnx cases not expressible"] += 1
+        COUNTS[f"{prefix} cases not expressible"] += 1
         return
     x = spec.example_input(torch.float32).numpy()
 
@@ -92,12 +103,24 @@ def test_fuse_onnx_is_never_wrong(spec):
     got = run(result.model)
     scale = max(1.0, float(np.abs(expected).max()))
     assert np.abs(got - expected).max() <= 2e-5 * scale
-    _record("onnx", report)
+    _record(prefix, report)
+
+
+@FUZZ
+@given(spec=block_specs())
+def test_fuse_onnx_is_never_wrong(spec):
+    _never_wrong_onnx(spec, "onnx")
+
+
+@FUZZ
+@given(spec=layer_block_specs())
+def test_fuse_onnx_layers_is_never_wrong(spec):
+    _never_wrong_onnx(spec, "onnx layers")
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
-@given(spec=block_specs())
+@given(spec=st.one_of(block_specs(), layer_block_specs()))
 def test_generator_forms_agree(spec):
     """The generator's torch module and ONNX graph compute the same function."""
     import onnxruntime as ort

@@ -15,10 +15,12 @@ from repfuse.algebra.identity import identity_conv
 from repfuse.algebra.pool import avg_pool_conv
 from repfuse.algebra.scaling import affine_channels, negate, scale, shift
 from repfuse.algebra.sequential import compose, crop_output, pad_output
+from repfuse.algebra.transposed import shift_passes as shift_passes_transposed
 
 __all__ = [
     "AffineConv", "add", "affine_channels", "align", "avg_pool_conv", "bn_conv",
     "bn_module_conv", "bn_scale_shift", "common_geometry", "compose", "concat", "crop_output",
     "embed_kernel", "fold_bn", "fold_bn_module", "fold_preceding_bn", "identity_conv",
-    "negate", "pad_output", "reads_padding", "regroup", "scale", "shift", "subtract",
+    "negate", "pad_output", "reads_padding", "regroup", "scale", "shift",
+    "shift_passes_transposed", "subtract",
 ]

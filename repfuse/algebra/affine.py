@@ -1,9 +1,13 @@
 """``AffineConv``: an affine convolution y = W * x + b with its ``ConvSpec``.
 
-Weights and biases are held in float64; ``dtype`` is the dtype the result is cast
-back to by ``to_module``. Every operation in ``repfuse.algebra`` is built from
-differentiable torch ops, so the map from branch parameters to (weight, bias) can be
-differentiated with autograd (its adjoint is the re-parameterization's weight-grad map).
+The convolution may be transposed (``spec.transposed``; weight (I, O/g, KH, KW)); its
+``value_layout`` says how the model lays out the values it maps (``repfuse.region.layout``:
+a Linear is a 1x1 conv on (N, C, 1, 1), a Conv1d a conv with one row), which decides the
+torch layer ``to_module`` builds. Weights and biases are held in float64; ``dtype`` is the
+dtype the result is cast back to by ``to_module``. Every operation in ``repfuse.algebra`` is
+built from differentiable torch ops, so the map from branch parameters to (weight, bias)
+can be differentiated with autograd (its adjoint is the re-parameterization's weight-grad
+map).
 """
 
 from __future__ import annotations
@@ -19,14 +23,6 @@ from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
 WORK_DTYPE = torch.float64
-
-_PAD_MODULES = {
-    "zeros": nn.ZeroPad2d,
-    "reflect": nn.ReflectionPad2d,
-    "replicate": nn.ReplicationPad2d,
-    "circular": getattr(nn, "CircularPad2d", None),
-}
-
 
 def promote_dtypes(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype a combination of branches is cast back to (torch's promotion)."""
@@ -47,18 +43,22 @@ _CHUNK = 1 << 20  # elements per step of cast_error
 
 @dataclass(eq=False)
 class AffineConv:
-    """y = conv(x, weight, spec) + bias, with weight (O, I/g, KH, KW) and bias (O,) in float64."""
+    """y = conv(x, weight, spec) + bias, with weight (O, I/g, KH, KW) (transposed: (I, O/g,
+    KH, KW)) and bias (O,) in float64."""
 
     weight: Tensor
     bias: Tensor
     spec: ConvSpec
     dtype: torch.dtype = torch.float32
     device: torch.device | None = None
+    value_layout: str = "NCHW"
+    #: the layout of the values read, when they are tokens (NLC) or a channels-last map
+    #: (NHWC) whose positions are merged into the batch first (``value_layout`` NC)
+    input_layout: str = ""
+    #: the layer reads the mean of its input over positions (a global average pool first)
+    pooled: bool = False
 
     def __post_init__(self) -> None:
-        if self.spec.transposed:
-            raise NotFusable(f"{self.spec.describe()}: transposed convolutions are not affine "
-                             "convolutions of the algebra; leave them unfused")
         if self.spec.layout != "NCHW":
             self.spec = self.spec.replace(layout="NCHW")
         self.spec.check_weight(tuple(self.weight.shape))
@@ -111,15 +111,20 @@ class AffineConv:
     def replace(self, **changes) -> AffineConv:
         """A copy with some of weight, bias, spec, dtype, device replaced."""
         fields = dict(weight=self.weight, bias=self.bias, spec=self.spec, dtype=self.dtype,
-                      device=self.device)
+                      device=self.device, value_layout=self.value_layout,
+                      input_layout=self.input_layout, pooled=self.pooled)
         fields.update(changes)
         return AffineConv(**fields)
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: Tensor) -> Tensor:
-        """Evaluate in float64 with torch ops (reference for tests)."""
+        """Evaluate in float64 on the canonical (N, C, H, W) view (reference for tests)."""
         x = x.to(WORK_DTYPE)
         spec = self.spec
+        if spec.transposed:
+            from repfuse.core.reference import conv_transpose2d
+
+            return conv_transpose2d(x, self.weight, self.bias, spec)
         if spec.padding_mode == "zeros" and spec.is_symmetric_padding:
             padding = spec.torch_padding
         else:
@@ -163,29 +168,15 @@ class AffineConv:
         return err
 
     def to_module(self) -> nn.Module:
-        """An ``nn.Conv2d`` (dtype, device and padding_mode preserved, bias materialised),
-        or ``nn.Sequential(pad, nn.Conv2d)`` when the padding is asymmetric."""
-        spec = self.spec
-        symmetric = spec.is_symmetric_padding
-        # built without storage (on "meta"): both parameters are replaced below (cheaper
-        # than skip_init, whose to_empty takes a slow path for meta tensors)
-        conv = nn.Conv2d(
-            spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
-            spec.torch_padding if symmetric else 0, spec.dilation, spec.groups, bias=True,
-            padding_mode=spec.padding_mode if symmetric else "zeros", device="meta",
-            dtype=self.dtype)
-        self.cast_error()  # measured before the module owns (and may change) the values
-        weight, bias = self.cast()
-        del self.__dict__["_cast"]  # each module gets its own tensors
-        conv.weight = nn.Parameter(weight)
-        conv.bias = nn.Parameter(bias)
-        if symmetric:
-            return conv
-        pad_cls = _PAD_MODULES[spec.padding_mode]
-        if pad_cls is None:
-            raise NotFusable(f"asymmetric {spec.padding_mode} padding {spec.padding} needs "
-                             "nn.CircularPad2d (torch >= 2.1)")
-        return nn.Sequential(pad_cls(_torch_pad(spec.padding)), conv)
+        """The torch layer for ``value_layout`` (``repfuse.algebra.modules``): an
+        ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Conv1d`` / ``nn.Linear`` (dtype, device
+        and padding_mode preserved, bias materialised), preceded by a pad module when the
+        padding is asymmetric."""
+        from repfuse.algebra.modules import to_module
+
+        return to_module(self)
 
     def describe(self) -> str:
-        return self.spec.describe()
+        from repfuse.algebra.modules import describe
+
+        return describe(self)

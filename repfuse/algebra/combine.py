@@ -28,6 +28,7 @@ def add(*convs: AffineConv) -> AffineConv:
     if len(convs) == 1:
         return convs[0]
     outs = {c.out_channels for c in convs}
+    _same_kind(convs)
     if len(outs) > 1:
         raise NotFusable("branches have different output channels "
                          f"({', '.join(f'{c.out_channels} for {c.describe()}' for c in convs)})"
@@ -52,6 +53,8 @@ def add(*convs: AffineConv) -> AffineConv:
         taps = _tap_slices(c.spec, target) if c.spec.groups == groups else None
         if taps is not None:  # same groups, taps on a regular grid: a strided slice add
             weight[:, :, taps[0], taps[1]] += c.weight
+        elif c.spec.transposed:
+            weight = weight + regroup(embed_kernel(c, target), groups).weight
         else:
             index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
             weight.index_put_(index, c.weight, accumulate=True)
@@ -74,6 +77,14 @@ def _tap_slices(src, target) -> tuple[slice, slice] | None:
     return out[0], out[1]
 
 
+def _same_kind(convs) -> None:
+    kinds = {c.spec.transposed for c in convs}
+    if len(kinds) > 1:
+        raise NotFusable("a transposed convolution combined with a forward one ("
+                         + ", ".join(c.describe() for c in convs) + "): different output "
+                         "grids; they are not one convolution")
+
+
 def subtract(left: AffineConv, right: AffineConv) -> AffineConv:
     """left(x) - right(x)."""
     return add(left, negate(right))
@@ -86,9 +97,10 @@ def concat(*convs: AffineConv) -> AffineConv:
         raise NotFusable("concat: no branches")
     if len(convs) == 1:
         return convs[0]
+    _same_kind(convs)
     parts = align(list(convs), groups=1)
-    weight = torch.cat([p.weight for p in parts], 0)
+    weight = torch.cat([p.weight for p in parts], 1 if parts[0].spec.transposed else 0)
     bias = torch.cat([p.bias for p in parts], 0)
-    spec = parts[0].spec.replace(out_channels=int(weight.shape[0]))
+    spec = parts[0].spec.replace(out_channels=int(bias.shape[0]))
     return parts[0].replace(weight=weight, bias=bias, spec=spec,
                             dtype=promote_dtypes(*(c.dtype for c in convs)))

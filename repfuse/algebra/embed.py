@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repfuse.algebra.affine import AffineConv
+from repfuse.algebra.transposed import common_padding
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -54,7 +55,7 @@ def common_geometry(specs: list[ConvSpec]) -> ConvSpec:
     lowest to the highest input offset read by any branch."""
     check_aligned(specs)
     first = specs[0]
-    kernel, dilation, padding = [], [], []
+    kernel, dilation, padding, output_padding = [], [], [], []
     for axis in range(2):
         offsets = [s.tap_offsets(axis) for s in specs]
         lo = min(o[0] for o in offsets)
@@ -70,10 +71,19 @@ def common_geometry(specs: list[ConvSpec]) -> ConvSpec:
                 raise NotFusable(f"{s.describe()} taps {list(offs)} off the common grid")
         kernel.append((hi - lo) // d + 1)
         dilation.append(d)
-        pad_hi = max(s.padding_pairs[axis][1] for s in specs)
+        if first.transposed:
+            pad_hi, extra = common_padding(specs, axis)
+        else:
+            pad_hi, extra = max(s.padding_pairs[axis][1] for s in specs), 0
         padding += [-lo, pad_hi]
-    return first.replace(kernel_size=tuple(kernel), dilation=tuple(dilation),
-                         padding=tuple(padding), padding_mode=merged_padding_mode(specs))
+        output_padding.append(extra)
+    try:
+        return first.replace(kernel_size=tuple(kernel), dilation=tuple(dilation),
+                             padding=tuple(padding), padding_mode=merged_padding_mode(specs),
+                             output_padding=tuple(output_padding))
+    except ValueError as err:
+        raise NotFusable(f"the branches {', '.join(s.describe() for s in specs)} have no "
+                         f"common geometry ({err})") from err
 
 
 def embed_kernel(conv: AffineConv, target: ConvSpec) -> AffineConv:
@@ -85,7 +95,8 @@ def embed_kernel(conv: AffineConv, target: ConvSpec) -> AffineConv:
     if target.stride != src.stride:
         check_embeddable(src, target)
     target = src.replace(kernel_size=target.kernel_size, dilation=target.dilation,
-                         padding=target.padding, padding_mode=target.padding_mode)
+                         padding=target.padding, padding_mode=target.padding_mode,
+                         output_padding=target.output_padding)
     if target == src:
         return conv
     check_embeddable(src, target)
@@ -150,7 +161,8 @@ def scatter_index(src: ConvSpec, target: ConvSpec) -> tuple[Tensor, ...]:
 
 def regroup(conv: AffineConv, groups: int) -> AffineConv:
     """``conv`` as a convolution with fewer groups (``groups`` must divide its groups):
-    each new group's weight is block diagonal in the old groups."""
+    each new group's weight is block diagonal in the old groups. The same for a transposed
+    conv: its (I, O/g) weight is grouped by rows as a forward conv's (O, I/g) is."""
     g = conv.spec.groups
     if groups == g:
         return conv

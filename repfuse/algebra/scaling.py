@@ -28,7 +28,11 @@ def affine_channels(conv: AffineConv, scale, shift=0.0) -> AffineConv:
     o = conv.out_channels
     scale = _channel_vector(scale, o, "scale", conv.device)
     shift = _channel_vector(shift, o, "shift", conv.device)
-    if isinstance(scale, Tensor):
+    if isinstance(scale, Tensor) and conv.spec.transposed:
+        from repfuse.algebra.transposed import scale_outputs
+
+        weight = scale_outputs(conv, scale)
+    elif isinstance(scale, Tensor):
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     else:
         weight = conv.weight * scale

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from repfuse.algebra.affine import AffineConv, promote_dtypes
 from repfuse.algebra.embed import reads_padding, regroup
 from repfuse.algebra.scaling import _channel_vector
+from repfuse.algebra.transposed import compose_channelwise
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -97,6 +98,12 @@ def _compose_kernels(first: AffineConv, then: AffineConv, groups: int, rate_a, r
 def compose(first: AffineConv, then: AffineConv) -> AffineConv:
     """then(first(x)) as one affine convolution (refused where it would not be exact)."""
     a, b = first.spec, then.spec
+    if b.transposed:
+        return compose_channelwise(first, then)
+    if a.transposed:
+        raise NotFusable(f"{then.describe()} after the transposed {first.describe()}: only "
+                         "per-channel maps and sums follow a transposed convolution in one "
+                         "region")
     if first.out_channels != then.in_channels:
         raise NotFusable(f"{then.describe()} expects {then.in_channels} channels but "
                          f"{first.describe()} produces {first.out_channels}")
@@ -151,7 +158,7 @@ def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> Affin
     zeros instead. ``padding`` is (top, bottom, left, right)."""
     spec = conv.spec
     pad = ConvSpec(1, 1, 1, padding=padding).padding
-    if not zero_padding_commutes(spec):
+    if spec.transposed or not zero_padding_commutes(spec):
         raise NotFusable(f"{name}: padding the output of {conv.describe()} (padding "
                          f"{spec.padding}, {spec.padding_mode}) is not a padding of its "
                          "input; leave it unfused")

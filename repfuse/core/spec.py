@@ -161,6 +161,23 @@ class ConvSpec:
                    transposed, output_padding, layout)
 
     @classmethod
+    def one_row(cls, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                padding=0, dilation: int = 1, groups: int = 1, padding_mode: str = "zeros",
+                **kwargs) -> ConvSpec:
+        """The spec of a 1-D convolution (``nn.Conv1d``) as a 2-D one with one row: kernel
+        (1, K), stride (1, s), dilation (1, d), padding (0, 0, left, right) (``padding``
+        an int, a (left, right) pair, ``"same"`` or ``"valid"``)."""
+        if isinstance(padding, str):
+            pad = padding
+        elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == 2:
+            pad = (0, 0, padding[0], padding[1])
+        else:
+            p = padding[0] if isinstance(padding, Sequence) else padding
+            pad = (0, 0, p, p)
+        return cls(in_channels, out_channels, (1, kernel_size), (1, stride), pad,
+                   (1, dilation), groups, padding_mode, **kwargs)
+
+    @classmethod
     def from_module(cls, module, layout: str = "NCHW") -> ConvSpec:
         """The spec of an ``nn.Conv2d`` or ``nn.ConvTranspose2d``."""
         import torch.nn as nn
@@ -332,12 +349,14 @@ class ConvSpec:
     def grid_key(self) -> tuple:
         """Two forward convolutions with equal ``grid_key`` produce output grids of
         the same size whose position ``o`` sits at input ``o * stride`` for every
-        input size: the precondition for summing branches elementwise."""
-        key = [self.stride]
+        input size: the precondition for summing branches elementwise. Two transposed
+        ones: output grids of the same size where input ``h`` writes around
+        ``h * stride`` (output padding lengthens the output)."""
+        key: list = [self.stride]
         for axis in range(2):
             lo, hi = self.padding_pairs[axis]
-            key.append(lo + hi - self.effective_kernel[axis])
-        return tuple(key)
+            key.append(lo + hi - self.output_padding[axis] - self.effective_kernel[axis])
+        return (*key, self.transposed)
 
     def aligned_with(self, other: ConvSpec) -> bool:
         """Whether ``self`` and ``other`` produce the same output grid (see grid_key)."""

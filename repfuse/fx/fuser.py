@@ -124,6 +124,11 @@ def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: se
     return best
 
 
+def _last(module: nn.Module) -> nn.Module:
+    """The layer a fused module ends with (after its pad or pool modules)."""
+    return module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+
+
 def _free_path(graph: fx.Graph, target: str) -> bool:
     """Whether the fused conv may keep the path ``target`` of the conv it replaces: a
     plain name, or a dotted one (the conv of an inlined submodule, ``conv1.0``) whose
@@ -397,7 +402,8 @@ class Fuser:
             single = len(convs) == 1 and \
                 sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
             base = convs[0].target if single and _free_path(graph, convs[0].target) \
-                else "reparam_conv"
+                else ("reparam_linear" if isinstance(_last(module_new), nn.Linear)
+                      else "reparam_conv")
             name = base if base in {n.target for n in convs} else unique_name(
                 taken | set(new_modules), base)
             new_modules[name] = module_new

@@ -4,7 +4,9 @@ What is matched: ``conv -> child(x)`` where the child's forward begins with a ba
 norm on its input but continues with something nonlinear (``BatchNormAct2d``: BN
 then an activation inside one module); and ``child(x) -> bn`` where the child's
 forward ends with a conv after something nonlinear (a deep stem ``Sequential(conv,
-bn, relu, ..., conv)`` followed by the model's ``bn1``). What must hold: the conv's
+bn, relu, ..., conv)`` followed by the model's ``bn1``); and ``bn -> child(x)`` where the
+child's forward begins with a conv or a linear layer on its input (an MLP module after
+the block's norm, NextViT's ``norm -> mlp.fc1``). What must hold: the conv's
 only user is the call (the call's only user is the BN), the child is called once,
 takes one tensor and returns one value. What it becomes: the child's graph copied
 into the caller's graph (its submodule and parameter targets prefixed with the
@@ -60,6 +62,25 @@ def _is_bn(node, module: nn.Module) -> bool:
     return _calls(node, module, F.batch_norm, nn.BatchNorm2d)
 
 
+_LAYERS = ((F.conv2d, nn.Conv2d), (F.linear, nn.Linear), (F.conv1d, nn.Conv1d))
+
+
+def _produces_bn(node, module: nn.Module) -> bool:
+    return isinstance(node, fx.Node) and len(node.users) == 1 and (
+        _is_bn(node, module) or _calls(node, module, F.batch_norm, nn.BatchNorm1d))
+
+
+def _starts_with_layer(child: ModuleGraph) -> bool:
+    """The child's input is read by one conv or linear layer (and only by it)."""
+    placeholders = [n for n in child.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False
+    users = [u for u in placeholders[0].users
+             if not (u.op == "call_function" and u.target is getattr)]
+    return len(users) == 1 and users[0].args[:1] == (placeholders[0],) and any(
+        _calls(users[0], child.module, f, layer) for f, layer in _LAYERS)
+
+
 def _ends_with_conv(call: fx.Node, module: nn.Module, child: ModuleGraph) -> bool:
     """The child returns a conv's output and the caller's only use of it is a BN."""
     users = list(call.users)
@@ -84,11 +105,13 @@ def should_inline(call: fx.Node, module: nn.Module, child: ModuleGraph | None,
                   single_use: bool) -> bool:
     """Whether ``call`` (a call of ``child``'s module in ``module``'s graph) is opened:
     a conv followed by a module that starts with a BN, a module ending with a conv
-    followed by a BN, or a module returning a tuple."""
+    followed by a BN, a BN followed by a module that starts with a conv or linear layer,
+    or a module returning a tuple."""
     if child is None or child.graph is None or not single_use or len(call.args) != 1 \
             or call.kwargs:
         return False
     return (_produces_conv(call.args[0], module) and _starts_with_bn(child)) \
+        or (_produces_bn(call.args[0], module) and _starts_with_layer(child)) \
         or _ends_with_conv(call, module, child) or _returns_tuple(call, child)
 
 

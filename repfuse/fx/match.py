@@ -75,7 +75,8 @@ class Region:
         return env[self.output]
 
     def expr(self) -> rg.Node:
-        return self.build(rg.Input(tensor_meta(self.input)[0][1]))
+        """The expression on an ``Input`` in the layout its ops read (``rg.with_input``)."""
+        return rg.with_input(tensor_meta(self.input)[0], self.build)
 
     @property
     def is_passthrough(self) -> bool:

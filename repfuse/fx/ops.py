@@ -11,18 +11,22 @@ Rules (what is matched / what must hold / what it becomes):
 
 * ``nn.Conv2d`` module or ``F.conv2d`` / a parameter weight, or one computed in forward from
   parameters and buffers only (``values.computed``), literal geometry / ``Conv``
-* a batch norm module (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``: their eval-mode forward) or
-  ``F.batch_norm`` / running statistics, eval / ``BatchNorm``
+* a batch norm module (``nn.BatchNorm2d`` on 4-D values, ``nn.BatchNorm1d`` on 2-D and 3-D,
+  ``nn.SyncBatchNorm``: their eval-mode forward) or ``F.batch_norm`` / running statistics,
+  eval / ``BatchNorm``
+* ``nn.Linear``, ``nn.Conv1d``, ``nn.ConvTranspose2d``, their functions, the transposes,
+  permutes and reshapes around them: see ``repfuse.fx.layers``
 * ``nn.Identity``, ``nn.Dropout*`` (eval), ``F.dropout(training=False)``,
   ``contiguous``, ``clone`` / - / the input itself
 * ``nn.AvgPool2d`` or ``F.avg_pool2d`` / literal geometry / ``AvgPool``
 * pads and crops (``nn.ZeroPad2d``, ``F.pad``, slicing, padding by slice writes): see
   ``fx.slicing`` / ``Pad``, ``Crop``
 * ``x * c``, ``x / c``, ``c * x`` / ``c`` a number or a parameter/buffer (or a value computed
-  from them) of shape (C,1,1), (1,C,1,1) or one element / ``Scale``; ``x + c``, ``x - c``
-  likewise ``Shift``
-* ``a + b``, ``a - b``, ``-a``, ``torch.cat([...], dim=1)`` on activations / equal
-  shapes / ``Add``, ``Sub``, ``Neg``, ``Concat``
+  from them) that varies along one axis (C,1,1), (1,C,1,1), (C,) ... or has one element /
+  ``Scale`` (along that axis; the region's layout must have its channels there); ``x + c``,
+  ``x - c`` likewise ``Shift``
+* ``a + b``, ``a - b``, ``-a``, ``torch.cat([...], dim=1)`` (``-1`` on 2-D and 3-D values)
+  on activations / equal shapes / ``Add``, ``Sub``, ``Neg``, ``Concat``
 * a call of a module whose whole forward is one linear region / called once,
   plain arguments / that region's expression
 """
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
+from repfuse.fx.layers import LAYER_FUNCTION_RULES, LAYER_METHOD_RULES, LAYER_MODULE_RULES
 from repfuse.fx.slicing import border_pad, border_pad_function, crop_function, pad_function, pad_op
 from repfuse.fx.trace import hook_reason
 from repfuse.fx.values import (
@@ -49,11 +54,12 @@ from repfuse.fx.values import (
     Context,
     LinearOp,
     bind,
-    channel_factor,
+    channel_constant,
     constant,
     inplace_target,
     is_activation,
     join,
+    layer_op,
     literal,
     pair,
     same_shape,
@@ -73,17 +79,10 @@ def _passthrough(node, inp, label="") -> LinearOp | None:
 
 
 # ----------------------------------------------------------------------------- modules
-def _layer_op(node, m: nn.Module, ctx: Context, kind: OpKind, build, why: str
-              ) -> LinearOp | None:
-    """The op of a call of a layer module with one activation argument: blocked when the
-    module must not be fused away (used twice, hooked) or for ``why`` (its own reason);
-    ``build(label)`` makes the expression builder."""
-    inp = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    if inp is None or not is_activation(inp):
-        return None
-    label = join(ctx.path, node.target)
-    blocked = ctx.shared(m) or (why.format(label=label) if why else "")
-    return LinearOp(kind, [inp], build(label), blocked, label, [m])
+_layer_op = layer_op
+
+#: The ranks of the values a norm module of this type normalizes (others: any rank).
+_NORM_RANKS = {nn.BatchNorm2d: (4,), nn.BatchNorm1d: (2, 3), nn.SyncBatchNorm: (2, 3, 4)}
 
 
 @produces(rg.Conv)
@@ -94,7 +93,7 @@ def _conv_module(node, m: nn.Conv2d, ctx: Context) -> LinearOp | None:
                     m.dilation, m.groups, m.padding_mode)
     return _layer_op(node, m, ctx, OpKind.CONV,
                      lambda label: lambda xs: rg.Conv(xs[0], m.weight, m.bias, spec, label),
-                     "" if params else "conv {label}: weight or bias is not a parameter")
+                     "" if params else "conv {label}: weight or bias is not a parameter", (4,))
 
 
 @produces(rg.BatchNorm)
@@ -104,9 +103,10 @@ def _bn_module(node, m: nn.BatchNorm2d, ctx: Context) -> LinearOp | None:
     def build(label):
         return lambda xs: rg.BatchNorm(xs[0], m.running_mean, m.running_var, m.weight, m.bias,
                                        m.eps, label)
+    ranks = next((r for cls, r in _NORM_RANKS.items() if isinstance(m, cls)), None)
     return _layer_op(node, m, ctx, OpKind.NORM, build, "" if stats else (
         "batch norm {label} has no running statistics (it normalizes with batch statistics "
-        "even in eval mode)"))
+        "even in eval mode)"), ranks)
 
 
 def _single_input(node: fx.Node, m: nn.Module, ctx: Context):
@@ -128,7 +128,7 @@ def _pass_module(node: fx.Node, m: nn.Module, ctx: Context) -> LinearOp | None:
 @produces(rg.AvgPool)
 def _avg_pool_module(node: fx.Node, m: nn.AvgPool2d, ctx: Context) -> LinearOp | None:
     inp = _single_input(node, m, ctx)
-    if inp is None or not is_activation(inp):
+    if inp is None or not is_activation(inp, (4,)):
         return None
     label = join(ctx.path, node.target)
     k = pair(m.kernel_size)
@@ -156,6 +156,7 @@ MODULE_RULES: dict[type[nn.Module], tuple[Callable, tuple[str, ...]]] = {
     nn.Conv2d: (_conv_module, ("forward", "_conv_forward")),
     nn.modules.batchnorm._BatchNorm: (_bn_module, ("forward",)),
     nn.SyncBatchNorm: (_bn_module, ("forward",)),
+    **LAYER_MODULE_RULES,
     nn.AvgPool2d: (_avg_pool_module, ("forward",)),
     nn.ZeroPad2d: (_pad_module, ("forward",)),
     nn.ConstantPad2d: (_pad_module, ("forward",)),
@@ -195,7 +196,7 @@ def _module_op(node: fx.Node, ctx: Context) -> LinearOp | None:
 @produces(rg.Conv)
 def _conv_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     inp = a["input"]
-    if not is_activation(inp) or not isinstance(a["weight"], fx.Node) or not literal(
+    if not is_activation(inp, (4,)) or not isinstance(a["weight"], fx.Node) or not literal(
             a["stride"], a["padding"], a["dilation"], a["groups"]):
         return None
     weight, why = constant(ctx, a["weight"])
@@ -274,38 +275,41 @@ def _arith(kind: str, a: dict, node: fx.Node, ctx: Context) -> LinearOp | None:
     if not is_activation(act) or not same_shape(node, act):
         return None
     value, why = constant(ctx, other)
-    factor = channel_factor(value, tensor_meta(act)[0]) if value is not None else None
-    if factor is None:
+    found = channel_constant(value, tensor_meta(act)[0]) if value is not None else None
+    if found is None:
         return None
+    factor, dim = found
     blocked = f"{node.name}: operand {why}" if why else ""
     if isinstance(tensor_like(factor), Tensor) and tensor_meta(node)[1] != tensor_meta(act)[1]:
         return None
     if kind == "mul":
         if isinstance(factor, float) and factor == 1.0:
             return LinearOp(OpKind.PASS, [act], lambda xs: xs[0])
-        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Scale(xs[0], factor), blocked)
+        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Scale(xs[0], factor, dim=dim),
+                        blocked)
     if kind == "div":
         if not act_first:
             return None
         inv = _map(factor, lambda t: 1.0 / t)
-        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Scale(xs[0], inv), blocked)
+        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Scale(xs[0], inv, dim=dim), blocked)
     value = _map(factor, lambda t: t * alpha) if act_first else factor
     sign = -1.0 if kind == "sub" else 1.0
     if isinstance(value, float) and value == 0.0 and act_first:
         return LinearOp(OpKind.PASS, [act], lambda xs: xs[0])
     if act_first:
         shift = value if sign > 0 else _map(value, lambda t: -t)
-        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(xs[0], shift), blocked)
+        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(xs[0], shift, dim=dim), blocked)
     if kind == "add":  # c + alpha * x
         inner = (lambda xs: rg.Scale(xs[0], float(alpha))) if alpha != 1 else (lambda xs: xs[0])
         if isinstance(value, float) and value == 0.0:
             return LinearOp(OpKind.PASS if alpha == 1 else OpKind.AFFINE, [act], inner)
-        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(inner(xs), value), blocked)
+        return LinearOp(OpKind.AFFINE, [act], lambda xs: rg.Shift(inner(xs), value, dim=dim),
+                        blocked)
     # c - alpha * x
 
     def rsub(xs):
         inner = rg.Neg(xs[0]) if alpha == 1 else rg.Scale(xs[0], -float(alpha))
-        return rg.Shift(inner, value)
+        return rg.Shift(inner, value, dim=dim)
     return LinearOp(OpKind.AFFINE, [act], rsub, blocked)
 
 
@@ -322,7 +326,7 @@ def _dropout_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
 @produces(rg.AvgPool)
 def _avg_pool_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     inp = a["input"]
-    if not is_activation(inp) or not literal(*(a[k] for k in a if k != "input")):
+    if not is_activation(inp, (4,)) or not literal(*(a[k] for k in a if k != "input")):
         return None
     k = pair(a["kernel_size"])
     s = k if a["stride"] in (None, [], ()) else pair(a["stride"])
@@ -338,11 +342,15 @@ def _avg_pool_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
 @produces(rg.Concat)
 def _cat_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     parts = a["tensors"]
-    if not isinstance(parts, (list, tuple)) or len(parts) < 1 or a["dim"] not in (1, -3):
+    if not isinstance(parts, (list, tuple)) or len(parts) < 1 or not isinstance(a["dim"], int):
         return None
     if not all(is_activation(p) for p in parts) or len(set(parts)) != len(parts):
         return None
-    return LinearOp(OpKind.COMBINE, list(parts), lambda xs: rg.Concat(tuple(xs)))
+    rank = len(tensor_meta(parts[0])[0])
+    dim = a["dim"] % rank
+    if dim != 1 and not (rank < 4 and dim == rank - 1):  # channels first, or last (2-D, 3-D)
+        return None
+    return LinearOp(OpKind.COMBINE, list(parts), lambda xs: rg.Concat(tuple(xs), dim))
 
 
 @produces(rg.Scale, rg.Shift, rg.Add, rg.Sub, rg.Neg)
@@ -372,6 +380,7 @@ FUNCTION_RULES: dict[Callable, Callable] = {
     torch.concat: _cat_function,
     **dict.fromkeys(DROPOUT_FUNCS, _dropout_function),
     **{f: _arith_function for f in ARITH if f in SIGS},
+    **LAYER_FUNCTION_RULES,
 }
 
 #: Tensor methods (in-place variants included) -> their rule.
@@ -379,6 +388,7 @@ METHOD_RULES: dict[str, Callable] = {
     "contiguous": _pass_method,
     "clone": _pass_method,
     **dict.fromkeys(("add", "sub", "mul", "div", "neg"), _arith_method),
+    **LAYER_METHOD_RULES,
 }
 
 

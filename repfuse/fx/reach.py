@@ -124,6 +124,8 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> 
         node.meta[META] = (tuple(value.shape), value.dtype)
         if capture is not None and capture(node) and value.dim() == 4:
             node.meta[CAPTURE] = value[:2, :, :CAPTURE_CROP, :CAPTURE_CROP].detach().clone()
+        elif capture is not None and capture(node) and value.dim() in (2, 3):
+            node.meta[CAPTURE] = value[:2].detach().clone()  # vectors, tokens, sequences
 
 
 class _GraphRunner(fx.Interpreter):

@@ -28,7 +28,7 @@ from repfuse.fx.values import (
     Context,
     LinearOp,
     bind,
-    channel_factor,
+    channel_constant,
     constant,
     is_activation,
     literal,
@@ -139,7 +139,7 @@ def normalize(graph: fx.Graph) -> None:
 def pad_op(inp, pad, value, label: str = "", blocked: str = "") -> LinearOp | None:
     """``F.pad``'s (left, right[, top, bottom]) with ``value``: a crop where an amount is
     negative, then a pad."""
-    if not is_activation(inp) or len(pad) not in (2, 4):
+    if not is_activation(inp, (4,)) or len(pad) not in (2, 4):
         return None
     left, right = pad[0], pad[1]
     top, bottom = (pad[2], pad[3]) if len(pad) == 4 else (0, 0)
@@ -158,7 +158,7 @@ def pad_op(inp, pad, value, label: str = "", blocked: str = "") -> LinearOp | No
 def crop_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     """``x[..., a:b, c:d]``: a crop of the spatial dimensions."""
     inp = a["input"]
-    if not is_activation(inp):
+    if not is_activation(inp, (4,)):
         return None
     items = slice_items(a["index"], 4)
     if not _spatial(items):
@@ -189,13 +189,14 @@ def pad_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
 def border_pad_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
     """``border_pad(x, pad, v)``: a pad with the value ``v``."""
     x, v = a["input"], a["value"]
-    if not is_activation(x) or not literal(a["pad"]):
+    if not is_activation(x, (4,)) or not literal(a["pad"]):
         return None
     value, why = constant(ctx, v) if isinstance(v, fx.Node) else (v, "")
     if isinstance(value, (bool, int)):
         value = float(value)
-    factor = channel_factor(value, tensor_meta(x)[0]) if value is not None else None
-    if factor is None:
+    found = channel_constant(value, tensor_meta(x)[0]) if value is not None else None
+    if found is None or found[1] != 1:
         return None
+    factor = found[0]
     return pad_op(x, tuple(a["pad"]), factor, node.name,
                   f"{node.name}: pad value {why}" if why else "")

@@ -46,10 +46,25 @@ def tensor_meta(node) -> tuple[tuple[int, ...], torch.dtype] | None:
     return node.meta.get(META) if isinstance(node, fx.Node) else None
 
 
-def is_activation(arg) -> bool:
-    """Whether ``arg`` is a node whose value can flow through a region."""
+def is_activation(arg, ranks: tuple[int, ...] | None = None) -> bool:
+    """Whether ``arg`` is a node whose value can flow through a region (of one of
+    ``ranks``, when given)."""
     meta = tensor_meta(arg)
-    return meta is not None and is_region_value(*meta)
+    return meta is not None and is_region_value(*meta) and (
+        ranks is None or len(meta[0]) in ranks)
+
+
+def layer_op(node, m: nn.Module, ctx: Context, kind, build, why: str,
+             ranks: tuple[int, ...] | None = None) -> LinearOp | None:
+    """The op of a call of a layer module with one activation argument (of one of
+    ``ranks``): blocked when the module must not be fused away (used twice, hooked) or for
+    ``why`` (its own reason); ``build(label)`` makes the expression builder."""
+    inp = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if inp is None or not is_activation(inp, ranks):
+        return None
+    label = join(ctx.path, node.target)
+    blocked = ctx.shared(m) or (why.format(label=label) if why else "")
+    return LinearOp(kind, [inp], build(label), blocked, label, [m])
 
 
 def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
@@ -154,27 +169,31 @@ def tensor_like(value):
     return value
 
 
-def channel_factor(value, shape) -> float | Tensor | Computed | None:
-    """``value`` as a scalar or a (C,) tensor (computed: a (C,) computed value) if
-    broadcasting it over ``shape`` (N,C,H,W) acts per channel and keeps the shape; else
-    None."""
+def channel_constant(value, shape) -> tuple[float | Tensor, int] | None:
+    """``(value, axis)``: a scalar (axis 1), or a (C,) tensor and the axis of ``shape``
+    (an activation of rank 2 to 4) it runs along (a computed value: a computed (C,)
+    value), if broadcasting ``value`` over ``shape``
+    keeps the shape and varies along at most one axis other than the batch; else None.
+    (Whether that axis is the value's channel axis is the region layout's to decide.)"""
     if isinstance(value, float):
-        return value
+        return value, 1
     if isinstance(value, Computed):
-        probe = channel_factor(tensor_like(value), shape)
-        if not isinstance(probe, Tensor):
+        probe = channel_constant(tensor_like(value), shape)
+        if probe is None:
             return None
-        c = shape[1]
-        return value.map(lambda t: t.reshape(1).expand(c) if t.numel() == 1 else t.reshape(c))
-    if not isinstance(value, Tensor) or value.dim() > 4 or not value.is_floating_point():
+        c = shape[probe[1]]
+        return value.map(lambda t: t.reshape(1).expand(c) if t.numel() == 1
+                         else t.reshape(c)), probe[1]
+    rank = len(shape)
+    if not isinstance(value, Tensor) or value.dim() > rank or not value.is_floating_point():
         return None
-    c = shape[1]
     if value.numel() == 1:
-        return value.reshape(1).expand(c)
-    full = (1,) * (4 - value.dim()) + tuple(value.shape)
-    if full[0] == 1 and full[1] == c and full[2:] == (1, 1):
-        return value.reshape(c)
-    return None
+        return value.reshape(1).expand(shape[1]), 1
+    full = (1,) * (rank - value.dim()) + tuple(value.shape)
+    axes = [k for k, n in enumerate(full) if n != 1]
+    if len(axes) != 1 or axes[0] == 0 or full[axes[0]] != shape[axes[0]]:
+        return None
+    return value.reshape(-1), axes[0]
 
 
 # ----------------------------------------------------------------------------- binding
@@ -193,6 +212,16 @@ SIGS: dict = {
     torch.mul: (("input", "other"), ()),
     torch.div: (("input", "other", "rounding_mode"), (None,)),
     torch.neg: (("input",), ()),
+    F.linear: (("input", "weight", "bias"), (None,)),
+    F.conv1d: (("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+               (None, 1, 0, 1, 1)),
+    F.conv_transpose2d: (("input", "weight", "bias", "stride", "padding", "output_padding",
+                          "groups", "dilation"), (None, 1, 0, 0, 1, 1)),
+    torch.transpose: (("input", "dim0", "dim1"), ()),
+    torch.permute: (("input", "dims"), ()),
+    torch.flatten: (("input", "start_dim", "end_dim"), (0, -1)),
+    torch.mean: (("input", "dim", "keepdim"), (False,)),
+    F.adaptive_avg_pool2d: (("input", "output_size"), ()),
 }
 for _f in DROPOUT_FUNCS:
     SIGS[_f] = (("input", "p", "training", "inplace"), (0.5, True, False))
@@ -208,11 +237,24 @@ _METHODSIGS = {
     "mul": ("input", "other"), "mul_": ("input", "other"),
     "div": ("input", "other", "rounding_mode"), "div_": ("input", "other", "rounding_mode"),
     "neg": ("input",), "neg_": ("input",), "contiguous": ("input",), "clone": ("input",),
+    "transpose": ("input", "dim0", "dim1"), "flatten": ("input", "start_dim", "end_dim"),
+    "reshape_as": ("input", "other"), "view_as": ("input", "other"),
+    "mean": ("input", "dim", "keepdim"),
 }
+#: Defaults of method arguments that may be left out.
+_METHOD_DEFAULTS = {"mean": {"keepdim": False}, "flatten": {"end_dim": -1}}
+#: Methods whose trailing positional arguments form one sequence (``x.permute(0, 2, 1)``).
+_VARARG_METHODS = {"permute": ("input", "dims")}
 
 
 def bind(node: fx.Node) -> dict | None:
     """The node's arguments by name (defaults filled in), or None if not a known op."""
+    if node.op == "call_method" and node.target in _VARARG_METHODS:
+        if node.kwargs or len(node.args) < 2:
+            return None
+        rest = node.args[1:]
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return {"input": node.args[0], "dims": tuple(dims)}
     if node.op == "call_function" and node.target in SIGS:
         names, defaults = SIGS[node.target]
     elif node.op == "call_method" and node.target in _METHODSIGS:
@@ -231,6 +273,8 @@ def bind(node: fx.Node) -> dict | None:
     if node.op == "call_method":
         out.setdefault("alpha", 1)
         out.setdefault("rounding_mode", None)
+        for k, v in _METHOD_DEFAULTS.get(node.target, {}).items():
+            out.setdefault(k, v)
     return out if all(k in out for k in names) else None
 
 

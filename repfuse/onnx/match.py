@@ -8,13 +8,16 @@ Rules (what is matched -> what must hold -> what it becomes):
   extra outputs unused -> ``region.BatchNorm``.
 * ``AveragePool(x)`` -> 2-D, no dilation -> ``region.AvgPool``.
 * ``Mul/Div(x, c)``, ``Add/Sub(x, c)``, ``Sub(c, x)`` -> ``c`` constant, a scalar or a
-  per-channel ``(C, 1, 1)`` / ``(1, C, 1, 1)`` tensor -> ``Scale`` / ``Shift`` (+ ``Neg``).
+  tensor varying along one axis (``(C, 1, 1)``, ``(1, C, 1, 1)``, ``(C,)`` ...) -> ``Scale``
+  / ``Shift`` along that axis (+ ``Neg``; the region's layout must have its channels there).
 * ``Add/Sub/Sum`` of non-constant values -> ``Add`` / ``Sub``; ``Neg`` -> ``Neg``.
-* ``Concat(axis=1)`` of non-constant values -> ``Concat``.
+* ``Concat(axis=1)`` (``axis=-1`` of 2-D and 3-D values) of non-constant values -> ``Concat``.
 * ``Pad(x, pads[, value])`` -> constant mode, constant pads on H and W only -> ``Pad``.
 * ``Slice(x, starts, ends[, axes, steps])`` -> constant, on H and W only, step 1, a
   static input shape -> ``Crop``.
 * ``Identity`` / inference ``Dropout`` of a non-constant value -> the value itself.
+* ``Gemm``, ``MatMul``, 1-D ``Conv``, ``ConvTranspose``, ``Transpose``, ``Flatten`` and
+  ``Reshape`` of tokens: see ``repfuse.onnx.layers``.
 
 Constants are initializers that are not graph inputs, ``Constant`` nodes, and the
 outputs of small nodes whose inputs are all constant (``Identity``, ``Cast``,
@@ -31,6 +34,12 @@ import torch
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import GeometryError
+from repfuse.onnx.attrs import channel_constant, rank
+from repfuse.onnx.attrs import explicit_pads as _explicit_pads
+from repfuse.onnx.attrs import ints as _ints
+from repfuse.onnx.attrs import op as _op
+from repfuse.onnx.attrs import tensor as _t
+from repfuse.onnx.layers import LAYER_RULES, conv1d
 from repfuse.region.op import LinearOp, OpKind, produced, produces
 
 _FOLDABLE = {
@@ -115,32 +124,6 @@ def _evaluate(node: ir.Node, arrays: list, value: ir.Value) -> np.ndarray | None
 
 
 # ---------------------------------------------------------------------------- linear ops
-def _op(node: ir.Node, inputs: list[ir.Value], build, kind: OpKind) -> LinearOp:
-    return LinearOp(kind, inputs, build, label=node.name or "", source=[node])
-
-
-def _t(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
-
-
-def _ints(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return list(attr.as_ints()) if attr is not None else list(default)
-
-
-def _channel_constant(c: np.ndarray) -> float | torch.Tensor | None:
-    """A scalar (float) or a per-channel (C,) tensor from a broadcast constant."""
-    if c.dtype.kind != "f" or c.ndim > 4:
-        return None
-    if c.size == 1:
-        return float(c.reshape(()))
-    shape = c.shape
-    if (len(shape) == 3 and shape[1:] == (1, 1)) or (len(shape) == 4 and shape[0] == 1
-                                                      and shape[2:] == (1, 1)):
-        return _t(c.reshape(-1))
-    return None
-
-
 def _negated(v: float | torch.Tensor):
     return -v
 
@@ -149,31 +132,14 @@ def _reciprocal(v: float | torch.Tensor):
     return 1.0 / v
 
 
-def _explicit_pads(node: ir.Node, kernel: list[int], dilation: list[int],
-                   strides: list[int]) -> list[int] | None:
-    """ONNX pads [h_begin, w_begin, h_end, w_end], or None when they depend on the input."""
-    auto = node.attributes.get_string("auto_pad", "NOTSET")
-    if auto in ("NOTSET", ""):
-        return _ints(node, "pads", [0, 0, 0, 0])
-    if auto == "VALID":
-        return [0, 0, 0, 0]
-    if strides != [1, 1]:
-        return None
-    begin, end = [], []
-    for k, d in zip(kernel, dilation):
-        total = d * (k - 1)
-        small, large = total // 2, total - total // 2
-        begin.append(large if auto == "SAME_LOWER" else small)
-        end.append(small if auto == "SAME_LOWER" else large)
-    return begin + end
-
-
 @produces(rg.Conv)
 def _conv(node: ir.Node, consts: Constants) -> LinearOp | None:
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     weight = consts(w)
     bias = consts(b) if b is not None else None
+    if weight is not None and weight.ndim == 3:
+        return conv1d(node, consts)
     if x is None or consts(x) is not None or weight is None or weight.ndim != 4:
         return None
     if (b is not None and bias is None) or weight.dtype.kind != "f":
@@ -253,22 +219,24 @@ def _binary(node: ir.Node, consts: Constants) -> LinearOp | None:
     if cl is not None and cr is not None:
         return None
     data, c = (right, cl) if cl is not None else (left, cr)
-    value = _channel_constant(c)
-    if value is None:
+    found = channel_constant(c, rank(data))
+    if found is None:
         return None
+    value, dim = found
     if op == "Mul":
-        return _op(node, [data], lambda a: rg.Scale(a[0], value, name), OpKind.AFFINE)
+        return _op(node, [data], lambda a: rg.Scale(a[0], value, name, dim), OpKind.AFFINE)
     if op == "Div":
         if cl is not None or bool(np.any(c == 0)):
             return None
         inv = _reciprocal(value)
-        return _op(node, [data], lambda a: rg.Scale(a[0], inv, name), OpKind.AFFINE)
+        return _op(node, [data], lambda a: rg.Scale(a[0], inv, name, dim), OpKind.AFFINE)
     if op == "Add":
-        return _op(node, [data], lambda a: rg.Shift(a[0], value, name), OpKind.AFFINE)
+        return _op(node, [data], lambda a: rg.Shift(a[0], value, name, dim), OpKind.AFFINE)
     if cr is not None:  # Sub(x, c)
         neg = _negated(value)
-        return _op(node, [data], lambda a: rg.Shift(a[0], neg, name), OpKind.AFFINE)
-    return _op(node, [data], lambda a: rg.Shift(rg.Neg(a[0]), value, name), OpKind.AFFINE)
+        return _op(node, [data], lambda a: rg.Shift(a[0], neg, name, dim), OpKind.AFFINE)
+    return _op(node, [data], lambda a: rg.Shift(rg.Neg(a[0]), value, name, dim),
+               OpKind.AFFINE)
 
 
 @produces(rg.Concat, rg.Add)
@@ -278,10 +246,11 @@ def _variadic(node: ir.Node, consts: Constants) -> LinearOp | None:
         return None
     if node.op_type == "Concat":
         axis = node.attributes.get_int("axis", 0)
-        rank = len(values[0].shape) if values[0].shape is not None else 4
-        if axis not in (1, 1 - rank) or rank != 4:
+        n = rank(values[0]) or 4
+        axis %= n
+        if axis != 1 and not (n < 4 and axis == n - 1):  # channels first, or last (2-D, 3-D)
             return None
-        return _op(node, values, lambda a: rg.Concat(tuple(a)), OpKind.COMBINE)
+        return _op(node, values, lambda a: rg.Concat(tuple(a), axis), OpKind.COMBINE)
     if len(values) == 1:
         return _op(node, values, lambda a: a[0], OpKind.PASS)
     return _op(node, values, lambda a: rg.Add(tuple(a)), OpKind.COMBINE)
@@ -372,6 +341,7 @@ _RULES = {
     "Sum": _variadic, "Concat": _variadic, "Pad": _pad, "Slice": _slice,
     "Identity": _passthrough, "Dropout": _passthrough,
     "Neg": _neg,
+    **LAYER_RULES,
 }
 
 

@@ -25,6 +25,7 @@ from repfuse.onnx.keep import kept_nodes, kept_patterns
 from repfuse.onnx.match import Constants
 from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
+from repfuse.onnx.shapes import infer_shapes
 from repfuse.proofs.region import prove_region
 from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
@@ -51,10 +52,7 @@ def count_parameters(proto: onnx.ModelProto) -> int:
 
 
 def _infer_shapes(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
-    try:
-        return onnx.shape_inference.infer_shapes(data)
-    except Exception:  # noqa: BLE001 - shapes are a help, not a requirement
-        return proto
+    return infer_shapes(proto, data)
 
 
 def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:

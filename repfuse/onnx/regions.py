@@ -25,7 +25,12 @@ import torch
 from repfuse import region as rg
 from repfuse.errors import NotFusable
 from repfuse.onnx.match import Constants, linear_op
-from repfuse.onnx.rewrite import replace_with_conv, type_only_use
+from repfuse.onnx.rewrite import (
+    replace_with_conv,
+    shape_only_use,
+    transposed_pads,
+    type_only_use,
+)
 from repfuse.region.op import LinearOp, OpKind, is_region_value
 from repfuse.region.worth import check_growth, worth_fusing
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
@@ -186,7 +191,8 @@ def _escape(cand: Candidate) -> str:
             if value.is_graph_output():
                 return f"intermediate value '{value.name}' is a graph output"
             for user in value.consumers():
-                if user not in cand.node_set and not type_only_use(user, value):
+                if user not in cand.node_set and not type_only_use(user, value) \
+                        and not shape_only_use(user, cand.node_set):
                     return (f"intermediate value '{value.name}' is also used by node "
                             f"'{user.name or user.op_type}' ({user.op_type}) outside the region")
     return ""
@@ -199,30 +205,35 @@ def _channels(value: ir.Value, cand: Candidate, ops: dict[ir.Node, LinearOp]) ->
     for user in value.consumers():
         if user in cand.node_set and ops[user].kind is OpKind.CONV:
             conv = ops[user].build([rg.Input(1)])
-            return conv.spec.in_channels
+            if isinstance(conv, (rg.Conv, rg.ConvTranspose)):
+                return conv.spec.in_channels
         if user in cand.node_set and ops[user].kind is OpKind.NORM:
             return int(user.inputs[1].shape[0]) if user.inputs[1].shape is not None else None
     return None
 
 
 def build_expression(cand: Candidate, ops: dict[ir.Node, LinearOp]) -> rg.Node:
-    """The region expression of ``cand`` (shared sub-expressions stay shared)."""
+    """The region expression of ``cand`` (shared sub-expressions stay shared), on an
+    ``Input`` in the layout its nodes read (``region.with_input``)."""
     shape = cand.input.shape
     has_conv = any(ops[n].kind is OpKind.CONV for n in cand.nodes)
     if (shape is not None and not is_region_value(list(shape), torch.float32)) \
             or (shape is None and not has_conv):
         rank = "unknown" if shape is None else len(shape)
-        raise NotFusable(f"the region input '{cand.input.name}' has rank {rank}; only 4-D "
-                         "(N, C, H, W) regions become a Conv")
-    channels = _channels(cand.input, cand, ops)
-    if channels is None:
-        raise NotFusable(f"the channel count of '{cand.input.name}' is unknown "
-                         "(run ONNX shape inference on the model first)")
-    exprs: dict[ir.Value, rg.Node] = {cand.input: rg.Input(channels)}
-    for node in cand.nodes:
-        op = ops[node]
-        exprs[node.outputs[0]] = op.build([exprs[v] for v in op.inputs])
-    return exprs[cand.output]
+        raise NotFusable(f"the region input '{cand.input.name}' has rank {rank}; only 2-D to "
+                         "4-D values ((N, C), tokens, sequences, images) are fused")
+    dims = [d if isinstance(d, int) else -1 for d in shape] if shape is not None \
+        else [-1, -1, -1, -1]
+    if len(dims) == 4 and dims[1] < 1:
+        dims[1] = _channels(cand.input, cand, ops) or -1
+
+    def build(x: rg.Node) -> rg.Node:
+        exprs: dict[ir.Value, rg.Node] = {cand.input: x}
+        for node in cand.nodes:
+            op = ops[node]
+            exprs[node.outputs[0]] = op.build([exprs[v] for v in op.inputs])
+        return exprs[cand.output]
+    return rg.with_input(dims, build)
 
 
 def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, reason: str = "",
@@ -234,7 +245,7 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, 
     if expr is not None:
         report.params_before = rg.count_params(expr)
     if fused is not None:
-        report.result = fused.spec.describe()
+        report.result = fused.describe()
         report.params_after = fused.weight.numel() + (
             fused.bias.numel() if fused.bias is not None else 0)
         report.cast_error = float(fused.cast_error())
@@ -315,6 +326,8 @@ def _reduce(cand: Candidate, ops: dict[ir.Node, LinearOp]):
     with torch.no_grad():
         fused = rg.reduce(expr)
     check_growth(expr, fused)
+    if fused.spec.transposed:
+        transposed_pads(fused.spec)     # a ConvTranspose ONNX Runtime runs
     return expr, fused
 
 

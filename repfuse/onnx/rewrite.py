@@ -1,6 +1,10 @@
-"""Rewrite a linear region of an onnx_ir graph as one ``Conv`` node.
+"""Rewrite a linear region of an onnx_ir graph as one layer: ``Conv`` (2-D, or 1-D for
+sequences), ``ConvTranspose``, ``Gemm`` for (N, C) values, ``MatMul`` + ``Add`` for tokens
+and channels-last maps (by the fused kernel's ``value_layout``; a ``Flatten`` first where
+the region merges the positions of tokens into the batch, a ``GlobalAveragePool`` where it
+pools first).
 
-The new ``Conv`` reads the region's input, produces the region's output value (same
+The new layer reads the region's input, produces the region's output value (same
 name, type and shape, so graph outputs keep their names) and owns two new
 initializers. Nodes and initializers that only fed the removed region (constant
 subgraphs, shared ``Identity`` copies of parameters) are removed with it.
@@ -11,6 +15,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import torch
+
+from repfuse.algebra.modules import dense_matrix
+from repfuse.errors import NotFusable
 
 
 def _unique(graph: ir.Graph, base: str) -> str:
@@ -57,11 +64,85 @@ def type_only_use(user: ir.Node, value: ir.Value) -> bool:
             and len(user.inputs) > 1 and user.inputs[1] is value and user.inputs[0] is not value)
 
 
+def shape_only_use(user: ir.Node, members: set) -> bool:
+    """Whether ``user`` is a ``Shape`` whose result only region ``members`` read (a
+    ``Reshape`` back to the shape of a value inside the region): it dies with them."""
+    return (user.op_type == "Shape" and user.domain in ("", "ai.onnx")
+            and all(c in members for o in user.outputs for c in o.consumers())
+            and not any(o.is_graph_output() for o in user.outputs))
+
+
+def transposed_pads(spec) -> tuple[list[int], list[int]]:
+    """ONNX ``pads`` and ``output_padding`` of a transposed spec: the end padding net of
+    the output padding, output padding only where that is negative (ONNX Runtime needs
+    ``output_padding < stride``; ``NotFusable`` otherwise)."""
+    begin, end, extra = [], [], []
+    for axis in range(2):
+        lo, hi = spec.padding_pairs[axis]
+        net = hi - spec.output_padding[axis]
+        if -net >= spec.stride[axis]:
+            raise NotFusable(f"{spec.describe()}: output padding {spec.output_padding} is not "
+                             "below the stride, which ONNX Runtime does not run")
+        begin.append(lo)
+        end.append(max(net, 0))
+        extra.append(max(-net, 0))
+    return begin + end, extra
+
+
+def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Node]:
+    """The nodes computing ``fused`` on ``x`` (see the module docstring); the last one
+    produces the output."""
+    if fused.pooled:    # the mean over positions first, flattened for a Gemm
+        pool = [ir.node("GlobalAveragePool", [x], name=_unique(graph, f"{base}.fused_pool"))]
+        if fused.value_layout == "NC":
+            pool.append(ir.node("Flatten", [pool[0].outputs[0]], attributes={"axis": 1},
+                                name=_unique(graph, f"{base}.fused_flatten")))
+        return pool + _layer(graph, pool[-1].outputs[0], fused.replace(pooled=False), dtype,
+                             base)
+    spec, layout = fused.spec, fused.value_layout
+    weight = fused.weight.detach().cpu().numpy()
+    bias = (fused.bias.detach().cpu().numpy() if fused.bias is not None
+            else np.zeros(spec.out_channels)).astype(dtype)
+    name = _unique(graph, f"{base}.fused")
+    if layout in ("NC", "NLC", "NHWC"):
+        matrix = dense_matrix(fused.weight.detach(), spec.groups).cpu().numpy().astype(dtype)
+        b = _initializer(graph, bias, _unique(graph, f"{base}.fused_bias"))
+        if layout == "NC":
+            w = _initializer(graph, matrix, _unique(graph, f"{base}.fused_weight"))
+            merge = []
+            if fused.input_layout not in ("", layout):   # tokens' positions into the batch
+                axis = 2 if fused.input_layout == "NLC" else 3
+                merge = [ir.node("Flatten", [x], attributes={"axis": axis},
+                                 name=_unique(graph, f"{base}.fused_flatten"))]
+                x = merge[0].outputs[0]
+            return merge + [ir.node("Gemm", [x, w, b], attributes={"transB": 1}, name=name)]
+        w = _initializer(graph, np.ascontiguousarray(matrix.T),
+                         _unique(graph, f"{base}.fused_weight"))
+        product = ir.node("MatMul", [x, w], name=name)
+        return [product, ir.node("Add", [product.outputs[0], b],
+                                 name=_unique(graph, f"{base}.fused_bias_add"))]
+    t, bottom, left, right = spec.padding
+    attrs = {"strides": list(spec.stride), "dilations": list(spec.dilation),
+             "group": spec.groups, "kernel_shape": list(spec.kernel_size),
+             "pads": [t, left, bottom, right]}
+    if layout == "NCL":
+        weight = weight[:, :, 0]
+        attrs.update(strides=[spec.stride[1]], dilations=[spec.dilation[1]],
+                     kernel_shape=[spec.kernel_size[1]], pads=[left, right])
+    if spec.transposed:
+        attrs["pads"], attrs["output_padding"] = transposed_pads(spec)
+    w = _initializer(graph, weight.astype(dtype), _unique(graph, f"{base}.fused_weight"))
+    b = _initializer(graph, bias, _unique(graph, f"{base}.fused_bias"))
+    kind = "ConvTranspose" if spec.transposed else "Conv"
+    return [ir.node(kind, [x, w, b], attributes=attrs, name=name)]
+
+
 def replace_with_conv(graph: ir.Graph, nodes: list[ir.Node], x: ir.Value, output: ir.Value,
                       fused) -> ir.Node:
-    """Replace ``nodes`` (computing ``output`` from ``x``) by one Conv of ``fused``. A
-    CastLike outside that takes its type from a value inside takes it from ``x``
-    instead (the same element type, computed before every node of the region)."""
+    """Replace ``nodes`` (computing ``output`` from ``x``) by the layer of ``fused`` (one
+    Conv in most cases; returns its last node). A CastLike outside that takes its type from
+    a value inside takes it from ``x`` instead (the same element type, computed before
+    every node of the region); a Shape only the region reads dies with it."""
     sink = output.producer()
     members = set(nodes)
     for node in nodes:
@@ -69,26 +150,17 @@ def replace_with_conv(graph: ir.Graph, nodes: list[ir.Node], x: ir.Value, output
             if value is output:
                 continue
             for user, index in list(value.uses()):
-                if user not in members and type_only_use(user, value):
+                if user not in members and (type_only_use(user, value)
+                                             or shape_only_use(user, members)):
                     user.replace_input_with(index, x)
     dtype = _numpy_dtype(output, fused.dtype or torch.float32)
     base = sink.name or output.name or "region"
-    weight = fused.weight.detach().cpu().numpy().astype(dtype)
-    bias = (fused.bias.detach().cpu().numpy() if fused.bias is not None
-            else np.zeros(weight.shape[0])).astype(dtype)
-    w = _initializer(graph, weight, _unique(graph, f"{base}.fused_weight"))
-    b = _initializer(graph, bias, _unique(graph, f"{base}.fused_bias"))
-    spec = fused.spec
-    t, bottom, left, right = spec.padding
-    conv = ir.node("Conv", [x, w, b], attributes={
-        "kernel_shape": list(spec.kernel_size), "strides": list(spec.stride),
-        "pads": [t, left, bottom, right], "dilations": list(spec.dilation),
-        "group": spec.groups}, name=_unique(graph, f"{base}.fused"))
+    layer = _layer(graph, x, fused, dtype, base)
     feeders = {v for n in nodes for v in n.inputs if v is not None}
-    ir.convenience.replace_nodes_and_values(graph, sink, nodes, [conv], [output],
-                                            [conv.outputs[0]])
+    ir.convenience.replace_nodes_and_values(graph, sink, nodes, layer, [output],
+                                            [layer[-1].outputs[0]])
     _remove_dead(graph, feeders)
-    return conv
+    return layer[-1]
 
 
 def _remove_dead(graph: ir.Graph, values: set[ir.Value]) -> None:

@@ -20,6 +20,13 @@ size):
    the fused kernel's gradient (``core.conv2d_weight``; for the bias, the sum of the
    upstream gradient) equals torch autograd on the training form.
 
+A transposed fused kernel is run with ``core.conv_transpose2d``,
+``core.conv_transpose2d_input`` and ``core.conv_transpose2d_weight`` instead. Probes live
+on the canonical (N, C, H, W) view of the region's values (``region.layout``); the
+training form receives them in the model's layout (tokens (N, L, C), sequences (N, C, L),
+vectors (N, C)) and its output is viewed canonically again, so a front end that read a
+layout wrongly fails here.
+
 With ``module=True`` also ``module output[...]``: the module the model receives
 (``fused.to_module()``) run in the target dtype, with that dtype's tolerance.
 
@@ -39,6 +46,7 @@ from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
 from repfuse.proofs.compare import SEED, compare, failed, tolerance
 from repfuse.proofs.modes import in_differentiable_mode
+from repfuse.region import layout as L
 from repfuse.report import VerifyReport
 
 
@@ -73,14 +81,25 @@ def _padded(x: Tensor, spec: ConvSpec) -> tuple[Tensor, tuple]:
     return F.pad(x, (l, r, t, b), mode=spec.padding_mode), (0, 0, 0, 0)
 
 
+def _transposed_geometry(spec: ConvSpec) -> tuple:
+    """(stride, padding, output_padding, groups, dilation) for the transposed kernels."""
+    return spec.stride, spec.padding, spec.output_padding, spec.groups, spec.dilation
+
+
 def fused_forward(x: Tensor, weight: Tensor, bias: Tensor, spec: ConvSpec) -> Tensor:
-    """The fused convolution with ``core.conv2d``."""
+    """The fused convolution with ``core.conv2d`` (``core.conv_transpose2d``)."""
+    if spec.transposed:
+        return core.conv_transpose2d(x, weight, bias, *_transposed_geometry(spec))
     xp, pad = _padded(x, spec)
     return core.conv2d(xp, weight, bias, spec.stride, pad, spec.dilation, spec.groups)
 
 
 def fused_input_grad(x: Tensor, weight: Tensor, grad_out: Tensor, spec: ConvSpec) -> Tensor:
-    """Gradient w.r.t. the input of the fused convolution with ``core.conv2d_input``."""
+    """Gradient w.r.t. the input of the fused convolution with ``core.conv2d_input``
+    (``core.conv_transpose2d_input``)."""
+    if spec.transposed:
+        return core.conv_transpose2d_input(tuple(x.shape), weight, grad_out,
+                                           *_transposed_geometry(spec))
     if spec.padding_mode == "zeros":
         return core.conv2d_input(tuple(x.shape), weight, grad_out, spec.stride, spec.padding,
                                  spec.dilation, spec.groups)
@@ -94,7 +113,12 @@ def fused_input_grad(x: Tensor, weight: Tensor, grad_out: Tensor, spec: ConvSpec
 
 def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
                       spec: ConvSpec) -> tuple[Tensor, Tensor]:
-    """Gradients of the fused weight (``core.conv2d_weight``) and bias (sum of grad_out)."""
+    """Gradients of the fused weight (``core.conv2d_weight``;
+    ``core.conv_transpose2d_weight``) and bias (sum of grad_out)."""
+    if spec.transposed:
+        gw = core.conv_transpose2d_weight(x.detach(), tuple(weight_shape), grad_out,
+                                          *_transposed_geometry(spec))
+        return gw, grad_out.sum(dim=(0, 2, 3))
     xp, pad = _padded(x.detach(), spec)
     gw = core.conv2d_weight(xp, tuple(weight_shape), grad_out, spec.stride, pad,
                             spec.dilation, spec.groups)
@@ -102,23 +126,36 @@ def fused_weight_grad(x: Tensor, weight_shape, grad_out: Tensor,
 
 
 # ----------------------------------------------------------------- probes
-def probe_shape(spec: ConvSpec, batch: int = 1) -> tuple[int, int, int, int]:
-    """(N, C, H, W) of the random probe: twice the receptive field on each axis, plus
-    one on W (odd and even sizes hit both stride remainders, and H != W so a transposed
-    axis cannot pass)."""
-    ekh, ekw = spec.effective_kernel
-    return (batch, spec.in_channels, 2 * ekh, 2 * ekw + 1)
+def probe_shape(spec: ConvSpec, layout: str = "NCHW") -> tuple[int, int, int, int]:
+    """(N, C, H, W) of the random probe on the canonical view: twice the receptive field
+    on each axis, plus one on W (odd and even sizes hit both stride remainders, and H != W
+    so a transposed axis cannot pass); one row for sequences and tokens, several samples
+    of one position for vectors (``region.layout.probe_size``)."""
+    n, h, w = L.probe_size(layout, spec.effective_kernel)
+    return (n, spec.in_channels, h, w)
 
 
-def _activation_window(act: Tensor, x: Tensor) -> Tensor:
+def _activation_window(act: Tensor, x: Tensor, layout: str) -> Tensor:
     """The real activation's first sample, its top-left window of the probe's size, on a
     copy of the random probe where the activation is smaller."""
-    a = act.detach()
+    a = L.to_canonical(act.detach(), layout) if act.dim() == L.rank(layout) else act.detach()
     a = a[0] if a.dim() == 4 else a
     out = x.clone()
     h, w = min(a.shape[-2], x.shape[-2]), min(a.shape[-1], x.shape[-1])
     out[0, :, :h, :w] = a[:, :h, :w].to(x)
     return out
+
+
+def _merger(layout: str, reads: str, gives: str, pooled: bool = False):
+    """The map from the probe (canonical view of a region input in ``layout``) to the fused
+    kernel's input: the identity, the mean over positions where the kernel says it pools
+    first, or merging the positions of tokens into the batch where it says it reads
+    ``reads`` values and gives ``gives`` ones (``input_layout``, ``value_layout``)."""
+    if pooled:
+        return lambda t: t.mean((2, 3), keepdim=True)
+    if not reads or reads == gives:
+        return lambda t: t
+    return lambda t: L.to_canonical(L.from_canonical(t, layout).flatten(0, -2), gives)
 
 
 @in_differentiable_mode
@@ -156,17 +193,27 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
     gen = torch.Generator().manual_seed(SEED)
     expr64, leaves = float64_leaves(expr)
-    x = torch.randn(probe_shape(spec), generator=gen, dtype=torch.float64).to(weight.device)
+    layout = rg.region_input(expr).layout
+    try:
+        out_layout = rg.value_layouts(expr)[id(expr)]
+    except Exception as e:  # noqa: BLE001 - a layout the nodes do not agree on: not proven
+        report.checks.append(failed("output[random]", f"{type(e).__name__}: {e}", t64))
+        return report
+    merge = _merger(layout, getattr(fused, "input_layout", ""), fused.value_layout,
+                    getattr(fused, "pooled", False))
+    x = torch.randn(probe_shape(spec, layout), generator=gen,
+                    dtype=torch.float64).to(weight.device)
     probes = {"random": x}
     if example_activation is not None:
-        probes["activation"] = _activation_window(example_activation, x)
+        probes["activation"] = _activation_window(example_activation, x, layout)
     xin = x.clone().requires_grad_(True)
     refs = {}
     for name, p in probes.items():
         try:
             with torch.set_grad_enabled(name == "random"):
-                refs[name] = y_ref = rg.evaluate(expr64, xin if name == "random" else p)
-            y_fused = fused_forward(p, weight, bias, spec)
+                value = L.from_canonical(xin if name == "random" else p, layout)
+                refs[name] = y_ref = L.to_canonical(rg.evaluate(expr64, value), out_layout)
+            y_fused = fused_forward(merge(p), weight, bias, spec)
         except Exception as e:  # a geometry mismatch is a failed proof, not a crash
             report.checks.append(failed(f"output[{name}]", f"{type(e).__name__}: {e}", t64))
             return report
@@ -174,7 +221,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         if module:
             target = fused.dtype if fused.dtype is not None else torch.float32
             with torch.no_grad():
-                y_mod = fused.to_module()(p.to(target))
+                y_mod = L.to_canonical(fused.to_module()(L.from_canonical(p.to(target),
+                                                                          layout)), out_layout)
             report.checks.append(compare(f"module output[{name}]", y_ref, y_mod,
                                          None if tol is None else tol))
     if not report.ok and any(c.name.startswith("output") and c.max_abs == float("inf")
@@ -185,9 +233,13 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
                                 allow_unused=True)
     gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    gx_fused = fused_input_grad(x, weight, grad_out, spec)
+    xl = x.detach().requires_grad_(True)
+    xf = merge(xl)
+    gx_fused = fused_input_grad(xf.detach(), weight, grad_out, spec)
+    if xf is not xl:   # the adjoint of merging positions into the batch
+        (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
     report.checks.append(compare("grad input", gx_ref, gx_fused, t64))
-    report.checks += _weight_mapping(expr64, leaves, grads[1:], x, grad_out, spec,
+    report.checks += _weight_mapping(expr64, leaves, grads[1:], xf.detach(), grad_out, spec,
                                      weight.shape, t64)
     return report
 

@@ -1,6 +1,7 @@
 """The front-end-neutral region expression and what is done with it.
 
 * ``nodes``: the node types, each declaring its facts once;
+* ``layout``: the value layouts (NCHW, NHWC, NCL, NLC, NC) and their canonical view;
 * ``tree``: the one set of utilities that walk an expression;
 * ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only);
 * ``reference``: ``evaluate``, the independent evaluator the proofs compare against;
@@ -14,7 +15,7 @@ here, and a rule in each front end (``repfuse.fx.ops``, ``repfuse.onnx.match``);
 ``registry.missing_rules`` (tested) names whatever is missing.
 """
 
-from repfuse.region import reference
+from repfuse.region import layout, reference
 from repfuse.region.computed import Computed
 from repfuse.region.description import describe
 from repfuse.region.nodes import *  # noqa: F403  (the node types)
@@ -30,14 +31,17 @@ from repfuse.region.tree import (
     materialized,
     node_tensors,
     parameters,
+    region_input,
     substitute,
+    value_layouts,
     walk,
+    with_input,
 )
 from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
 
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
-    "label", "materialized", "node_tensors", "parameters", "reduce", "reference",
-    "substitute", "walk", "worthwhile",
+    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reference",
+    "region_input", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
 ]

@@ -37,6 +37,10 @@ class Computed:
             value = self.fn(*self.sources)
         self.dtype, self.device, self.shape = value.dtype, value.device, tuple(value.shape)
 
+    def dim(self) -> int:
+        """The value's rank (as ``Tensor.dim``, for the checks node types make on it)."""
+        return len(self.shape)
+
     def value(self, exact: bool = False) -> Tensor:
         """The tensor (from float64 copies of floating sources with ``exact``)."""
         if exact:

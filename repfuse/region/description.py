@@ -44,9 +44,40 @@ def _neg(node: N.Neg, args: list[list[str]]) -> list[str]:
     return ["-" + s for s in args[0]]
 
 
+def _conv1d(spec: ConvSpec) -> str:
+    """``conv1d3/s2 d2 g4`` for a spec with one row."""
+    k, s, d = spec.kernel_size[1], spec.stride[1], spec.dilation[1]
+    text = f"conv1d{k}" + (f"/s{s}" if s != 1 else "") + (f" d{d}" if d != 1 else "")
+    if spec.groups > 1:
+        text += " dw" if spec.groups == spec.in_channels == spec.out_channels \
+            else f" g{spec.groups}"
+    return text
+
+
 @describer(N.Conv)
 def _conv(node: N.Conv, args: list[list[str]]) -> list[str]:
+    return _after(args[0], _conv1d(node.spec) if node.weight.dim() == 3
+                  else node.spec.describe())
+
+
+@describer(N.ConvTranspose)
+def _conv_transpose(node: N.ConvTranspose, args: list[list[str]]) -> list[str]:
     return _after(args[0], node.spec.describe())
+
+
+@describer(N.Linear)
+def _linear(node: N.Linear, args: list[list[str]]) -> list[str]:
+    return _after(args[0], "linear")
+
+
+@describer(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list[list[str]]) -> list[str]:
+    return _after(args[0], "globalpool")
+
+
+@describer(N.Transpose, N.Flatten, N.Unflatten)
+def _relayout(node: N.Node, args: list[list[str]]) -> list[str]:
+    return args[0]
 
 
 @describer(N.BatchNorm)

@@ -55,6 +55,7 @@ def produced(rules) -> set[type[Node]]:
 
 def is_region_value(shape: Sequence[int] | None, dtype: torch.dtype | None) -> bool:
     """Whether a value of this shape and dtype can flow through a region: a floating
-    (N, C, H, W) activation."""
-    return shape is not None and len(shape) == 4 and dtype is not None \
+    activation of rank 2 to 4 ((N, C), (N, C, L) / (N, L, C), (N, C, H, W) / (N, H, W, C);
+    see ``region.layout``)."""
+    return shape is not None and 2 <= len(shape) <= 4 and dtype is not None \
         and dtype.is_floating_point

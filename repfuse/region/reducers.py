@@ -2,12 +2,14 @@
 
 One reducer per node type (registered with ``region.registry.reducer``); the reference
 evaluator (``region.reference``) shares no code with them, so the proofs compare two
-independent computations.
+independent computations. Reducers work on the canonical (N, C, H, W) view of the
+region's values (``region.layout``): a Linear is a 1x1 conv, a Conv1d a conv with one
+row, a change of layout the identity; the result records the region's value layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +24,7 @@ from repfuse.region.tree import (
     label,
     materialized,
     own_tensors,
+    region_input,
     walk,
 )
 
@@ -33,6 +36,8 @@ class _Context:
 
     dtype: torch.dtype
     device: torch.device
+    #: ids of the nodes whose value is globally pooled (read after the pool)
+    pooled: set = field(default_factory=set)
 
 
 class _Identity:
@@ -49,16 +54,17 @@ class _Identity:
 
 class _LazyConv:
     """A conv on the region input, cast to float64 only when needed (a following BN folds
-    into it in one pass)."""
+    into it in one pass). ``weight`` is the node's (a 4-D view of a Linear's or a
+    Conv1d's)."""
 
-    def __init__(self, node: N.Conv, spec: ConvSpec) -> None:
-        self.node, self.spec = node, spec
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> None:
+        self.weight, self.bias, self.spec = weight, bias, spec
         self.out_channels = spec.out_channels
         self._conv = None
 
     def conv(self):
         if self._conv is None:
-            self._conv = A.AffineConv.from_tensors(self.node.weight, self.node.bias, self.spec)
+            self._conv = A.AffineConv.from_tensors(self.weight, self.bias, self.spec)
         return self._conv
 
     def fold_bn(self, bn: N.BatchNorm):
@@ -68,10 +74,10 @@ class _LazyConv:
         if scale.numel() != self.out_channels:
             raise NotFusable(f"has {scale.numel()} channels but follows "
                              f"{self.spec.describe()} with {self.out_channels} outputs")
-        w = self.node.weight
+        w = self.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
         weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
-        bias = shift if self.node.bias is None else self.node.bias * scale + shift
+        bias = shift if self.bias is None else self.bias * scale + shift
         return A.AffineConv(weight, bias, self.spec, dtype, w.device)
 
 
@@ -104,22 +110,106 @@ def _input(node: N.Input, args: list, ctx: _Context):
     return _Identity(node.channels, ctx.dtype, ctx.device)
 
 
-@reducer(N.Conv)
-def _conv(node: N.Conv, args: list, ctx: _Context):
-    spec = node.spec
+def _forward_conv(node: N.Node, weight: torch.Tensor, bias, spec: ConvSpec, arg):
+    """A (4-D) forward conv applied to the reduced value ``arg``."""
     if spec.transposed:
-        raise NotFusable("transposed convolution is not fused; leave it")
+        raise NotFusable(f"{spec.describe()} is transposed but held by a forward conv node")
     if spec.layout != "NCHW":
         spec = spec.replace(layout="NCHW")
+    if isinstance(arg, _Identity):
+        if arg.out_channels != spec.in_channels:
+            raise NotFusable(f"expects {spec.in_channels} input channels, the region "
+                             f"input has {arg.out_channels}")
+        spec.check_weight(tuple(weight.shape))
+        return _LazyConv(weight, bias, spec)
+    if spec.padding_mode == "zeros":
+        refuse_bias_through_padding(node.input, spec)
+    return A.compose(_affine(arg), A.AffineConv.from_tensors(weight, bias, spec))
+
+
+@reducer(N.Conv)
+def _conv(node: N.Conv, args: list, ctx: _Context):
+    weight = node.weight.unsqueeze(2) if node.weight.dim() == 3 else node.weight  # Conv1d
+    return _forward_conv(node, weight, node.bias, node.spec, args[0])
+
+
+@reducer(N.Linear)
+def _linear(node: N.Linear, args: list, ctx: _Context):
+    o, i = node.weight.shape
+    return _forward_conv(node, node.weight.reshape(o, i, 1, 1), node.bias, ConvSpec(i, o, 1),
+                         args[0])
+
+
+@reducer(N.ConvTranspose)
+def _conv_transpose(node: N.ConvTranspose, args: list, ctx: _Context):
+    spec = node.spec if node.spec.layout == "NCHW" else node.spec.replace(layout="NCHW")
+    if not spec.transposed:
+        raise NotFusable(f"{spec.describe()} is not transposed but held by a transposed node")
+    deconv = A.AffineConv.from_tensors(node.weight, node.bias, spec)
     if isinstance(args[0], _Identity):
         if args[0].out_channels != spec.in_channels:
             raise NotFusable(f"expects {spec.in_channels} input channels, the region "
                              f"input has {args[0].out_channels}")
-        spec.check_weight(tuple(node.weight.shape))
-        return _LazyConv(node, spec)
-    if spec.padding_mode == "zeros":
-        refuse_bias_through_padding(node.input, spec)
-    return A.compose(_affine(args[0]), A.AffineConv.from_tensors(node.weight, node.bias, spec))
+        return deconv
+    if not A.shift_passes_transposed(spec):
+        for n in walk(node.input):
+            carrier = n.bias_carrier
+            if carrier and isinstance(getattr(n, carrier, None), torch.Tensor):
+                raise NotFusable(
+                    f"{spec.describe()} (padding {spec.padding}) after {label(n)}, which has "
+                    "a bias parameter: a per-channel shift before a transposed convolution "
+                    "reaches its outputs through a number of taps that differs between "
+                    "stride phases and at the borders (it is a bias only for stride 1 and "
+                    "padding >= dilation * (kernel - 1)), so it cannot be folded")
+    return A.compose(_affine(args[0]), deconv)
+
+
+def _track_pooling(node: N.Node, ctx: _Context) -> None:
+    """Record whether ``node``'s value is read after a global pool; branches combined
+    must agree."""
+    inputs = [id(c) in ctx.pooled for c in children(node)]
+    if isinstance(node, N.Unflatten):
+        inputs = inputs[:1]
+    if any(inputs) and not all(inputs):
+        raise NotFusable("combines a globally pooled value with one that is not")
+    if isinstance(node, N.GlobalPool) or any(inputs):
+        ctx.pooled.add(id(node))
+
+
+def _pointwise(arg) -> bool:
+    spec = None if isinstance(arg, _Identity) else arg.spec
+    return spec is None or (spec.kernel_size == (1, 1) and spec.stride == (1, 1)
+                            and max(spec.padding) == 0 and not spec.transposed)
+
+
+@reducer(N.Transpose, N.Unflatten)
+def _relayout(node: N.Node, args: list, ctx: _Context):
+    return args[0]
+
+
+@reducer(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list, ctx: _Context):
+    """The mean over positions commutes with what came before only when that is pointwise;
+    the fused layer then reads the pooled input (``AffineConv.pooled``)."""
+    if id(node.input) in ctx.pooled:
+        raise NotFusable("pools a value that is pooled already")
+    if not _pointwise(args[0]):
+        raise NotFusable(f"averages the positions of a value computed by "
+                         f"{_affine(args[0]).describe()}, which is not pointwise: the mean does "
+                         "not commute with it")
+    return args[0]
+
+
+@reducer(N.Flatten)
+def _flatten(node: N.Flatten, args: list, ctx: _Context):
+    if node.start == 1:
+        if id(node.input) not in ctx.pooled:
+            raise NotFusable("flattens the positions of a value that is not pooled to 1x1")
+        return args[0]
+    if not _pointwise(args[0]):
+        raise NotFusable(f"merges the positions of a value computed by "
+                         f"{_affine(args[0]).describe()}, which is not pointwise")
+    return args[0]
 
 
 @reducer(N.BatchNorm)
@@ -214,12 +304,15 @@ def reduce(expr: N.Node):
     ctx = _Context(*dtype_device(expr))
     original, expr = expr, materialized(expr, exact=True)
     memo: dict[int, object] = {}
+    layouts: dict[int, str] = {}
     for node in walk(expr):
         args = [memo[id(c)] for c in children(node)]
         rule = REDUCERS.get(type(node))
         if rule is None:
             raise NotFusable(f"{type(node).__name__} is not a linear region node", node=node)
         try:
+            layouts[id(node)] = node.out_layout([layouts[id(c)] for c in children(node)])
+            _track_pooling(node, ctx)
             memo[id(node)] = rule(node, args, ctx)
         except NotFusable as err:
             if err.node is not None:
@@ -228,6 +321,19 @@ def reduce(expr: N.Node):
         except ValueError as err:  # GeometryError from ConvSpec
             raise _located(node, err) from err
     out = _affine(memo[id(expr)])
+    layout, inp = layouts[id(expr)], region_input(expr).layout
+    pooled = id(expr) in ctx.pooled
+    if pooled and not _pointwise(out):
+        raise NotFusable(f"the region pools its input and gives {out.describe()}, which is "
+                         "not pointwise; cut it at the pool", node=expr)
+    merged = inp in ("NLC", "NHWC") and layout == "NC" and _pointwise(out)
+    if layout != inp and not merged and not (pooled and inp == "NCHW"):
+        raise NotFusable(f"the region reads a {inp} value and gives a {layout} one (a "
+                         "transpose inside it is not undone); cut it at the transpose",
+                         node=expr)
+    out.value_layout = layout
+    out.input_layout = inp if merged else ""
+    out.pooled = pooled
     if not _finite(out):
         culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
         raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
@@ -243,7 +349,7 @@ def _finite(value) -> bool:
     if isinstance(value, _Identity):
         return True
     if isinstance(value, _LazyConv):
-        tensors = (value.node.weight, value.node.bias)
+        tensors = (value.weight, value.bias)
     else:
         tensors = (value.weight, value.bias)
     with torch.no_grad():

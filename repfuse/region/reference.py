@@ -1,6 +1,8 @@
 """The training form of a region expression run with torch ops: the reference the proofs
 compare a fused convolution against, differentiable in the node tensors (autograd on it
-is the training form's backward).
+is the training form's backward). It runs on the model's own layouts (``F.linear`` on
+the last axis of tokens, ``F.conv1d`` on sequences, the model's transposes and reshapes),
+not on the canonical view the reducers use.
 
 One evaluator per node type (registered with ``region.registry.evaluator``). This module
 shares no code with ``region.reduce``: the proofs depend on the two being independent.
@@ -18,10 +20,13 @@ from repfuse.region.registry import EVALUATORS, evaluator
 from repfuse.region.tree import children, materialized, walk
 
 
-def _channel_view(value, x: Tensor):
+def _channel_view(value, x: Tensor, dim: int = 1):
+    """A scalar or a (C,) tensor broadcast along axis ``dim`` of ``x``."""
     if isinstance(value, torch.Tensor):
         v = value.to(x.dtype)
-        return v.reshape(-1, 1, 1) if v.numel() > 1 else v.reshape(())
+        if v.numel() == 1:
+            return v.reshape(())
+        return v.reshape((-1,) + (1,) * (x.dim() - 1 - dim % x.dim()))
     return value
 
 
@@ -38,6 +43,8 @@ def _input(node: N.Input, args: list, x: Tensor) -> Tensor:
 def _conv(node: N.Conv, args: list, x: Tensor) -> Tensor:
     spec = node.spec
     y = args[0]
+    if node.weight.dim() == 3:
+        return _conv1d(node, y)
     if spec.padding_mode != "zeros":
         t, b, l, r = spec.padding
         y = F.pad(y, (l, r, t, b), mode=spec.padding_mode)
@@ -51,6 +58,60 @@ def _conv(node: N.Conv, args: list, x: Tensor) -> Tensor:
     bias = None if node.bias is None else node.bias.to(y.dtype)
     return F.conv2d(y, node.weight.to(y.dtype), bias, spec.stride, pad, spec.dilation,
                     spec.groups)
+
+
+def _conv1d(node: N.Conv, y: Tensor) -> Tensor:
+    """A Conv1d (spec with one row: kernel (1, K), padding (0, 0, left, right))."""
+    spec = node.spec
+    _, _, left, right = spec.padding
+    if spec.padding_mode != "zeros" or left != right:
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        y = F.pad(y, (left, right), mode=mode)
+        left = 0
+    bias = None if node.bias is None else node.bias.to(y.dtype)
+    return F.conv1d(y, node.weight.to(y.dtype), bias, spec.stride[1], left, spec.dilation[1],
+                    spec.groups)
+
+
+@evaluator(N.ConvTranspose)
+def _conv_transpose(node: N.ConvTranspose, args: list, x: Tensor) -> Tensor:
+    """torch's transposed convolution without padding, then the per-side crop (output
+    padding past the end reads nothing: zeros, then the bias)."""
+    spec, y = node.spec, args[0]
+    full = F.conv_transpose2d(y, node.weight.to(y.dtype), None, spec.stride, 0, 0,
+                              spec.groups, spec.dilation)
+    t, b, l, r = spec.padding
+    oh, ow = spec.output_padding
+    full = F.pad(full, (0, max(0, ow - r), 0, max(0, oh - b)))
+    out = full[:, :, t:full.shape[2] - max(0, b - oh), l:full.shape[3] - max(0, r - ow)]
+    return out if node.bias is None else out + node.bias.to(y.dtype).reshape(-1, 1, 1)
+
+
+@evaluator(N.Linear)
+def _linear(node: N.Linear, args: list, x: Tensor) -> Tensor:
+    y = args[0]
+    bias = None if node.bias is None else node.bias.to(y.dtype)
+    return F.linear(y, node.weight.to(y.dtype), bias)
+
+
+@evaluator(N.Transpose)
+def _transpose(node: N.Transpose, args: list, x: Tensor) -> Tensor:
+    return args[0].permute(*node.perm)
+
+
+@evaluator(N.Flatten)
+def _flatten(node: N.Flatten, args: list, x: Tensor) -> Tensor:
+    return args[0].flatten(1) if node.start == 1 else args[0].flatten(0, -2)
+
+
+@evaluator(N.GlobalPool)
+def _global_pool(node: N.GlobalPool, args: list, x: Tensor) -> Tensor:
+    return F.adaptive_avg_pool2d(args[0], 1) if node.keepdim else args[0].mean((-2, -1))
+
+
+@evaluator(N.Unflatten)
+def _unflatten(node: N.Unflatten, args: list, x: Tensor) -> Tensor:
+    return args[0].reshape(*args[1].shape[:-1], args[0].shape[-1])
 
 
 @evaluator(N.BatchNorm)
@@ -84,12 +145,12 @@ def _avg_pool(node: N.AvgPool, args: list, x: Tensor) -> Tensor:
 
 @evaluator(N.Scale)
 def _scale(node: N.Scale, args: list, x: Tensor) -> Tensor:
-    return args[0] * _channel_view(node.factor, args[0])
+    return args[0] * _channel_view(node.factor, args[0], node.dim)
 
 
 @evaluator(N.Shift)
 def _shift(node: N.Shift, args: list, x: Tensor) -> Tensor:
-    return args[0] + _channel_view(node.value, args[0])
+    return args[0] + _channel_view(node.value, args[0], node.dim)
 
 
 @evaluator(N.Add)
@@ -112,7 +173,7 @@ def _neg(node: N.Neg, args: list, x: Tensor) -> Tensor:
 
 @evaluator(N.Concat)
 def _concat(node: N.Concat, args: list, x: Tensor) -> Tensor:
-    return torch.cat(args, 1)
+    return torch.cat(args, node.dim)
 
 
 @evaluator(N.Pad)

@@ -14,6 +14,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from repfuse.errors import NotFusable
+from repfuse.region import layout as L
 from repfuse.region.computed import Computed, parameter_sources
 from repfuse.region.nodes import Input, Node
 
@@ -58,10 +60,7 @@ def walk(expr: Node) -> list[Node]:
 
 def input_channels(expr: Node) -> int:
     """Channels of the region's ``Input`` node."""
-    for node in walk(expr):
-        if isinstance(node, Input):
-            return node.channels
-    raise ValueError("region expression has no Input node")
+    return region_input(expr).channels
 
 
 def own_tensors(node: Node) -> list[Tensor]:
@@ -196,3 +195,49 @@ def materialized(expr: Node, exact: bool = False) -> Node:
         return memo[id(node)]
 
     return copy(expr)
+
+
+def value_layouts(expr: Node) -> dict[int, str]:
+    """The layout (``region.layout``) of every node's value, by ``id``, from the region
+    input's layout and each node type's ``out_layout``; raises ``NotFusable`` (with
+    ``.node`` set) where a node does not apply to the layout of its inputs."""
+    out: dict[int, str] = {}
+    for node in walk(expr):
+        try:
+            out[id(node)] = node.out_layout([out[id(c)] for c in children(node)])
+        except NotFusable as err:
+            raise NotFusable(f"{label(node)}: {err}", node=node) from err
+    return out
+
+
+def region_input(expr: Node) -> Input:
+    """The region's ``Input`` node."""
+    for node in walk(expr):
+        if isinstance(node, Input):
+            return node
+    raise ValueError("region expression has no Input node")
+
+
+def with_input(shape, build) -> Node:
+    """``build(Input(channels, layout))`` for the layout of a region input of ``shape``
+    (unknown sizes as -1) under which every node applies (``value_layouts``): (N, C, H, W)
+    is NCHW unless a Linear reads it channels-last, (N, A, B) is NCL or NLC by what reads
+    it. When none fits, the first candidate's expression (reducing it names the node that
+    does not)."""
+    if not 2 <= len(shape) <= 4:
+        raise NotFusable(f"a region value has shape {list(shape)}; only (N, C), (N, C, L) / "
+                         "(N, L, C) and (N, C, H, W) / (N, H, W, C) values are fused")
+    options = [(lay, c) for lay, c in L.candidates(shape) if c >= 1]
+    if not options:
+        raise NotFusable(f"the channel count of a region value of shape {list(shape)} is "
+                         "unknown (run shape inference on the model first)")
+    first = None
+    for layout, channels in options:
+        expr = build(Input(channels, layout))
+        first = first or expr
+        try:
+            value_layouts(expr)
+        except NotFusable:
+            continue
+        return expr
+    return first

@@ -68,13 +68,17 @@ def test_cast_back_and_cast_error(dtype):
     assert 0 < scaled.cast_error() <= torch.finfo(dtype).eps * scaled.weight.abs().max()
 
 
-def test_conv_without_bias_gets_zero_bias_and_transposed_refused():
+def test_conv_without_bias_gets_zero_bias_and_transposed_layout():
     conv = nn.Conv2d(2, 3, 3, bias=False)
     ac = AffineConv.from_conv(conv)
     assert torch.equal(ac.bias, torch.zeros(3, dtype=D))
     assert ac.to_module().bias is not None
-    with pytest.raises(NotFusable, match="transposed"):
-        AffineConv(torch.zeros(2, 3, 3, 3, dtype=D), torch.zeros(3, dtype=D),
+    # a transposed conv holds torch's (I, O/g, KH, KW) weight and becomes a ConvTranspose2d
+    t = AffineConv(torch.zeros(2, 3, 3, 3, dtype=D), torch.zeros(3, dtype=D),
+                   ConvSpec(2, 3, 3, transposed=True))
+    assert isinstance(t.to_module(), nn.ConvTranspose2d) and t.describe() == "deconv3x3"
+    with pytest.raises(ValueError, match="shape"):
+        AffineConv(torch.zeros(3, 2, 3, 3, dtype=D), torch.zeros(3, dtype=D),
                    ConvSpec(2, 3, 3, transposed=True))
     with pytest.raises(NotFusable, match="nn.Conv2d"):
         AffineConv.from_conv(nn.ConvTranspose2d(2, 3, 3))

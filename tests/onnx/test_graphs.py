@@ -143,15 +143,25 @@ def test_not_fusable_region_is_reported():
     assert_same(m, res.model)
 
 
-def test_batchnorm_on_other_ranks_is_left_alone():
+def test_batchnorm_on_sequences_becomes_a_1d_conv_other_ranks_left_alone():
     g = G(4)
     flat = g.op("Reshape", [g.op("Relu", ["x"]), _int_const(g, [0, 4, -1])])  # (N, 4, 64)
-    y = g.op("Add", [g.bn(flat, 4), flat])      # worth fusing on 4-D input: BN + identity
+    y = g.op("Add", [g.bn(flat, 4), flat])      # BN + identity on (N, C, L): a 1-D conv
+    m = g.model(g.op("Relu", [y]), 18)
+    m.graph.output[0].type.tensor_type.shape.Clear()
+    res = repfuse.fuse_onnx(m)
+    assert ops(res.model) == ["Relu", "Reshape", "Conv", "Relu"] and res.report.ok
+    (conv,) = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    assert [list(a.ints) for a in conv.attribute if a.name == "kernel_shape"] == [[1]]
+    assert_same(m, res.model)
+    g = G(4)
+    cube = g.op("Reshape", [g.op("Relu", ["x"]), _int_const(g, [0, 4, 2, 4, -1])])  # 5-D
+    y = g.op("Add", [g.bn(cube, 4), cube])
     m = g.model(g.op("Relu", [y]), 18)
     m.graph.output[0].type.tensor_type.shape.Clear()
     res = repfuse.fuse_onnx(m)
     assert "BatchNormalization" in ops(res.model)
-    assert res.report.skipped and "rank 3" in res.report.skipped[0].reason
+    assert res.report.skipped and "rank 5" in res.report.skipped[0].reason
     assert_same(m, res.model)
 
 
