@@ -399,7 +399,7 @@ class Fuser:
         module_params = affine.weight.numel() + affine.bias.numel()
         report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
                               params_before=rg.count_params(expr), params_after=module_params,
-                              cast_error=affine.cast_error())
+                              cast_error=affine.cast_error(), sources=rg.sources(expr))
         self.reports.append(report)
         act = r.input.meta.get(CAPTURE)
         self.fused.append(FusedRegion(r, expr, affine, report, act))

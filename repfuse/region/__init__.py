@@ -28,6 +28,7 @@ from repfuse.region.tree import (
     label,
     node_tensors,
     parameters,
+    sources,
     substitute,
     walk,
 )
@@ -36,5 +37,6 @@ from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "LinearOp", "OpKind", "check_growth", "children",
     "count_params", "describe", "evaluate", "input_channels", "is_region_value", "label",
-    "node_tensors", "parameters", "reduce", "reference", "substitute", "walk", "worthwhile",
+    "node_tensors", "parameters", "reduce", "reference", "sources", "substitute", "walk",
+    "worthwhile",
 ]
