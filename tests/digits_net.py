@@ -7,6 +7,7 @@ branch, then ReLU (the RepVGG idiom, written here from scratch).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ class Digits:
     test_y: np.ndarray
 
 
+@functools.lru_cache(maxsize=1)
 def load() -> Digits:
     """The digits, normalized, split 80/20 (stratified, fixed seed)."""
     from sklearn.datasets import load_digits
@@ -66,6 +68,12 @@ def load() -> Digits:
     tx, vx, ty, vy = train_test_split(x, d.target, test_size=0.2, random_state=0,
                                       stratify=d.target)
     return Digits(tx, ty, vx, vy)
+
+
+@functools.lru_cache(maxsize=1)
+def trained() -> DigitsNet:
+    """The model trained on ``load()``, once per process (callers must not modify it)."""
+    return train(load())
 
 
 def train(data: Digits, *, epochs: int = 8, seed: int = 0) -> DigitsNet:

@@ -24,6 +24,7 @@ from repfuse.quant.weights import (
     dequantized_weights,
     initializer,
     summary,
+    zeroed,
 )
 
 
@@ -59,9 +60,10 @@ def sensitivities(quantizer: QdqQuantizer, nodes: list[WeightedNode], scorer: Sc
 
 
 def _weight_figures(weight: np.ndarray, axis: int, deq: np.ndarray | None) -> tuple:
+    """(median SQNR, worst SQNR, worst zeroed fraction) of the channels."""
     if deq is None:
-        return float("nan"), float("nan")
-    return summary(channel_sqnr(weight, deq, axis))
+        return float("nan"), float("nan"), float("nan")
+    return (*summary(channel_sqnr(weight, deq, axis)), zeroed(weight, deq, axis))
 
 
 def layer_reports(float_proto: onnx.ModelProto, nodes: list[WeightedNode],
@@ -75,8 +77,8 @@ def layer_reports(float_proto: onnx.ModelProto, nodes: list[WeightedNode],
     out = []
     for wn in nodes:
         weight = initializer(float_proto, wn.weight).astype(np.float64)
-        t_med, t_min = _weight_figures(weight, wn.axis, tensor_w.get(wn.name))
-        c_med, c_min = _weight_figures(weight, wn.axis, channel_w.get(wn.name))
+        t_med, t_min, t_zero = _weight_figures(weight, wn.axis, tensor_w.get(wn.name))
+        c_med, c_min, c_zero = _weight_figures(weight, wn.axis, channel_w.get(wn.name))
         module = modules.get(wn.name, "")
         act = ranges.get(wn.name, (float("nan"), float("nan")))
         scales = branch_scales.get(module) or branch_scales.get(wn.name) or []
@@ -86,6 +88,7 @@ def layer_reports(float_proto: onnx.ModelProto, nodes: list[WeightedNode],
             weight_absmax_channel=absmax_channel(weight, wn.axis),
             weight_sqnr_tensor_median=t_med, weight_sqnr_tensor_min=t_min,
             weight_sqnr_channel_median=c_med, weight_sqnr_channel_min=c_min,
+            weight_zeroed_tensor=t_zero, weight_zeroed_channel=c_zero,
             act_min=act[0], act_max=act[1], sensitivity=sensitivity.get(wn.name),
             outliers=outliers(module or wn.name, scales)))
     return out

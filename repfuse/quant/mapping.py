@@ -66,7 +66,8 @@ def module_paths(proto: onnx.ModelProto, nodes: list[WeightedNode],
     digests = _module_weights(model) if model is not None else {}
     out = {}
     for wn in nodes:
-        named = [p for p in (scope_of(by_name[wn.name]), wn.weight.removesuffix(".weight"))
+        from_name = wn.weight[:-len(".weight")] if wn.weight.endswith(".weight") else ""
+        named = [p for p in (scope_of(by_name[wn.name]), from_name)
                  if p and (modules is None or p in modules)]
         matches = digests.get(_digest(numpy_helper.to_array(inits[wn.weight])), []) \
             if digests else []

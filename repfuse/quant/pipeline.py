@@ -15,7 +15,7 @@ from repfuse.quant.keepfloat import Choice, greedy, resolve
 from repfuse.quant.latency import measure_latency
 from repfuse.quant.mapping import module_paths
 from repfuse.quant.prepare import prepare
-from repfuse.quant.qdq import QdqQuantizer, input_name
+from repfuse.quant.qdq import QdqQuantizer, input_name, quantization
 from repfuse.quant.report import Latency, QuantizeReport, QuantizeResult
 from repfuse.quant.weights import weighted_nodes
 
@@ -58,6 +58,7 @@ def quantize_model(model, calibration, *, example_inputs=None, per_channel: bool
                    threads: int | None = None) -> QuantizeResult:
     """See ``repfuse.quantize``."""
     check_options(keep_float, target_sqnr)
+    quantization()      # onnxruntime present, before any work
     prep = prepare(model, calibration, example_inputs=example_inputs, mean=mean, std=std,
                    limit=limit, tol=tol)
     proto, data = prep.proto, prep.calibration.data

@@ -65,7 +65,16 @@ def _example(example_inputs, calibration: Calibration) -> torch.Tensor:
     return args[0]
 
 
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized",
+                      "torch.ao.nn.intrinsic.quantized", "torch.ao.quantization.fake_quantize")
+
+
 def _check_torch_model(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(_QUANTIZED_MODULES):
+            raise InputError(f"the model is already quantized (module '{name or '(root)'}' is "
+                             f"{type(module).__module__}.{type(module).__name__}); give the "
+                             "float training-form model")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_quantized or t.dtype in (torch.qint8, torch.quint8, torch.qint32):
             raise InputError(f"the model is already quantized (tensor '{name}' is "

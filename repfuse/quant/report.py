@@ -43,7 +43,9 @@ class LayerReport:
     from the QDQ model), per output channel; ``*_median`` is the typical channel, ``*_min``
     the worst one (a channel crushed by a per-tensor scale shows here). ``sensitivity``:
     the model's output SQNR (dB) on the calibration data when only this layer is quantized
-    (lower = more sensitive)."""
+    (lower = more sensitive). ``weight_zeroed_*``: the worst output channel's fraction of
+    non-zero weights that quantize to zero (one huge weight sets its channel's scale and
+    erases the rest, which the energy-weighted SQNR hardly shows)."""
 
     node: str                       # ONNX node name in the fused model
     module: str                     # torch module path it came from ("" when unknown)
@@ -56,6 +58,8 @@ class LayerReport:
     weight_sqnr_tensor_min: float
     weight_sqnr_channel_median: float
     weight_sqnr_channel_min: float
+    weight_zeroed_tensor: float
+    weight_zeroed_channel: float
     act_min: float                  # the layer's output range over the calibration data
     act_max: float
     sensitivity: float | None = None

@@ -101,6 +101,18 @@ def channel_sqnr(weight: np.ndarray, quantized: np.ndarray, axis: int) -> np.nda
     return db
 
 
+def zeroed(weight: np.ndarray, quantized: np.ndarray, axis: int) -> float:
+    """The largest fraction, over output channels, of non-zero weights that quantize to
+    zero: a channel whose scale is set by one huge weight loses all the others (its SQNR,
+    dominated by that weight's energy, can still look fine)."""
+    w = np.moveaxis(np.asarray(weight), axis, 0).reshape(weight.shape[axis], -1)
+    wq = np.moveaxis(np.asarray(quantized), axis, 0).reshape(w.shape)
+    nonzero = (w != 0).sum(axis=1)
+    lost = ((w != 0) & (wq == 0)).sum(axis=1)
+    fractions = lost[nonzero > 0] / nonzero[nonzero > 0]
+    return float(fractions.max()) if fractions.size else 0.0
+
+
 def summary(values: np.ndarray) -> tuple[float, float]:
     """(median, min) of the channels' SQNRs, ignoring all-zero channels."""
     finite = values[~np.isnan(values)]
