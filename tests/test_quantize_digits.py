@@ -61,7 +61,8 @@ def _pre_relu_range(module, data) -> tuple[float, float]:
 
 def test_quantize_a_torch_model_fuses_proves_and_names_layers(digits, model):
     calib = digits.train_x[:CALIBRATION]
-    result = quantize_model(model, calib, latency_repeat=5)
+    with torch.inference_mode():        # as in a deployment script
+        result = quantize_model(model, torch.from_numpy(calib), latency_repeat=5)
     report = result.report
     float_acc = torch_accuracy(model, digits)
     assert onnx_accuracy(result.float_model, digits) == float_acc      # fused, exported
@@ -117,8 +118,9 @@ def test_planted_dead_channel_is_named_and_auto_keep_float_recovers(digits, mode
     assert float_acc >= torch_accuracy(model, digits) - 2 * POINT   # a dead channel, no more
     calib = digits.train_x[:CALIBRATION]
 
-    per_tensor = quantize_model(planted, calib, per_channel=False, keep_float="none",
-                                latency_repeat=0)
+    with torch.no_grad():
+        per_tensor = quantize_model(planted, calib, per_channel=False, keep_float="none",
+                                    latency_repeat=0)
     report = per_tensor.report
     assert {(o.layer, o.branch, o.channel) for o in report.outliers} == {
         ("blocks.1.reparam_conv", branch, channel)}
