@@ -20,7 +20,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
-import digits_net as dn  # noqa: E402
+import helpers.digits as dn  # noqa: E402
 
 from repfuse.quant.evaluate import run  # noqa: E402
 from repfuse.quant.pipeline import quantize_model  # noqa: E402

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from repfuse.onnx_io import ort_session
+from repfuse.onnx.runtime import ort_session
 from repfuse.quant.bnscale import BranchScales, outliers
 from repfuse.quant.evaluate import Scorer
 from repfuse.quant.qdq import QdqQuantizer

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import onnx
 
-from repfuse.onnx_io import ort_reason, ort_session
+from repfuse.onnx.runtime import ort_reason, ort_session
 
 
 def session(proto: onnx.ModelProto, threads: int | None = None):

@@ -17,14 +17,14 @@ import onnx
 import torch
 
 from repfuse.errors import InputError, VerificationError
-from repfuse.onnx_export import export_onnx
-from repfuse.onnx_fuse import fuse_onnx_model
-from repfuse.onnx_io import load_onnx
+from repfuse.fx.pipeline import fuse_torch_model
+from repfuse.onnx.export import export_onnx
+from repfuse.onnx.io import load_onnx
+from repfuse.onnx.pipeline import fuse_onnx_model
 from repfuse.quant.bnscale import BranchScales, onnx_branch_scales, torch_branch_scales
 from repfuse.quant.calibration import Calibration, load_calibration
 from repfuse.quant.qdq import quantized_ops
 from repfuse.report import FuseReport
-from repfuse.torch_fuse import fuse_torch_model
 
 
 @dataclass

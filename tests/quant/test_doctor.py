@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-import digits_net as dn  # noqa: E402
+import helpers.digits as dn  # noqa: E402
 
 import repfuse  # noqa: E402
 from repfuse.errors import InputError, VerificationError  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
 
-import digits_net as dn  # noqa: E402
+import helpers.digits as dn  # noqa: E402
 
 from repfuse.quant.evaluate import run  # noqa: E402
 from repfuse.quant.pipeline import quantize_model  # noqa: E402
