@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 
 import helpers.digits as dn  # noqa: E402
 
+import repfuse  # noqa: E402
 from repfuse.quant.evaluate import run  # noqa: E402
-from repfuse.quant.pipeline import quantize_model  # noqa: E402
 
 CALIBRATION = 256           # training images used for calibration
 POINT = 0.01                # one point of accuracy
@@ -62,7 +62,7 @@ def _pre_relu_range(module, data) -> tuple[float, float]:
 def test_quantize_a_torch_model_fuses_proves_and_names_layers(digits, model):
     calib = digits.train_x[:CALIBRATION]
     with torch.inference_mode():        # as in a deployment script
-        result = quantize_model(model, torch.from_numpy(calib), latency_repeat=5)
+        result = repfuse.quantize(model, torch.from_numpy(calib), latency_repeat=5)
     report = result.report
     float_acc = torch_accuracy(model, digits)
     assert onnx_accuracy(result.float_model, digits) == float_acc      # fused, exported
@@ -87,8 +87,6 @@ def test_quantize_a_torch_model_fuses_proves_and_names_layers(digits, model):
 
 @pytest.fixture(scope="module")
 def training_onnx(tmp_path_factory, model, digits):
-    import repfuse
-
     path = tmp_path_factory.mktemp("digits") / "digits_train.onnx"
     repfuse.export_onnx(model, torch.from_numpy(digits.train_x[:1]), path)
     return path
@@ -97,8 +95,9 @@ def training_onnx(tmp_path_factory, model, digits):
 @pytest.mark.parametrize("per_channel, keep_float", [(False, "none"), (True, "none"),
                                                      (False, "auto")])
 def test_modes_on_the_trained_model(digits, model, training_onnx, per_channel, keep_float):
-    result = quantize_model(training_onnx, digits.train_x[:CALIBRATION],
-                            per_channel=per_channel, keep_float=keep_float, latency_repeat=0)
+    result = repfuse.quantize(training_onnx, digits.train_x[:CALIBRATION],
+                              per_channel=per_channel, keep_float=keep_float,
+                              latency_repeat=0)
     report = result.report
     assert report.steps[0].startswith("fused with fuse_onnx and proved: 4 region(s)")
     assert [layer.module for layer in report.layers] == [
@@ -119,8 +118,8 @@ def test_planted_dead_channel_is_named_and_auto_keep_float_recovers(digits, mode
     calib = digits.train_x[:CALIBRATION]
 
     with torch.no_grad():
-        per_tensor = quantize_model(planted, calib, per_channel=False, keep_float="none",
-                                    latency_repeat=0)
+        per_tensor = repfuse.quantize(planted, calib, per_channel=False,
+                                      keep_float="none", latency_repeat=0)
     report = per_tensor.report
     assert {(o.layer, o.branch, o.channel) for o in report.outliers} == {
         ("blocks.1.reparam_conv", branch, channel)}
@@ -138,16 +137,16 @@ def test_planted_dead_channel_is_named_and_auto_keep_float_recovers(digits, mode
     assert not report.ok
     assert onnx_accuracy(per_tensor.model, digits) < float_acc - 20 * POINT  # it really hurts
 
-    per_channel = quantize_model(planted, calib, per_channel=True, keep_float="none",
-                                 latency_repeat=0)
+    per_channel = repfuse.quantize(planted, calib, per_channel=True, keep_float="none",
+                                   latency_repeat=0)
     crushed = {layer.name: layer for layer in per_channel.report.layers}["blocks.1.reparam_conv"]
     # per channel, the outlier's own output channel still loses every other weight (its
     # SQNR, dominated by the 400, does not show it; the zeroed fraction does)
     assert crushed.weight_zeroed_channel > 0.9
     assert crushed.weight_sqnr_channel_median > 20
 
-    auto = quantize_model(planted, calib, per_channel=False, keep_float="auto",
-                          latency_repeat=0)
+    auto = repfuse.quantize(planted, calib, per_channel=False, keep_float="auto",
+                            latency_repeat=0)
     assert "blocks.1.reparam_conv" in auto.report.kept_float
     assert auto.report.ok
     assert onnx_accuracy(auto.model, digits) >= float_acc - POINT

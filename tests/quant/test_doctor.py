@@ -141,6 +141,13 @@ def test_the_onnx_path_names_the_planted_branch(tmp_path):
         ("blocks.1", "blocks.1.identity", 2)]
 
 
+def test_the_public_function_survives_importing_the_package():
+    import repfuse.quant.pipeline  # noqa: F401  (binds repfuse.quant, never repfuse.quantize)
+
+    assert callable(repfuse.quantize) and repfuse.quantize.__module__ == "repfuse.api"
+    assert isinstance(repfuse.QuantizeReport, type)
+
+
 def test_sqnr_and_agreement():
     ref = [np.array([[3.0, 4.0]])]
     assert sqnr(ref, ref) == math.inf
