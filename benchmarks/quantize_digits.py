@@ -5,7 +5,11 @@ per channel and keep-float auto; then with QARepVGG's dead-channel outlier plant
 Latency ratios are float / INT8 measured alternately in the same run (batch 1, all graph
 optimizations); output SQNR is against the fused float model on the calibration data.
 
-    .venv/bin/python benchmarks/quantize_digits.py [--threads 1] [--repeat 200]
+    .venv/bin/python benchmarks/quantize_digits.py [--threads 1] [--repeat 200] [--save DIR]
+
+``--save DIR`` also writes what ``repfuse quantize`` needs to reproduce the planted case
+from the command line: ``digits_planted.pt`` (state dict of ``DigitsNet``) and
+``digits_calib.npy`` (the calibration images).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 # benchmarks/onnx.py would shadow the onnx package: run with tests/ first, not benchmarks/
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--save", metavar="DIR", help="write the planted model's state dict "
+                        "and the calibration batch there")
     args = parser.parse_args()
     torch.set_num_threads(2)
     data = dn.load()
@@ -71,6 +78,9 @@ def main() -> None:
           f"calibration on {len(calib)} training images; onnxruntime {args.threads} thread(s)")
     show("trained model", rows(model, data, calib, args.threads, args.repeat))
     planted, branch, channel = dn.plant_dead_channel(model, data)
+    if args.save:
+        torch.save(planted.state_dict(), os.path.join(args.save, "digits_planted.pt"))
+        np.save(os.path.join(args.save, "digits_calib.npy"), calib)
     show(f"planted: {branch} channel {channel} scale 400 (its input channel dead)",
          rows(planted, data, calib, args.threads, args.repeat))
 

@@ -16,7 +16,12 @@ def _db(x: float | None) -> str:
 
 
 def _num(x: float) -> str:
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
+    if not math.isfinite(x):
+        return str(x)
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
 
 
 def _range(low: float, high: float) -> str:
@@ -28,17 +33,19 @@ def _pct(x: float) -> str:
 
 
 def layer_table(report, *, title: str) -> Table:
-    """One row per weighted layer: weight range; weight SQNR (median/worst channel) with
-    per-tensor and per-channel scales; the worst channel's share of weights rounded to
-    zero (tensor/channel scales); activation range; sensitivity; float or INT8."""
+    """One row per weighted layer: weight range; median weight SQNR over the output
+    channels with per-tensor / per-channel scales; the worst channel's share of weights
+    rounded to zero (tensor / channel scales); activation range; sensitivity. The worst
+    channel's SQNR is in the JSON report."""
     mode = "channel" if report.per_channel else "tensor"
     table = Table(title=f"{title}: INT8 doctor (weights per {mode})", title_justify="left",
-                  caption="SQNR in dB, median/worst channel; zeroed: worst channel's share of "
-                          "weights rounded to 0; alone: output SQNR with only this layer INT8; "
-                          "(float): kept in float; !: see the causes below",
+                  caption="t/c: with per-tensor / per-channel weight scales; SQNR: dB, median "
+                          "channel; zeroed: worst channel's share of weights rounded to 0; "
+                          "alone: output SQNR (dB) with only this layer INT8; (float): kept "
+                          "in float; !: a cause is listed below",
                   caption_justify="left")
     table.add_column("layer", overflow="fold", min_width=14, ratio=1)
-    for name in ("weights", "SQNR tensor", "SQNR chan", "zeroed t/c", "activations", "alone"):
+    for name in ("weights", "SQNR t/c", "zeroed t/c", "activations", "alone"):
         table.add_column(name, justify="right", no_wrap=True)
     worst = min((r.sensitivity for r in report.layers if r.sensitivity is not None),
                 default=None)
@@ -50,8 +57,7 @@ def layer_table(report, *, title: str) -> Table:
             alone = f"[bold]{alone}[/bold]"
         table.add_row(
             name, _range(r.weight_min, r.weight_max),
-            f"{_db(r.weight_sqnr_tensor_median)}/{_db(r.weight_sqnr_tensor_min)}",
-            f"{_db(r.weight_sqnr_channel_median)}/{_db(r.weight_sqnr_channel_min)}",
+            f"{_db(r.weight_sqnr_tensor_median)}/{_db(r.weight_sqnr_channel_median)}",
             f"{_pct(r.weight_zeroed_tensor)}/{_pct(r.weight_zeroed_channel)}",
             _range(r.act_min, r.act_max), alone)
     return table
