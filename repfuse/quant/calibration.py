@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repfuse.errors import InputError
+from repfuse.errors import InputError, first_line
 
 
 @dataclass
@@ -41,10 +41,9 @@ def _from_pt(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise InputError(f"calibration file {path}: cannot be read with "
-                         f"torch.load(weights_only=True) ({first}); save a plain tensor") \
-            from None
+                         f"torch.load(weights_only=True) ({first_line(exc)}); save a plain "
+                         "tensor") from None
 
 
 def _unwrap(value: object, source: str) -> np.ndarray:
@@ -89,7 +88,7 @@ def _read_path(path: Path, input_shape, mean, std, limit) -> tuple[np.ndarray, l
             return np.load(path, allow_pickle=False), []
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"calibration file {path}: not a .npy array without pickled "
-                             f"objects ({type(exc).__name__}: {str(exc)[:120]})") from None
+                             f"objects ({type(exc).__name__}: {first_line(exc)})") from None
     if suffix in (".pt", ".pth"):
         return _unwrap(_from_pt(path), os.fspath(path)), []
     raise InputError(f"calibration file {path}: unknown kind {suffix or '(no suffix)'}; give a "

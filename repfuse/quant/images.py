@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repfuse.errors import InputError
+from repfuse.errors import InputError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -66,7 +66,7 @@ def load_images(folder: Path, input_shape: Sequence[int], *, mean=None, std=None
                 pixels = np.asarray(img, dtype=np.float32) / 255.0
         except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for bad files
             raise InputError(f"calibration image {path} cannot be read ({type(exc).__name__}: "
-                             f"{str(exc)[:120]}); remove it or replace it") from None
+                             f"{first_line(exc)}); remove it or replace it") from None
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         out[i] = (pixels - m) / s
     notes.append(f"{len(files)} image(s) resized to {height}x{width}")

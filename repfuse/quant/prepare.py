@@ -1,8 +1,8 @@
 """From what the user gives to a fused, proven float ONNX model ready to quantize.
 
 A torch module (training form) is fused and proven (``repfuse.fuse`` with its proofs; a
-failed proof raises ``VerificationError``), then exported with ``repfuse.export_onnx``
-(checked with onnxruntime). An ONNX model is fused with ``repfuse.fuse_onnx`` when it
+failed proof raises ``VerificationError``), then exported as ``repfuse.export_onnx`` does
+(checked with onnxruntime against torch). An ONNX model is fused with ``repfuse.fuse_onnx`` when it
 still has linear regions (each proven, the result checked with onnxruntime). Either way
 the BatchNorm scales of the branches each fused layer came from are kept for the doctor.
 """
@@ -10,7 +10,6 @@ the BatchNorm scales of the branches each fused layer came from are kept for the
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import onnx
@@ -18,7 +17,7 @@ import torch
 
 from repfuse.errors import InputError, VerificationError
 from repfuse.fx.pipeline import fuse_torch_model
-from repfuse.onnx.export import export_onnx
+from repfuse.onnx.export import export_checked
 from repfuse.onnx.io import load_onnx
 from repfuse.onnx.pipeline import fuse_onnx_model
 from repfuse.quant.bnscale import BranchScales, onnx_branch_scales, torch_branch_scales
@@ -102,16 +101,12 @@ def _fuse_and_export(model: torch.nn.Module, x: torch.Tensor, calib: Calibration
     result = fuse_torch_model(model, x, verify=True, tol=tol)
     report = result.report
     if not report.ok:
-        err = VerificationError(f"the fused model disagrees with the training form "
-                                f"({_failure(report)}); nothing quantized")
-        err.report = report  # type: ignore[attr-defined]
-        raise err
+        raise VerificationError(f"the fused model disagrees with the training form "
+                                f"({_failure(report)}); nothing quantized", report=report)
     label = f"{type(model).__name__} (torch module)"
     steps = [f"fused and proved: {_fused_text(report)}"]
-    with tempfile.TemporaryDirectory(prefix="repfuse-int8-") as folder:
-        path = os.path.join(folder, "fused.onnx")
-        exported = export_onnx(result.model, (x.to(torch.float32),), path, tol=tol)
-        proto = onnx.load(path)
+    proto, exported = export_checked(result.model, (x.to(torch.float32),), tol=tol,
+                                     where="the fused model's ONNX export")
     steps.append(f"exported with {exported.notes[0]}, checked with onnxruntime against torch")
     scales = {r.path: torch_branch_scales(model, r.sources) for r in report.fused}
     return Prepared(proto, label, calib, result.model, report, steps,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from repfuse.errors import InputError
+from repfuse.errors import InputError, first_line
 
 #: Ops whose presence means a model is already quantized.
 QUANTIZED_OPS = frozenset({
@@ -56,6 +56,19 @@ def _contained_logging():
     finally:
         if handler is not None:
             root.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _quantizer_errors():
+    """onnxruntime's quantizer raises many kinds on graphs it cannot handle: one
+    ``InputError`` naming the reason."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"onnxruntime's quantizer cannot quantize this model "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def input_name(proto: onnx.ModelProto) -> str:
@@ -122,7 +135,7 @@ class QdqQuantizer:
         self.calls += 1
         kwargs = {"calibration_cache_path": os.fspath(self.cache)} if self.cache else {}
         reader = _reader_class(q)(self.name, self.data, self.batch)
-        with _contained_logging():
+        with _contained_logging(), _quantizer_errors():
             q.quantize_static(
                 os.fspath(self.model_path), os.fspath(out), reader,
                 quant_format=q.QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,

@@ -177,6 +177,16 @@ def test_refusals(fused, tmp_path, monkeypatch):
                                                               [1]))
     with pytest.raises(InputError, match="2 inputs"):
         quantize_model(two, data)
+    import onnxruntime.quantization as ortq
+
+    def broken(*args, **kwargs):
+        raise ValueError("Conv_7 has no shape\nand more")
+
+    with monkeypatch.context() as m:
+        m.setattr(ortq, "quantize_static", broken)
+        with pytest.raises(InputError, match=r"quantizer cannot quantize this model "
+                                             r"\(ValueError: Conv_7 has no shape\)$"):
+            quantize_model(proto, data)
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
     with pytest.raises(InputError, match=r"pip install 'repfuse\[onnxruntime\]'"):
         quantize_model(proto, data)
