@@ -89,7 +89,7 @@ def test_a_torch_model_from_a_factory(files, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no calib", "shape", "nan", "empty folder", "quantized",
-                                  "suffix", "input as output", "exists"])
+                                  "suffix", "input as output", "exists", "mean for an array"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, case):
     folder, *_ = files
     model, calib = folder / "train.onnx", folder / "calib.npy"
@@ -114,6 +114,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(files, tmp_path, case)
         args[0], words = first, "already quantized"
     elif case == "suffix":
         args[-1], out, words = tmp_path / "int8.pt", tmp_path / "int8.pt", "use one of .onnx"
+    elif case == "mean for an array":
+        args, words = [*args, "--mean", "0.5"], "--mean/--std normalize a folder of images"
     elif case == "input as output":
         args[-1], out, words = model, model, "never overwrites its input"
     else:
@@ -141,3 +143,17 @@ def test_inspect_int8_prints_the_doctor_and_writes_nothing(files):
     assert code == 2 and "--calib is required" in text
     code, text = invoke("inspect", folder / "train.onnx", "--calib", folder / "calib.npy")
     assert code == 2 and "--int8" in text
+
+
+def test_a_folder_of_images_calibrates_with_mean_and_std(files, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    folder, branch, _ = files
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, digit in enumerate(dn.load().train_x[:64, 0] * dn.STD + dn.MEAN):
+        pixels = np.clip(np.rint(digit * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{i:03d}.png")
+    code, text = invoke("inspect", folder / "train.onnx", "--int8", "--calib", images,
+                        "--mean", str(dn.MEAN), "--std", str(dn.STD))
+    assert code == 0, text
+    assert "64 image(s) resized to 8x8" in text and branch in text
