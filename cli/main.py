@@ -1,4 +1,4 @@
-"""The ``repfuse`` command: a click group with convert, inspect, verify and bench.
+"""The ``repfuse`` command: a click group with convert, inspect, verify, bench and quantize.
 
 Exit codes: 0 ok; 1 verification failed (nothing written); 2 bad usage or bad input. Errors
 are shown as one line (``Error: ...``); ``--debug`` shows the traceback before it, with the
@@ -79,7 +79,8 @@ def _failure(exc: Exception, stage: str, debug: bool) -> Failure:
 
 def stage_text(stage: str) -> str:
     return {"load": "loading the model", "fuse": "fusing", "verify": "verifying",
-            "write": "writing the output", "bench": "benchmarking"}.get(stage, "running")
+            "write": "writing the output", "bench": "benchmarking",
+            "quantize": "quantizing"}.get(stage, "running")
 
 
 def _quietly(fn, *args):
@@ -119,6 +120,7 @@ def cli() -> None:
       repfuse inspect --timm mobileone_s0 --input-shape 1,3,224,224
       repfuse verify train.onnx deploy.onnx
       repfuse bench --arch repvgg_a0 --plot bench.png
+      repfuse quantize --arch repvgg_a0 --weights train.pth --calib batch.npy -o int8.onnx
 
     Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input.
     """
@@ -128,9 +130,10 @@ def _register() -> None:
     from repfuse.cli.commands.bench import bench
     from repfuse.cli.commands.convert import convert
     from repfuse.cli.commands.inspect import inspect
+    from repfuse.cli.commands.quantize import quantize
     from repfuse.cli.commands.verify import verify
 
-    for command in (convert, inspect, verify, bench):
+    for command in (convert, inspect, verify, bench, quantize):
         cli.add_command(command)
 
 

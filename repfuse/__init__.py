@@ -1,11 +1,12 @@
 """repfuse: structural re-parameterization of convolutional networks.
 
-Public API: ``fuse``, ``fuse_onnx``, ``verify``, ``export_onnx`` (see ``repfuse.api``),
-the results and reports they return, and the errors they raise. The result classes
-are imported on first use, so ``import repfuse`` (and ``repfuse --help``) stays cheap.
+Public API: ``fuse``, ``fuse_onnx``, ``verify``, ``export_onnx``, ``quantize`` (see
+``repfuse.api``), the results and reports they return, and the errors they raise. The
+result classes are imported on first use, so ``import repfuse`` (and ``repfuse --help``)
+stays cheap.
 """
 
-from repfuse.api import export_onnx, fuse, fuse_onnx, verify
+from repfuse.api import export_onnx, fuse, fuse_onnx, quantize, verify
 from repfuse.errors import InputError, NotFusable, ReparamError, VerificationError
 
 __version__ = "0.1.0"
@@ -17,9 +18,13 @@ _LAZY = {
     "RegionReport": "repfuse.report",
     "VerifyReport": "repfuse.report",
     "Check": "repfuse.report",
+    "QuantizeResult": "repfuse.quant.report",
+    "QuantizeReport": "repfuse.quant.report",
+    "LayerReport": "repfuse.quant.report",
+    "BranchOutlier": "repfuse.quant.report",
 }
 
-__all__ = ["fuse", "fuse_onnx", "verify", "export_onnx", *_LAZY, "ReparamError",
+__all__ = ["fuse", "fuse_onnx", "verify", "export_onnx", "quantize", *_LAZY, "ReparamError",
            "NotFusable", "InputError", "VerificationError", "__version__"]
 
 

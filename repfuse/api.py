@@ -1,4 +1,4 @@
-"""The public API: ``fuse``, ``fuse_onnx``, ``verify``, ``export_onnx``."""
+"""The public API: ``fuse``, ``fuse_onnx``, ``verify``, ``export_onnx``, ``quantize``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from repfuse.fx.fuse import FuseResult
     from repfuse.onnx.pipeline import OnnxFuseResult
     from repfuse.proofs.compare import Tolerance
+    from repfuse.quant.report import QuantizeResult
     from repfuse.report import VerifyReport
 
     Inputs = torch.Tensor | tuple[Any, ...] | list[Any]
@@ -99,3 +100,45 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     with own_mode():
         return _export_onnx(model, example_inputs, path, opset=opset,
                             dynamic_batch=dynamic_batch, check=check, tol=tol)
+
+
+def quantize(model: nn.Module | str | os.PathLike | onnx.ModelProto, calibration: Any, *,
+             example_inputs: torch.Tensor | None = None, per_channel: bool = True,
+             keep_float: str | list[str] | None = "auto", target_sqnr: float = 30.0,
+             mean: list[float] | None = None, std: list[float] | None = None,
+             limit: int | None = None, tol: Tol = None, latency_repeat: int = 20,
+             threads: int | None = None) -> QuantizeResult:
+    """Fuse, prove and quantize ``model`` to INT8 with onnxruntime (static QDQ), with the
+    doctor's report of what INT8 does to each fused layer and why.
+
+    ``model``: a torch module in training form (fused with ``fuse(verify=True)``, a
+    failed proof raises ``VerificationError``; exported with ``export_onnx``, checked), or
+    an ONNX file / ``ModelProto`` (fused with ``fuse_onnx`` when it has linear regions
+    left, else quantized as given). ``calibration``: real inputs, preprocessed as the
+    model expects: a tensor or array batch (N, C, H, W), a ``.npy`` or ``.pt`` file
+    (``torch.load(weights_only=True)``) or a folder of images (resized to the input
+    shape, scaled to [0, 1], normalized with ``mean`` / ``std``); ``limit`` keeps the
+    first samples. ``example_inputs`` (torch): the input for fusion and its proofs
+    [default: the first calibration sample]. Weights are int8 ``per_channel`` (or per
+    tensor), activations uint8, MinMax calibration. ``keep_float``: ``"auto"`` (the
+    most sensitive layers stay float, greedily, until the output SQNR reaches
+    ``target_sqnr`` dB), ``"none"``/``None``, or a list of torch module paths / ONNX
+    node names. Latency is timed with ``latency_repeat`` runs (0: not timed) on
+    ``threads`` onnxruntime threads.
+
+    Returns a ``QuantizeResult``: ``.model`` (the INT8 ``onnx.ModelProto``, QDQ form, run
+    with onnxruntime on the calibration data), ``.float_model`` (the fused float model)
+    and ``.report`` (``QuantizeReport``: ``.ok`` (finite outputs and output SQNR at or
+    above the target), ``.layers`` (per layer under its torch module path: weight range,
+    weight SQNR per tensor and per channel, the share of weights rounded to zero,
+    activation range, sensitivity, kept in float), ``.outliers`` (training-form BN scales
+    far above their layer's median, by branch and channel), ``.output_sqnr``,
+    ``.top1_agreement``, ``.latency``, ``.steps``, ``.to_dict()``). A model whose output
+    falls short of the target is returned with ``.ok`` False (the CLI writes nothing).
+    """
+    from repfuse.quant.pipeline import quantize_model
+
+    return quantize_model(model, calibration, example_inputs=example_inputs,
+                          per_channel=per_channel, keep_float=keep_float,
+                          target_sqnr=target_sqnr, mean=mean, std=std, limit=limit, tol=tol,
+                          latency_repeat=latency_repeat, threads=threads)

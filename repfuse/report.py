@@ -123,6 +123,8 @@ class RegionReport:
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     cast_error: float = 0.0         # rounding error of casting the float64 result back
+    sources: list[str] = field(default_factory=list)  # its ops: module paths / node names
+    node: str = ""                  # ONNX: the name of the Conv it became
     proofs: VerifyReport | None = None
     layers: list[str] = field(default_factory=list)   # conv / norm layers it holds (fx)
 

@@ -18,6 +18,7 @@ LAYERS = [
     ("repfuse.region",),
     ("repfuse.proofs",),
     ("repfuse.fx", "repfuse.onnx", "repfuse.optim", "repfuse.finetune"),
+    ("repfuse.quant",),
     ("repfuse.api", "repfuse.models"),
     ("repfuse", "repfuse.cli"),
 ]

@@ -430,7 +430,7 @@ class Fuser:
         report = RegionReport(path=path, branches=rg.describe(expr), result=affine.describe(),
                               params_before=rg.count_params(expr), params_after=module_params,
                               cast_error=affine.cast_error(), layers=layers,
-                              proofs=proofs)
+                              proofs=proofs, sources=rg.sources(expr))
         self.reports.append(report)
         act = r.input.meta.get(CAPTURE) if proofs is None else None
         self.fused.append(FusedRegion(r, expr, affine, report, act))

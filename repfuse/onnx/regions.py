@@ -80,6 +80,11 @@ def _scopes(node: ir.Node) -> list[str] | None:
 
 def _common_scope(nodes: list[ir.Node]) -> str:
     """The innermost module scope shared by every node (torch.export-based exports)."""
+    return next((s for s in reversed(_common_scopes(nodes)) if s), "")
+
+
+def _common_scopes(nodes: list[ir.Node]) -> list[str]:
+    """The module scopes (outermost first) shared by every node that records scopes."""
     common: list[str] | None = None
     for node in nodes:
         scopes = _scopes(node)
@@ -92,7 +97,7 @@ def _common_scope(nodes: list[ir.Node]) -> str:
             while n < min(len(common), len(scopes)) and common[n] == scopes[n]:
                 n += 1
             common = common[:n]
-    return next((s for s in reversed(common or []) if s), "")
+    return common or []
 
 
 def linear_ops(graph: ir.Graph) -> dict[ir.Node, LinearOp]:
@@ -244,6 +249,7 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, 
                           proofs=proofs)
     if expr is not None:
         report.params_before = rg.count_params(expr)
+        report.sources = rg.sources(expr)
     if fused is not None:
         report.result = fused.describe()
         report.params_after = fused.weight.numel() + (
@@ -307,9 +313,14 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
                 continue
             if whole is not None:
                 whole.reason += f"; cut at '{cand.input.name}'"
-            written.add(replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused))
+            conv = replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused)
+            scopes = _common_scopes(cand.nodes)
+            if scopes:      # the fused Conv keeps the module scope of what it replaced
+                conv.metadata_props[_SCOPES] = repr([*scopes, conv.name])
+            written.add(conv)
             claimed |= cand.node_set
             reports.append(_region_report(cand, expr, RegionStatus.FUSED, "", fused, proofs))
+            reports[-1].node = conv.name
             progress = True
     for members, rep in skipped:
         if rep.status is RegionStatus.SPLIT and not members & claimed:

@@ -32,6 +32,7 @@ from repfuse.region.tree import (
     node_tensors,
     parameters,
     region_input,
+    sources,
     substitute,
     value_layouts,
     walk,
@@ -43,5 +44,5 @@ __all__ = [
     *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
     "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reference",
-    "region_input", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
+    "region_input", "sources", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
 ]

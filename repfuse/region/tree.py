@@ -119,6 +119,12 @@ def _add_unique(out: dict[str, Tensor], key: str, t: Tensor) -> None:
     out[key] = t
 
 
+def sources(expr: Node) -> list[str]:
+    """The names of the region's named ops (module paths in fx, node names in ONNX), in
+    walk order, each once."""
+    return list(dict.fromkeys(n.name for n in walk(expr) if getattr(n, "name", "")))
+
+
 def count_params(expr: Node) -> int:
     """Number of parameter elements of the region, shared tensors counted once."""
     seen: set = set()
