@@ -7,7 +7,7 @@ statistics): BatchNorm2d layers, Conv2d layers and parameters before, after
 and without its proofs) and the ratio of repfuse's time to ultralytics'; whether
 repfuse's report is ok and how many layers it left alone or did not reach.
 
-    .venv/bin/python benchmarks/ultralytics.py [--models yolov8n,rtdetr-l] [--size 64]
+    .venv/bin/python benchmarks/yolo.py [--models yolov8n,rtdetr-l] [--size 64]
 """
 
 from __future__ import annotations
