@@ -5,7 +5,6 @@ inputs (the implementation of ``repfuse.verify``), with the tolerances and compa
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from repfuse.errors import InputError
 from repfuse.proofs.compare import SEED, compare, failed, least_precise
+from repfuse.proofs.exact import exact_norms, float64_copy
 from repfuse.proofs.modes import ordinary, own_mode
 from repfuse.proofs.truth import judge
 from repfuse.report import Check, VerifyReport
@@ -217,12 +217,12 @@ def _floating(args: tuple) -> list[Tensor]:
 def _float64_values(model: nn.Module, args: tuple, grads: bool,
                     upstream: dict[str, Tensor]) -> dict[str, Tensor]:
     """``model``'s outputs (and input gradients) run in float64 on ``args`` and
-    ``upstream``, by name, on a float64 copy of it (``model`` is not touched)."""
-    with torch.inference_mode(False):
-        model64 = copy.deepcopy(model).double()
+    ``upstream``, by name, on a float64 copy of it (``model`` is not touched), its
+    eval-mode batch norms as affine maps (``repfuse.proofs.exact``)."""
+    model64 = float64_copy(model)
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
-    with eval_mode(model64):
+    with eval_mode(model64), exact_norms():
         flat, _, found = evaluate(model64, args64, grads, upstream)
     values = {n: v for n, v in flat if isinstance(v, Tensor)}
     values.update({n: g for n, g in found.items() if g is not None})

@@ -240,3 +240,53 @@ def test_user_tolerance_is_the_slack():
     f64 = repfuse.fuse(m64, x64, verify=False).model
     assert not repfuse.verify(m64, f64, x64, tol=(0.0, 0.0)).ok
     assert repfuse.verify(m64, f64, x64).ok
+
+
+class _TokenProjections(nn.Module):
+    """Two levels, each a 1x1 conv + BN, flattened to tokens, concatenated and read by a
+    Linear (a detection decoder's input projections, batch 1). The backward of the
+    concatenation hands each BN a channels-last upstream gradient with a degenerate batch
+    stride, on which torch's eval-mode batch-norm backward has returned wrong input
+    gradients (torch 2.14, CPU): the training form is then the model far from the truth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)) for _ in range(2))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, a, b):
+        tokens = [p(x).flatten(2).permute(0, 2, 1) for p, x in zip(self.proj, (a, b))]
+        return self.head(torch.cat(tokens, 1))
+
+
+def test_truth_does_not_share_the_reference_batch_norm_kernel():
+    torch.manual_seed(0)
+    model = _TokenProjections().eval()
+    with torch.no_grad():
+        for p in model.proj:
+            bn = p[1]
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    inputs = (torch.randn(1, 8, 6, 6), torch.randn(1, 8, 3, 3))
+    result = repfuse.fuse(model, inputs)
+    assert result.report.ok
+    assert repfuse.verify(model, result.model, inputs).ok
+    # a planted fault in one fused projection is still caught
+    with torch.no_grad():
+        result.model.proj[1][0].weight[3] *= 1.05
+    assert not repfuse.verify(model, result.model, inputs).ok
+
+
+def test_float64_copy_of_a_model_holding_a_cache_with_autograd_history():
+    from repfuse.proofs.exact import float64_copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model[0].cache = {"bias": model[0].weight.sum() * 2}   # filled by a forward with grad on
+    copied = float64_copy(model)
+    assert copied[0].weight.dtype == torch.float64
+    assert copied[0].cache["bias"].grad_fn is None
+    assert torch.equal(copied[0].cache["bias"], model[0].cache["bias"].detach())
+    assert model[0].cache["bias"].grad_fn is not None   # the model itself is untouched
