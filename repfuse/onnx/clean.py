@@ -40,8 +40,21 @@ def drop_zero_biases(graph: ir.Graph) -> int:
     return dropped
 
 
+def _mend_identity_shapes(graph: ir.Graph) -> None:
+    """An Identity copies its input: where the output's declared shape has another rank
+    (a graph output declared with the wrong rank, which onnxruntime merges leniently), the
+    input's shape is the right one, and the elimination pass would refuse the mismatch."""
+    for node in graph:
+        if node.op_type != "Identity" or not node.inputs or node.inputs[0] is None:
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        if src.shape is not None and dst.shape is not None and len(src.shape) != len(dst.shape):
+            dst.shape = src.shape
+
+
 def clean(model: ir.Model) -> None:
     """Clean ``model`` in place (see the module docstring)."""
+    _mend_identity_shapes(model.graph)
     _UNWRAP(model)
     drop_zero_biases(model.graph)
     _PRUNE(model)
