@@ -248,3 +248,35 @@ def _compare_values(name: str, r, c) -> Check:
     inf = float("inf")
     return Check(name, 0.0 if same else inf, 0.0 if same else inf, 0.0, 0.0, same,
                  "" if same else f"{c!r} != reference {r!r}")
+
+
+def verify_float64(reference: nn.Module, candidate64: nn.Module, example_inputs, *,
+                   grads: bool = True) -> VerifyReport:
+    """Outputs and input gradients of ``reference`` run in float64 (a float64 copy, its
+    eval-mode batch norms as affine maps) against ``candidate64`` (a float64 model, run
+    as given) with the float64 tolerances: the check of a structure whose weights are
+    exact (``repfuse.fx.pipeline``: the fused model with its exact kernels)."""
+    args = as_input_tuple(example_inputs)
+    with own_mode():
+        args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
+                       else a for a in args)
+        model64 = float64_copy(reference)
+        with eval_mode(model64, candidate64), exact_norms():
+            ref_flat, upstream, ref_grads = evaluate(model64, args64, grads)
+            del model64
+            cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
+    report = VerifyReport(dtype="float64")
+    cand = dict(cand_flat)
+    for name, r in ref_flat:
+        c = cand.get(name)
+        if isinstance(r, Tensor) and isinstance(c, Tensor):
+            report.checks.append(compare(name, r, c))
+        elif isinstance(r, Tensor) or isinstance(c, Tensor):
+            report.checks.append(failed(name, "output structure differs"))
+    for name, r in ref_grads.items():
+        c = cand_grads.get(name)
+        if r is not None and c is not None:
+            report.checks.append(compare(name, r, c))
+        elif r is not None or c is not None:
+            report.checks.append(failed(name, "one model's outputs do not depend on the input"))
+    return report

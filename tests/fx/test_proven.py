@@ -43,3 +43,48 @@ def test_region_whose_proof_fails_stays_in_training_form(monkeypatch, caplog):
     # without verification nothing is proven: the (wrong) fusion is what was asked for
     unverified = repfuse.fuse(model, x, verify=False)
     assert len(unverified.report.fused) == 1
+
+
+def _rounding_moved(monkeypatch):
+    """The whole-model check as if rounding the fused weights had moved one output past
+    the criterion (a TopK near-tie flipped): the real check, its first output failed."""
+    import repfuse.fx.pipeline as pipeline
+
+    real = pipeline.verify_models
+
+    def moved(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report.checks[0].ok = False
+        return report
+    monkeypatch.setattr(pipeline, "verify_models", moved)
+
+
+def test_a_difference_the_exact_kernels_explain_passes_with_a_note(monkeypatch):
+    _rounding_moved(monkeypatch)
+    model = make("repvgg").float()
+    result = repfuse.fuse(model, torch.randn(2, 3, 10, 10))
+    checks = result.report.model_checks
+    assert result.report.ok and checks.ok
+    assert checks.checks[0].detail.startswith("passed: the fused structure with its exact")
+    assert any("rounding of the stored weights" in n for n in checks.notes)
+
+
+def test_stored_weights_that_are_not_the_proven_kernels_are_never_excused(monkeypatch):
+    import pytest
+
+    from repfuse.algebra.affine import AffineConv
+    from repfuse.errors import VerificationError
+
+    _rounding_moved(monkeypatch)
+    real = AffineConv.to_module
+
+    def off_by_one_ulp(self):
+        module = real(self)
+        if self.dtype != torch.float64:   # the stored module only, not the exact one
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(torch.nextafter(p, p + 1))
+        return module
+    monkeypatch.setattr(AffineConv, "to_module", off_by_one_ulp)
+    with pytest.raises(VerificationError):
+        repfuse.fuse(make("repvgg").float(), torch.randn(2, 3, 10, 10))
