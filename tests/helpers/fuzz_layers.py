@@ -103,8 +103,10 @@ def _layer_branch(draw, kind: str, cin: int, cout: int, stride: int,
         return LayerBranch("layer", k, (min(lo, total), total - min(lo, total)), d, groups,
                            padding_mode="reflect" if draw(st.integers(0, 12)) == 0
                            else "zeros", **common)
-    p = draw(st.integers(0, d * (k - 1)))
     op = draw(st.integers(0, max(stride, d) - 1))
+    # at most half the taps' reach (plus the output padding) cropped: the output is never
+    # shorter than (size - 1) * stride + 1, so every input size gives a valid layer
+    p = draw(st.integers(0, (d * (k - 1) + op) // 2))
     if extent is not None:  # the output size of the first branch: (k, d, p, op) to match
         options = [(k, d, (d * (k - 1) + op - extent) // 2, op) for k in range(1, 5)
                    for d in (1, 2) for op in range(max(stride, d))
