@@ -32,7 +32,6 @@ def _fuse(model: nn.Module, example_inputs, verify: bool, inplace: bool, tol) ->
 
     result = fuse_module(model, example_inputs, verify=verify, inplace=inplace,
                          check=check if verify else None)
-    result.regions = []
     if verify:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) \
             else (example_inputs,)
