@@ -214,12 +214,25 @@ def _floating(args: tuple) -> list[Tensor]:
     return [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
 
 
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with float64 copies of its floating parameters and buffers (what
+    ``copy.deepcopy(model).double()`` gives, ties kept), made without the intermediate copy
+    in the model's own dtype: at most one float64 copy of the weights is ever held."""
+    memo: dict[int, object] = {}
+    with torch.inference_mode(False):
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in memo or not t.is_floating_point():
+                continue
+            c = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+        return copy.deepcopy(model, memo)
+
+
 def _float64_values(model: nn.Module, args: tuple, grads: bool,
                     upstream: dict[str, Tensor]) -> dict[str, Tensor]:
     """``model``'s outputs (and input gradients) run in float64 on ``args`` and
     ``upstream``, by name, on a float64 copy of it (``model`` is not touched)."""
-    with torch.inference_mode(False):
-        model64 = copy.deepcopy(model).double()
+    model64 = float64_copy(model)
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
     with eval_mode(model64):
