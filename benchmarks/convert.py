@@ -106,6 +106,7 @@ def step_row(name: str, args) -> str:
     model = ultralytics_model(name) if name.startswith("yolo") else \
         randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
+    training_step(model, x)     # warm-up (first-call kernel setup)
     steps, verify, fast = [], [], []
     for _ in range(args.repeats):
         steps.append(median_time(lambda: training_step(model, x), 1)[0])
