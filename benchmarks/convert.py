@@ -6,12 +6,26 @@ For each timm model: the median wall time of ``timm.utils.reparameterize_model``
 gradients), and the inference time of repfuse's fused model vs timm's deploy form.
 
     .venv/bin/python benchmarks/convert.py [--models repvgg_b3,repvgg_a0,mobileone_s0]
+
+``--steps``: ``fuse(verify=True)`` against one training step (forward and backward of the
+training form at the same input), alternately, for timm models and ultralytics yolov8n
+(built from its YAML). ``--memory``: the peak resident size (a fresh process per figure) of
+``repfuse convert --timm repvgg_b3`` against the training form's weight bytes, and of
+``fuse(verify=True)`` of a synthetic RepVGG / RepLKNet-style model of ``--synthetic``
+million parameters built at random (no download).
+
+    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
+        .venv/bin/python benchmarks/convert.py --size 224 --threads 2 --steps
+    .venv/bin/python benchmarks/convert.py --memory --synthetic 400   # glibc defaults
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import timm
@@ -68,6 +82,139 @@ def bench(name: str, args) -> str:
             f"{t_verify:9.3f} {t_verify / t_timm:5.2f}x {ok:>3} {infer:10.3f}x")
 
 
+# ---------------------------------------------------------------- against a training step
+def ultralytics_model(name: str) -> nn.Module:
+    """An ultralytics detection model from its bundled YAML, random weights (no download)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    here = os.path.dirname(os.path.abspath(__file__))   # benchmarks/ultralytics.py is not it
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    from ultralytics.nn import tasks
+
+    torch.manual_seed(0)
+    return randomize(tasks.DetectionModel(f"{name}.yaml", verbose=False)).eval()
+
+
+def training_step(model: nn.Module, x: torch.Tensor) -> None:
+    """Forward and backward of the training form (eval-mode BN, as the proofs run it)."""
+    out = model(x.clone().requires_grad_(True))
+    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+              if isinstance(o, torch.Tensor) and o.requires_grad]
+    torch.autograd.backward(leaves, [torch.ones_like(o) for o in leaves])
+    model.zero_grad(set_to_none=True)
+
+
+def step_row(name: str, args) -> str:
+    """fuse(verify=True) against one training step, alternately, medians."""
+    model = ultralytics_model(name) if name.startswith("yolo") else \
+        randomize(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    training_step(model, x)     # warm-up (first-call kernel setup)
+    steps, verify, fast = [], [], []
+    for _ in range(args.repeats):
+        steps.append(median_time(lambda: training_step(model, x), 1)[0])
+        verify.append(median_time(lambda: repfuse.fuse(model, x, verify=True), 1)[0])
+        fast.append(median_time(lambda: repfuse.fuse(model, x, verify=False), 1)[0])
+    s, v, f = (statistics.median(t) for t in (steps, verify, fast))
+    return f"{name:14} {s:8.3f} {f:8.3f} {v:9.3f} {v / s:6.2f}x"
+
+
+def steps_table(args) -> None:
+    print(f"fuse(verify=True) against one training step, 1x3x{args.size}x{args.size}, "
+          f"threads {args.threads}, median of {args.repeats} (alternated)")
+    print(f"{'model':14} {'step s':>8} {'fuse s':>8} {'verify s':>9} {'ratio':>7}")
+    for name in args.step_models.split(","):
+        print(step_row(name, args), flush=True)
+
+
+# ---------------------------------------------------------------- peak memory
+class Synthetic(nn.Sequential):
+    """A RepVGG / RepLKNet-style training form: a stem, then blocks of a kxk conv + BN, a 1x1
+    conv + BN and a BN identity, with a large-kernel depthwise block (31x31 + 5x5) after
+    every third dense one; built at random."""
+
+    def __init__(self, width: int, dense: int) -> None:
+        layers = [_Branches(3, width, stride=2)]
+        for i in range(dense):
+            layers.append(_Branches(width, width))
+            if i % 3 == 2:
+                layers.append(_Branches(width, width, large=True))
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+class _Branches(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1, large: bool = False) -> None:
+        super().__init__()
+        k, groups = (31, cin) if large else (3, 1)
+        self.big = nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups,
+                                           bias=False), nn.BatchNorm2d(cout))
+        small = 5 if large else 1
+        self.small = nn.Sequential(nn.Conv2d(cin, cout, small, stride, small // 2,
+                                             groups=groups, bias=False), nn.BatchNorm2d(cout))
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+
+    def forward(self, x):
+        y = self.big(x) + self.small(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return torch.relu(y)
+
+
+def synthetic(million: float) -> nn.Module:
+    """A ``Synthetic`` model of about ``million`` million parameters (width 2048)."""
+    width = 2048
+    per_block = width * width * 10       # 3x3 + 1x1 dense convs
+    torch.manual_seed(0)
+    return randomize(Synthetic(width, max(1, round(million * 1e6 / per_block)))).eval()
+
+
+_PEAK = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import convert, repfuse
+torch.set_num_threads({threads})
+model = convert.synthetic({million})
+x = torch.randn(1, 3, {size}, {size})
+n = sum(p.numel() for p in model.parameters())
+rss = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
+r = repfuse.fuse(model, x, verify=True)
+print(n, n * 4, rss * 1024, r.report.ok)
+"""
+
+
+def _peak_kb(cmd: list[str], env: dict | None = None) -> tuple[int, str]:
+    """Run ``cmd`` under ``/usr/bin/time -v``; (peak resident KB, its stdout)."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, check=True)
+    peak = next(int(line.split()[-1]) for line in proc.stderr.splitlines()
+                if "Maximum resident" in line)
+    return peak, proc.stdout
+
+
+def memory_table(args) -> None:
+    import tempfile
+
+    weight = sum(p.numel() * 4 for p in timm.create_model("repvgg_b3").parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [os.path.join(os.path.dirname(sys.executable), "repfuse"), "convert", "--timm",
+               "repvgg_b3", "--input-shape", "1,3,224,224", "-o", f"{tmp}/b3.pt", "--quiet",
+               "--force"]
+        for label, env in (("glibc defaults", {"REPFUSE_SYSTEM_MALLOC": "1"}),
+                           ("as installed", {})):
+            peak, _ = _peak_kb(cli, env)
+            print(f"repfuse convert --timm repvgg_b3 (224, {label}): peak "
+                  f"{peak / 1e6:.2f} GB = {peak * 1024 / weight:.2f}x the weights "
+                  f"({weight / 1e9:.2f} GB)", flush=True)
+    if args.synthetic:
+        code = _PEAK.format(here=os.path.dirname(os.path.abspath(__file__)),
+                            threads=args.threads, million=args.synthetic,
+                            size=args.synthetic_size)
+        peak, out = _peak_kb([sys.executable, "-c", code])
+        n, nbytes, built, ok = out.split()
+        print(f"synthetic {int(n) / 1e6:.0f}M parameters, 1x3x{args.synthetic_size}x"
+              f"{args.synthetic_size}: fuse(verify=True) ok={ok}, peak {peak / 1e6:.2f} GB "
+              f"({int(built) / 1e9:.2f} GB once built; weights {int(nbytes) / 1e9:.2f} GB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="repvgg_b3,repvgg_a0,mobileone_s0")
@@ -75,8 +222,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="example input size (HxW)")
     parser.add_argument("--infer-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", action="store_true",
+                        help="fuse(verify=True) against one training step instead")
+    parser.add_argument("--step-models", default="repvgg_a0,repvgg_b3,mobileone_s0,yolov8n")
+    parser.add_argument("--memory", action="store_true", help="peak resident sizes instead")
+    parser.add_argument("--synthetic", type=float, default=0.0,
+                        help="with --memory: millions of parameters of the synthetic model")
+    parser.add_argument("--synthetic-size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory:
+        return memory_table(args)
+    if args.steps:
+        return steps_table(args)
     keep_freed_memory()  # glibc: keep freed buffers (REPFUSE_SYSTEM_MALLOC=1: defaults)
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, "
           f"example input 1x3x{args.size}x{args.size}, median of {args.repeats}")

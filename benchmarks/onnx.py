@@ -17,8 +17,12 @@ Part 2 (conversion time, the ONNX front end against the torch one). For each mod
 ``repfuse.export_onnx`` file, both with verification, alternately, ``--rounds`` times
 each; the table gives the medians and ONNX / fx (target: <= 2).
 
+Part 3 (``--verify-arch``, the cost of the proofs in the ONNX front end): for each model's
+``repfuse.export_onnx`` file at ``--verify-size``, ``repfuse.fuse_onnx(verify=True)`` against
+``repfuse.fuse_onnx(verify=False)``, alternately, ``--rounds`` times each (target: <= 3).
+
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
-        .venv/bin/python benchmarks/onnx.py [--arch ...] [--timing-arch ...]
+        .venv/bin/python benchmarks/onnx.py [--arch ...] [--timing-arch ...] [--verify-arch ...]
 """
 
 from __future__ import annotations
@@ -173,6 +177,27 @@ def timing_table(args, folder: str) -> None:
         print(f"{arch:<16} {f:>8.2f} {o:>9.2f} {o / f:>8.2f}", flush=True)
 
 
+def verify_cost_table(args, folder: str) -> None:
+    size = args.verify_size
+    print(f"\nfuse_onnx with and without verification, input {size}x{size}, median of "
+          f"{args.rounds} alternated rounds")
+    print(f"{'arch':<16} {'fast (s)':>9} {'proven (s)':>11} {'ratio':>7}")
+    for arch in args.verify_arch:
+        model = timm_model(arch, size)
+        path = os.path.join(folder, f"{arch}.verify.onnx")
+        repfuse.export_onnx(model, torch.randn(1, 3, size, size), path)
+        fast, proven = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            repfuse.fuse_onnx(path, verify=False)
+            fast.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            repfuse.fuse_onnx(path, verify=True)
+            proven.append(time.perf_counter() - start)
+        f, p = statistics.median(fast), statistics.median(proven)
+        print(f"{arch:<16} {f:>9.2f} {p:>11.2f} {p / f:>6.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="*",
@@ -186,6 +211,8 @@ def main() -> None:
                                  "repvit_m0_9", "nextvit_small"])
     parser.add_argument("--timing-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--verify-arch", nargs="*", default=["repvgg_a0", "mobileone_s0"])
+    parser.add_argument("--verify-size", type=int, default=224)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.manual_seed(0)
@@ -194,6 +221,8 @@ def main() -> None:
             latency_table(args, folder)
         if args.timing_arch:
             timing_table(args, folder)
+        if args.verify_arch:
+            verify_cost_table(args, folder)
 
 
 if __name__ == "__main__":

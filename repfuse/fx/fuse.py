@@ -32,7 +32,7 @@ from torch import nn
 
 from repfuse.errors import InputError, first_line
 from repfuse.fx.account import account, count, inventory
-from repfuse.fx.fuser import FusedRegion, Fuser, RegionCheck
+from repfuse.fx.fuser import Fuser, RegionCheck
 from repfuse.fx.reach import Reach, reach
 from repfuse.fx.trace import META
 from repfuse.region.op import is_region_value
@@ -46,9 +46,9 @@ class FuseResult:
 
     model: nn.Module
     report: FuseReport
-    #: the fused regions with their expressions, kernels and captured activations, for
-    #: the proofs (``repfuse.fx.pipeline``); emptied once they have run
-    regions: list[FusedRegion] = field(default_factory=list, repr=False)
+    #: (module path in ``model``, region expression) of every fused layer: what it
+    #: computes, for the whole-model check (no kernels are kept)
+    kernels: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- copying
@@ -160,4 +160,4 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
                             "the modules they call were fused on their own")
     if not report.fused:
         report.notes.append("no fusable linear regions found; the model is unchanged")
-    return FuseResult(fused, report, fuser.fused)
+    return FuseResult(fused, report, fuser.kernels)

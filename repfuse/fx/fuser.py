@@ -51,15 +51,6 @@ RegionCheck = Callable[[rg.Node, object, "torch.Tensor | None"], VerifyReport]
 
 
 @dataclass(eq=False)
-class FusedRegion:
-    region: Region
-    expr: rg.Node
-    affine: object
-    report: RegionReport
-    activation: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
 class _Analysis:
     ops: dict
     ign: set
@@ -158,7 +149,7 @@ class Fuser:
         self.rewritten: set[int] = set()
         self.inlined: set[int] = set()
         self.reports: list[RegionReport] = []
-        self.fused: list[FusedRegion] = []
+        self.kernels: list[tuple[str, rg.Node]] = []   # (fused module path, expression)
         self.kept: list = []        # runtime-fused patterns left whole (fx.keep)
 
     # ------------------------------------------------------------------ helpers
@@ -432,5 +423,4 @@ class Fuser:
                               cast_error=affine.cast_error(), layers=layers,
                               proofs=proofs, sources=rg.sources(expr))
         self.reports.append(report)
-        act = r.input.meta.get(CAPTURE) if proofs is None else None
-        self.fused.append(FusedRegion(r, expr, affine, report, act))
+        self.kernels.append((path, expr))

@@ -27,16 +27,23 @@ from torch.overrides import TorchFunctionMode
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 deep copy of ``model``; tensors with autograd history held in plain
-    attributes (caches filled by a forward with grad on) are copied detached."""
+    """A copy of ``model`` with float64 copies of its floating parameters and buffers (what
+    ``copy.deepcopy(model).double()`` gives, ties kept), made without an intermediate copy
+    in the model's own dtype; tensors with autograd history held in plain attributes
+    (caches filled by a forward with grad on) are copied detached."""
     memo: dict[int, object] = {}
-    for m in model.modules():
-        for value in vars(m).values():
-            for t in _tensors_in(value):
-                if t.grad_fn is not None:
-                    memo[id(t)] = t.detach().clone()
     with torch.inference_mode(False):
-        return copy.deepcopy(model, memo).double()
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in memo or not t.is_floating_point():
+                continue
+            c = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+        for m in model.modules():
+            for value in vars(m).values():
+                for t in _tensors_in(value):
+                    if t.grad_fn is not None and id(t) not in memo:
+                        memo[id(t)] = t.detach().clone()
+        return copy.deepcopy(model, memo)
 
 
 def _tensors_in(value, depth: int = 0) -> Iterator[Tensor]:

@@ -229,44 +229,54 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
                              for c in report.checks):
         return report       # shapes differ: gradients cannot be compared
     y_ref = refs["random"]
+    del refs
     grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(x.device)
-    grads = torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
-                                allow_unused=True)
-    gx_ref = grads[0] if grads[0] is not None else torch.zeros_like(x)
     xl = x.detach().requires_grad_(True)
     xf = merge(xl)
+    # the mapping's adjoint first: its float64 intermediates (the size of the fused kernel)
+    # are freed before the training form's parameter gradients exist (peak memory)
+    adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, weight.shape, t64)
+    grads = list(torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
+                                     allow_unused=True))
+    del y_ref
+    gx_ref = grads.pop(0)
+    gx_ref = gx_ref if gx_ref is not None else torch.zeros_like(x)
     gx_fused = fused_input_grad(xf.detach(), weight, grad_out, spec)
     if xf is not xl:   # the adjoint of merging positions into the batch
         (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
     report.checks.append(compare("grad input", gx_ref, gx_fused, t64))
-    report.checks += _weight_mapping(expr64, leaves, grads[1:], xf.detach(), grad_out, spec,
-                                     weight.shape, t64)
+    del gx_ref, gx_fused
+    if isinstance(adjoint, list):
+        report.checks += adjoint
+        return report
+    for name, leaf in leaves.items():   # one parameter at a time, each freed once compared
+        ga, gt = adjoint.pop(name), grads.pop(0)
+        ga = torch.zeros_like(leaf) if ga is None else ga
+        gt = torch.zeros_like(leaf) if gt is None else gt
+        report.checks.append(compare(f"grad {name}", gt, ga, t64))
+        del ga, gt
     return report
 
 
-def _weight_mapping(expr64, leaves, autograd_grads, x, grad_out, spec, weight_shape,
-                    t64) -> list:
-    """Checks 3: adjoint of the re-parameterization map applied to the fused kernel's
-    gradient (core.conv2d_weight, sum of grad_out) vs autograd on the training form."""
+def _adjoint(expr64, leaves, x, grad_out, spec, weight_shape, t64) -> dict | list:
+    """Checks 3, the fused side: the adjoint of the re-parameterization map applied to the
+    fused kernel's gradient (core.conv2d_weight, sum of grad_out), ``{name: gradient or
+    None}``; or the list of failed checks when the map does not reach the parameters."""
     if not leaves:
-        return []
+        return {}
     gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
     fused64 = rg.reduce(expr64)
     outs = [(fused64.weight, gw)]
     if fused64.bias is not None:
         outs.append((fused64.bias, gb))
     outs = [(o, g) for o, g in outs if o.requires_grad]
+    del fused64, gw, gb
     if not outs:
         return [failed("grad parameters", "the fused kernel does not depend on the region's "
                        "parameters through autograd", t64)]
-    adjoint = torch.autograd.grad([o for o, _ in outs], list(leaves.values()),
-                                  [g for _, g in outs], allow_unused=True)
-    checks = []
-    for (name, leaf), ga, gt in zip(leaves.items(), adjoint, autograd_grads):
-        ga = torch.zeros_like(leaf) if ga is None else ga
-        gt = torch.zeros_like(leaf) if gt is None else gt
-        checks.append(compare(f"grad {name}", gt, ga, t64))
-    return checks
+    found = torch.autograd.grad([o for o, _ in outs], list(leaves.values()),
+                                [g for _, g in outs], allow_unused=True)
+    return dict(zip(leaves, found))
 
 
 def worst(report: VerifyReport, prefix: str = "output") -> tuple[float, float]:
