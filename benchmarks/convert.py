@@ -86,8 +86,6 @@ def bench(name: str, args) -> str:
 def ultralytics_model(name: str) -> nn.Module:
     """An ultralytics detection model from its bundled YAML, random weights (no download)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    here = os.path.dirname(os.path.abspath(__file__))   # benchmarks/ultralytics.py is not it
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     from ultralytics.nn import tasks
 
     torch.manual_seed(0)
