@@ -38,7 +38,7 @@ from repfuse.fx.reach import Reach
 from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
 from repfuse.fx.slicing import normalize
 from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
-from repfuse.region.op import GEOMETRIC, OpKind
+from repfuse.region.op import GEOMETRIC, OpKind, is_region_value
 from repfuse.region.worth import worthwhile
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
 
@@ -90,38 +90,95 @@ def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
     return module
 
 
-def _attempt(r: Region, expr: rg.Node, tried: dict):
-    """``(AffineConv, module)`` for region ``r``, or the ``NotFusable`` / ``ValueError``
-    saying why not (cached in ``tried`` by member set)."""
-    key = frozenset(r.nodes)
-    if key not in tried:
+class _Attempts:
+    """Each region part's outcome, by member set: ``(AffineConv, module)`` or the
+    ``NotFusable`` / ``ValueError`` saying why not. A part is tried once: first on its
+    shapes (``region.shape_refusal``: no kernel is computed), then, if the shapes allow
+    it, reduced. ``counts`` says how many parts were tried and how many were reduced."""
+
+    def __init__(self, counts: Counter) -> None:
+        self.outcomes: dict[frozenset, object] = {}
+        self.counts = counts
+
+    def __call__(self, r: Region, expr: rg.Node):
+        key = frozenset(r.nodes)
+        if key not in self.outcomes:
+            self.counts["attempts"] += 1
+            self.outcomes[key] = self._try(expr)
+        return self.outcomes[key]
+
+    def _try(self, expr: rg.Node):
+        refusal = rg.shape_refusal(expr)
+        if refusal is not None:
+            return refusal
+        self.counts["reductions"] += 1
         try:
             with torch.no_grad():  # the proofs differentiate their own copy
                 affine = rg.reduce(expr)
             rg.check_growth(expr, affine)
             with torch.no_grad():
-                tried[key] = (affine, _like_branches(affine.to_module(), expr))
+                return affine, _like_branches(affine.to_module(), expr)
         except (NotFusable, ValueError) as err:
-            tried[key] = err
-    return tried[key]
+            return err
 
 
-def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: set,
-              tried: dict) -> fx.Node | None:
-    """The interior node of refused region ``r`` (a dominator) at which cutting it lets
-    the most of its nodes fuse (the later one on a tie), or None when no cut lets any."""
-    best, best_score = None, 0
-    for d in dominators(r):
-        score = 0
-        for part in find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts | {d}):
-            if not set(part.nodes) <= set(r.nodes) or part.blocked:
-                continue
-            expr = part.expr()
-            if worthwhile(expr) and not isinstance(_attempt(part, expr, tried), Exception):
-                score += len(part.nodes)
-        if score >= best_score and score > 0:
-            best, best_score = d, score
-    return best
+def _part(r: Region, start: int, stop: int) -> Region | None:
+    """The part of ``r`` made of ``r.nodes[start:stop]`` (a slice between dominators:
+    graph order puts a dominator's ancestors before it and its descendants after it),
+    reading the node before the slice (the region's input for ``start`` 0); None when
+    that value is not one a region may read."""
+    nodes = r.nodes[start:stop]
+    x = r.nodes[start - 1] if start else r.input
+    meta = tensor_meta(x)
+    if meta is None or not is_region_value(*meta):
+        return None
+    return Region(nodes, x, nodes[-1], {n: r.ops[n] for n in nodes})
+
+
+def _fuses(part: Region | None, attempt: _Attempts) -> bool | None:
+    """True: ``part`` fuses; False: it is refused; None: nothing to decide (no part, or
+    one not worth fusing)."""
+    if part is None:
+        return None
+    expr = part.expr()
+    if not worthwhile(expr):
+        return None
+    if part.blocked:
+        return False
+    return not isinstance(attempt(part, expr), Exception)
+
+
+def _cuts(r: Region, attempt: _Attempts) -> list[fx.Node]:
+    """Where to cut refused region ``r`` so that parts of it fuse, or [] when no cut lets
+    any. From the output back: the part ending at ``end`` (at first the output) grows by
+    one dominator-to-dominator slice at a time while it fuses (parts not worth fusing on
+    their own grow on); at its first refusal the longest part that fused is kept, its
+    first dominator becomes the next ``end`` and a cut. When no part ending at ``end``
+    fuses, the last slice is left alone and the next ``end`` is its first dominator. Each
+    round tries one refused part and grows the kept one by a slice per fusing attempt, so
+    the attempts are bounded by twice the number of slices (dominators plus one)."""
+    pos = {n: i for i, n in enumerate(r.nodes)}
+    starts = [0] + [pos[d] + 1 for d in dominators(r)]   # each slice's first index
+    cuts: list[fx.Node] = []
+    fused_any = False
+    end, j = len(r.nodes), len(starts) - 1               # the part is r.nodes[start:end]
+    while j >= 0:
+        best, k = None, j
+        while k >= 0:
+            whole = starts[k] == 0 and end == len(r.nodes)  # known to be refused
+            outcome = False if whole else _fuses(_part(r, starts[k], end), attempt)
+            if outcome:
+                best = k
+            elif outcome is False:
+                break
+            k -= 1
+        nxt = best if best is not None else j             # the next part ends before it
+        fused_any = fused_any or best is not None
+        if nxt <= 0:
+            break
+        cuts.append(r.nodes[starts[nxt] - 1])
+        end, j = starts[nxt], nxt - 1
+    return cuts if fused_any else []
 
 
 def _last(module: nn.Module) -> nn.Module:
@@ -160,6 +217,9 @@ class Fuser:
         self.reports: list[RegionReport] = []
         self.fused: list[FusedRegion] = []
         self.kept: list = []        # runtime-fused patterns left whole (fx.keep)
+        #: the region search's work: regions found ("regions"), parts tried ("attempts"),
+        #: parts reduced with values ("reductions": the others were refused by shapes)
+        self.search: Counter = Counter()
 
     # ------------------------------------------------------------------ helpers
     def shared(self, m: nn.Module) -> str:
@@ -284,13 +344,15 @@ class Fuser:
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
         """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
         that are blocked or not exact are reported and split until none is left: cut
-        at the interior node that lets the most of the region fuse (``_best_cut``), or,
-        when no cut helps, made smaller from the output."""
+        at interior nodes so that parts of it fuse (``_cuts``), or, when no cut helps,
+        made smaller from the output."""
         barriers: set[fx.Node] = set()
         cuts: set[fx.Node] = set()
-        tried: dict[frozenset, object] = {}
+        attempt = _Attempts(self.search)
         while True:
             regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
+            if not cuts and not barriers:
+                self.search["regions"] += sum(not r.is_passthrough for r in regions)
             chosen, restart = [], False
             for r in regions:
                 if r.is_passthrough:
@@ -304,20 +366,21 @@ class Fuser:
                     barriers |= {n for n in r.nodes if r.ops[n].blocked}
                     restart = True
                     break
-                result = _attempt(r, expr, tried)
+                result = attempt(r, expr)
                 if isinstance(result, Exception):
-                    cut = _best_cut(mg, an, r, barriers, cuts, tried)
+                    found = _cuts(r, attempt)
                     kinds = [r.ops[n].kind for n in r.nodes]
                     if kinds.count(OpKind.MODULE) != 1 or set(kinds) - {OpKind.MODULE,
                                                                           OpKind.PASS}:
                         # (a lone submodule call reports itself when it is fused alone)
-                        if cut is None:
+                        if not found:
                             self._report_skip(where, expr, str(result))
                         else:
-                            self._report_skip(where, expr, f"{result}; cut after "
-                                              f"{join(mg.path, cut.name)}", RegionStatus.SPLIT)
-                    if cut is not None:
-                        cuts.add(cut)
+                            names = ", ".join(join(mg.path, c.name) for c in reversed(found))
+                            self._report_skip(where, expr, f"{result}; cut after {names}",
+                                              RegionStatus.SPLIT)
+                    if found:
+                        cuts.update(found)
                     else:
                         geometric = {n for n in r.nodes if r.ops[n].kind in GEOMETRIC}
                         barriers |= geometric or {r.output}

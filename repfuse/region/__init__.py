@@ -21,7 +21,7 @@ from repfuse.region.description import describe
 from repfuse.region.nodes import *  # noqa: F403  (the node types)
 from repfuse.region.nodes import __all__ as _node_names
 from repfuse.region.op import LinearOp, OpKind, is_region_value
-from repfuse.region.reducers import reduce
+from repfuse.region.reducers import reduce, reduce_shapes
 from repfuse.region.reference import evaluate
 from repfuse.region.tree import (
     children,
@@ -38,11 +38,12 @@ from repfuse.region.tree import (
     walk,
     with_input,
 )
-from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
+from repfuse.region.worth import GROWTH_LIMIT, check_growth, shape_refusal, worthwhile
 
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
-    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reference",
-    "region_input", "sources", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
+    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reduce_shapes",
+    "reference", "region_input", "shape_refusal", "sources", "substitute", "value_layouts",
+    "walk", "with_input", "worthwhile",
 ]

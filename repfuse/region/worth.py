@@ -1,18 +1,23 @@
 """The shared rules on whether a region is worth fusing and whether its result is.
 
-``worthwhile`` (before reducing: does fusing replace anything?) and ``check_growth``
-(after reducing: would the fused conv cost more than its branches?) are used by both
-front ends.
+``worthwhile`` (before reducing: does fusing replace anything?), ``check_growth``
+(after reducing: would the fused conv cost more than its branches?) and ``shape_refusal``
+(both, and every other refusal the shapes decide, before any kernel is computed) are used
+by both front ends.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from repfuse.errors import NotFusable
 from repfuse.region.kinds import OpKind
 from repfuse.region.nodes import Add, Concat, Node
+from repfuse.region.reducers import reduce_shapes
 from repfuse.region.tree import count_params, walk
+
+log = logging.getLogger(__name__)
 
 
 def worth_fusing(kinds: Iterable[OpKind]) -> bool:
@@ -51,3 +56,18 @@ def check_growth(expr: Node, fused) -> None:
     if after > GROWTH_LIMIT * max(before, 1):
         raise NotFusable(f"fusing would multiply the parameters by {after / max(before, 1):.1f} "
                          f"({before} -> {after}): more compute than the training form")
+
+
+def shape_refusal(expr: Node) -> Exception | None:
+    """The ``NotFusable`` (or geometry ``ValueError``) that ``reduce`` followed by
+    ``check_growth`` would raise for a reason the shapes and the structure decide, found
+    by a shape-only run (``reduce_shapes``: no kernel is computed); None when the shapes
+    allow the region (its values may still refuse it: ``reduce`` decides)."""
+    try:
+        check_growth(expr, reduce_shapes(expr))
+    except (NotFusable, ValueError) as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - an op without a meta kernel: reduce decides
+        log.debug("shape-only run of a region failed (%s: %s); reducing it with values",
+                  type(err).__name__, err)
+    return None
