@@ -90,36 +90,13 @@ def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
     return module
 
 
-class _Attempts:
-    """Each region part's outcome, by member set: ``(AffineConv, module)`` or the
-    ``NotFusable`` / ``ValueError`` saying why not. A part is tried once: first on its
-    shapes (``region.shape_refusal``: no kernel is computed), then, if the shapes allow
-    it, reduced. ``counts`` says how many parts were tried and how many were reduced."""
-
-    def __init__(self, counts: Counter) -> None:
-        self.outcomes: dict[frozenset, object] = {}
-        self.counts = counts
-
-    def __call__(self, r: Region, expr: rg.Node):
-        key = frozenset(r.nodes)
-        if key not in self.outcomes:
-            self.counts["attempts"] += 1
-            self.outcomes[key] = self._try(expr)
-        return self.outcomes[key]
-
-    def _try(self, expr: rg.Node):
-        refusal = rg.shape_refusal(expr)
-        if refusal is not None:
-            return refusal
-        self.counts["reductions"] += 1
-        try:
-            with torch.no_grad():  # the proofs differentiate their own copy
-                affine = rg.reduce(expr)
-            rg.check_growth(expr, affine)
-            with torch.no_grad():
-                return affine, _like_branches(affine.to_module(), expr)
-        except (NotFusable, ValueError) as err:
-            return err
+def _reduce(expr: rg.Node):
+    """``(AffineConv, module)`` for a region expression; raises ``NotFusable``."""
+    with torch.no_grad():  # the proofs differentiate their own copy
+        affine = rg.reduce(expr)
+    rg.check_growth(expr, affine)
+    with torch.no_grad():
+        return affine, _like_branches(affine.to_module(), expr)
 
 
 def _part(r: Region, start: int, stop: int) -> Region | None:
@@ -135,7 +112,7 @@ def _part(r: Region, start: int, stop: int) -> Region | None:
     return Region(nodes, x, nodes[-1], {n: r.ops[n] for n in nodes})
 
 
-def _fuses(part: Region | None, attempt: _Attempts) -> bool | None:
+def _fuses(part: Region | None, attempt: rg.Attempts) -> bool | None:
     """True: ``part`` fuses; False: it is refused; None: nothing to decide (no part, or
     one not worth fusing)."""
     if part is None:
@@ -145,10 +122,10 @@ def _fuses(part: Region | None, attempt: _Attempts) -> bool | None:
         return None
     if part.blocked:
         return False
-    return not isinstance(attempt(part, expr), Exception)
+    return not isinstance(attempt(frozenset(part.nodes), expr), Exception)
 
 
-def _cuts(r: Region, attempt: _Attempts) -> list[fx.Node]:
+def _cuts(r: Region, attempt: rg.Attempts) -> list[fx.Node]:
     """Where to cut refused region ``r`` so that parts of it fuse, or [] when no cut lets
     any. From the output back: the part ending at ``end`` (at first the output) grows by
     one dominator-to-dominator slice at a time while it fuses (parts not worth fusing on
@@ -348,7 +325,7 @@ class Fuser:
         made smaller from the output."""
         barriers: set[fx.Node] = set()
         cuts: set[fx.Node] = set()
-        attempt = _Attempts(self.search)
+        attempt = rg.Attempts(_reduce, self.search)  # each part tried once
         while True:
             regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
             if not cuts and not barriers:
@@ -366,7 +343,7 @@ class Fuser:
                     barriers |= {n for n in r.nodes if r.ops[n].blocked}
                     restart = True
                     break
-                result = attempt(r, expr)
+                result = attempt(frozenset(r.nodes), expr)
                 if isinstance(result, Exception):
                     found = _cuts(r, attempt)
                     kinds = [r.ops[n].kind for n in r.nodes]

@@ -38,10 +38,16 @@ from repfuse.region.tree import (
     walk,
     with_input,
 )
-from repfuse.region.worth import GROWTH_LIMIT, check_growth, shape_refusal, worthwhile
+from repfuse.region.worth import (
+    GROWTH_LIMIT,
+    Attempts,
+    check_growth,
+    shape_refusal,
+    worthwhile,
+)
 
 __all__ = [
-    *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
+    *_node_names, "GROWTH_LIMIT", "Attempts", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
     "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reduce_shapes",
     "reference", "region_input", "shape_refusal", "sources", "substitute", "value_layouts",

@@ -9,7 +9,8 @@ by both front ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 
 from repfuse.errors import NotFusable
 from repfuse.region.kinds import OpKind
@@ -71,3 +72,32 @@ def shape_refusal(expr: Node) -> Exception | None:
         log.debug("shape-only run of a region failed (%s: %s); reducing it with values",
                   type(err).__name__, err)
     return None
+
+
+class Attempts:
+    """The outcome of each region part a front end tries, by key (its member set): the
+    result of ``reduce_fn(expr)`` or the ``NotFusable`` / ``ValueError`` saying why not.
+    A part is tried once: first on its shapes (``shape_refusal``: no kernel is computed),
+    then, if the shapes allow it, with ``reduce_fn``. ``counts``: parts tried
+    ("attempts") and parts reduced with values ("reductions")."""
+
+    def __init__(self, reduce_fn: Callable[[Node], object], counts: Counter | None = None):
+        self.reduce_fn = reduce_fn
+        self.outcomes: dict[Hashable, object] = {}
+        self.counts = counts if counts is not None else Counter()
+
+    def __call__(self, key: Hashable, expr: Node):
+        if key not in self.outcomes:
+            self.counts["attempts"] += 1
+            self.outcomes[key] = self._try(expr)
+        return self.outcomes[key]
+
+    def _try(self, expr: Node):
+        refusal = shape_refusal(expr)
+        if refusal is not None:
+            return refusal
+        self.counts["reductions"] += 1
+        try:
+            return self.reduce_fn(expr)
+        except (NotFusable, ValueError) as err:
+            return err
