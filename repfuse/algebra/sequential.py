@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from repfuse.algebra.affine import AffineConv, holds, promote_dtypes
+from repfuse.algebra.affine import AffineConv, holds, promote_dtypes, shapes_only
 from repfuse.algebra.embed import reads_padding, regroup
 from repfuse.algebra.scaling import _channel_vector
 from repfuse.algebra.transposed import compose_channelwise
@@ -146,7 +146,10 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
         padding += [blo * sa + alo, bhi * sa + ahi]
     spec = ConvSpec(a.in_channels, b.out_channels, tuple(kernel), tuple(stride),
                     tuple(padding), tuple(dilation), groups, mode)
-    w, bias = _compose_kernels(first, then, groups, tuple(rate_a), tuple(rate_b))
+    if shapes_only(first.weight) or shapes_only(then.weight):
+        w, bias = then.weight.new_empty(spec.weight_shape), then.bias.new_empty(spec.out_channels)
+    else:
+        w, bias = _compose_kernels(first, then, groups, tuple(rate_a), tuple(rate_b))
     return AffineConv(w, bias, spec, promote_dtypes(first.dtype, then.dtype), first.device)
 
 

@@ -78,6 +78,8 @@ class _LazyConv:
                              f"{self.spec.describe()} with {self.out_channels} outputs")
         w = self.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
+        if A.shapes_only(w):
+            return self.conv().replace(dtype=dtype)
         weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
         bias = shift if self.bias is None else self.bias * scale + shift
         return A.AffineConv(weight, bias, self.spec, dtype, w.device)
