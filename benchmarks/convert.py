@@ -88,30 +88,36 @@ SWEEP = ("resnet18,resnet50,res2net50_14w_8s,regnetx_002,xception41,mobilenetv3_
          "nextvit_small,convnext_atto,efficientvit_b0,mobilevitv2_050")
 
 
-def training_step(model: nn.Module, x: torch.Tensor) -> float:
-    """Median time of forward + backward of the training form (a copy in train mode)."""
+def training_step(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
+    """Median time of forward + backward of the training form (a copy in train mode), and
+    "*" when a batch of one cannot train (a BatchNorm1d head): then a batch of two."""
     train = copy.deepcopy(model).train()
+    batch = [x]
 
     def step():
-        out = train(x)
+        out = train(batch[0])
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().sum().backward()
-    step()                                              # warm-up
-    return median_time(step, 3)[0]
+    try:
+        step()                                          # warm-up
+    except ValueError:
+        batch[0] = torch.cat([x, x])
+        step()
+    return median_time(step, 3)[0], "*" if batch[0] is not x else ""
 
 
 def sweep_row(name: str, args) -> str:
     """One sweep row for timm model ``name`` (seconds, ratios, attempts per region)."""
     model = randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
-    t_train = training_step(model, x)
+    t_train, mark = training_step(model, x)
     t_timm, _ = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
     t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
     t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True), 1)
     search = result.report.search
     per_region = search.get("attempts", 0) / max(search.get("regions", 0), 1)
     ok = "yes" if checked.report.ok else "NO"
-    return (f"{name:22} {t_train:7.2f} {t_timm:7.2f} {t_fuse:7.2f} {t_verify:8.2f} "
+    return (f"{name + mark:22} {t_train:7.2f} {t_timm:7.2f} {t_fuse:7.2f} {t_verify:8.2f} "
             f"{t_fuse / t_timm:8.1f}x {t_verify / t_train:8.1f}x "
             f"{search.get('regions', 0):5d} {per_region:6.2f} {ok:>3}")
 
@@ -121,7 +127,8 @@ def run_sweep(args) -> None:
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, "
           f"input 1x3x{args.size}x{args.size}, fuse: median of {args.repeats}, verify: one run")
     print(f"{'model':22} {'train s':>7} {'timm s':>7} {'fuse s':>7} {'verify s':>8} "
-          f"{'fuse/timm':>9} {'ver/train':>9} {'regs':>5} {'att/rg':>6} {'ok':>3}", flush=True)
+          f"{'fuse/timm':>9} {'ver/train':>9} {'regs':>5} {'att/rg':>6} {'ok':>3}  "
+          "(*: training step on a batch of two)", flush=True)
     for name in names:
         cmd = [sys.executable, __file__, "--row", name, "--size", str(args.size),
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
