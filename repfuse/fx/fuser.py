@@ -4,8 +4,10 @@
 (``fx.ops``), decides whether a module's whole forward is one linear region (then
 its calls are linear ops of its caller, so a region spanning several modules is
 fused in the smallest module that contains it), finds maximal regions
-(``fx.match``), reduces them (``region.reduce``), leaves alone and reports the
-ones that are blocked or not exact (splitting them until nothing is left), and
+(``fx.match``), reduces them (``region.reduce``; each part once, refusals the shapes
+decide without computing a kernel: ``region.Attempts``), leaves alone and reports the
+ones that are blocked or not exact (cutting them in one pass from the output, ``_cuts``,
+until nothing is left), and
 writes the fused convs back (``fx.rewrite``) into the module itself (``fx.install``: it
 keeps its class, attributes and hooks). Use counts and argument conformity come from the
 real forward pass (``fx.reach``).

@@ -3,11 +3,13 @@
 * ``nodes``: the node types, each declaring its facts once;
 * ``layout``: the value layouts (NCHW, NHWC, NCL, NLC, NC) and their canonical view;
 * ``tree``: the one set of utilities that walk an expression;
-* ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only);
+* ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only), and
+  ``reduce_shapes``, the same reducers on the shapes only (``meta`` tensors: no kernel);
 * ``reference``: ``evaluate``, the independent evaluator the proofs compare against;
 * ``description``: ``describe``, branch kinds for reports;
 * ``op``: the operation kinds and ``LinearOp`` both front ends return;
-* ``worth``: whether a region is worth fusing, and the growth limit;
+* ``worth``: whether a region is worth fusing, the growth limit, the refusals the shapes
+  decide (``shape_refusal``) and ``Attempts``, each region part tried once, shapes first;
 * ``registry``: where reducers, evaluators and descriptions are registered.
 
 Adding a node type: one class in ``nodes`` plus its reducer, evaluator and description
