@@ -6,8 +6,8 @@ its calls are linear ops of its caller, so a region spanning several modules is
 fused in the smallest module that contains it), finds maximal regions
 (``fx.match``), reduces them (``region.reduce``; each part once, refusals the shapes
 decide without computing a kernel: ``region.Attempts``), leaves alone and reports the
-ones that are blocked or not exact (cutting them in one pass from the output, ``_cuts``,
-until nothing is left), and
+ones that are blocked or not exact (cutting them in one pass from the output,
+until nothing is left; ``fx.cuts``), and
 writes the fused convs back (``fx.rewrite``) into the module itself (``fx.install``: it
 keeps its class, attributes and hooks). Use counts and argument conformity come from the
 real forward pass (``fx.reach``).
@@ -31,16 +31,17 @@ from torch import nn
 from repfuse import region as rg
 from repfuse.errors import NotFusable
 from repfuse.fx.account import expression_layers, layer_kind
+from repfuse.fx.cuts import cut_points
 from repfuse.fx.inline import inline_call, should_inline
 from repfuse.fx.install import install
 from repfuse.fx.keep import kept_patterns
-from repfuse.fx.match import Region, dominators, find_regions, ignorable_nodes
+from repfuse.fx.match import Region, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.reach import Reach
 from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
 from repfuse.fx.slicing import normalize
 from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
-from repfuse.region.op import GEOMETRIC, OpKind, is_region_value
+from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
 
@@ -99,65 +100,6 @@ def _reduce(expr: rg.Node):
     rg.check_growth(expr, affine)
     with torch.no_grad():
         return affine, _like_branches(affine.to_module(), expr)
-
-
-def _part(r: Region, start: int, stop: int) -> Region | None:
-    """The part of ``r`` made of ``r.nodes[start:stop]`` (a slice between dominators:
-    graph order puts a dominator's ancestors before it and its descendants after it),
-    reading the node before the slice (the region's input for ``start`` 0); None when
-    that value is not one a region may read."""
-    nodes = r.nodes[start:stop]
-    x = r.nodes[start - 1] if start else r.input
-    meta = tensor_meta(x)
-    if meta is None or not is_region_value(*meta):
-        return None
-    return Region(nodes, x, nodes[-1], {n: r.ops[n] for n in nodes})
-
-
-def _fuses(part: Region | None, attempt: rg.Attempts) -> bool | None:
-    """True: ``part`` fuses; False: it is refused; None: nothing to decide (no part, or
-    one not worth fusing)."""
-    if part is None:
-        return None
-    expr = part.expr()
-    if not worthwhile(expr):
-        return None
-    if part.blocked:
-        return False
-    return not isinstance(attempt(frozenset(part.nodes), expr), Exception)
-
-
-def _cuts(r: Region, attempt: rg.Attempts) -> list[fx.Node]:
-    """Where to cut refused region ``r`` so that parts of it fuse, or [] when no cut lets
-    any. From the output back: the part ending at ``end`` (at first the output) grows by
-    one dominator-to-dominator slice at a time while it fuses (parts not worth fusing on
-    their own grow on); at its first refusal the longest part that fused is kept, its
-    first dominator becomes the next ``end`` and a cut. When no part ending at ``end``
-    fuses, the last slice is left alone and the next ``end`` is its first dominator. Each
-    round tries one refused part and grows the kept one by a slice per fusing attempt, so
-    the attempts are bounded by twice the number of slices (dominators plus one)."""
-    pos = {n: i for i, n in enumerate(r.nodes)}
-    starts = [0] + [pos[d] + 1 for d in dominators(r)]   # each slice's first index
-    cuts: list[fx.Node] = []
-    fused_any = False
-    end, j = len(r.nodes), len(starts) - 1               # the part is r.nodes[start:end]
-    while j >= 0:
-        best, k = None, j
-        while k >= 0:
-            whole = starts[k] == 0 and end == len(r.nodes)  # known to be refused
-            outcome = False if whole else _fuses(_part(r, starts[k], end), attempt)
-            if outcome:
-                best = k
-            elif outcome is False:
-                break
-            k -= 1
-        nxt = best if best is not None else j             # the next part ends before it
-        fused_any = fused_any or best is not None
-        if nxt <= 0:
-            break
-        cuts.append(r.nodes[starts[nxt] - 1])
-        end, j = starts[nxt], nxt - 1
-    return cuts if fused_any else []
 
 
 def _last(module: nn.Module) -> nn.Module:
@@ -323,7 +265,7 @@ class Fuser:
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
         """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
         that are blocked or not exact are reported and split until none is left: cut
-        at interior nodes so that parts of it fuse (``_cuts``), or, when no cut helps,
+        at interior nodes so that parts of it fuse (``fx.cuts``), or, when no cut helps,
         made smaller from the output."""
         barriers: set[fx.Node] = set()
         cuts: set[fx.Node] = set()
@@ -347,7 +289,7 @@ class Fuser:
                     break
                 result = attempt(frozenset(r.nodes), expr)
                 if isinstance(result, Exception):
-                    found = _cuts(r, attempt)
+                    found = cut_points(r, attempt)
                     kinds = [r.ops[n].kind for n in r.nodes]
                     if kinds.count(OpKind.MODULE) != 1 or set(kinds) - {OpKind.MODULE,
                                                                           OpKind.PASS}:
