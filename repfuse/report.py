@@ -161,6 +161,10 @@ class FuseReport:
     #: modules and functional calls; ONNX: read from the op counts when not set)
     convs: tuple[int, int] | None = None
     norms: tuple[int, int] | None = None
+    #: the region search's work (for debugging its cost): "regions" found, region parts
+    #: tried ("attempts"), and parts reduced with values ("reductions"; the others were
+    #: refused by their shapes alone)
+    search: dict[str, int] = field(default_factory=dict)
 
     @property
     def fused(self) -> list[RegionReport]:
@@ -240,6 +244,7 @@ class FuseReport:
             "regions": [r.to_dict() for r in self.regions],
             "layers": [layer.to_dict() for layer in self.layers],
             "model_checks": self.model_checks.to_dict() if self.model_checks else None,
+            "search": self.search,
         })
 
 

@@ -1,6 +1,6 @@
 """Exact kernel algebra on affine convolutions (y = W * x + b with a ConvSpec)."""
 
-from repfuse.algebra.affine import AffineConv
+from repfuse.algebra.affine import AffineConv, holds, shapes_only
 from repfuse.algebra.bn import (
     bn_conv,
     bn_module_conv,
@@ -20,7 +20,7 @@ from repfuse.algebra.transposed import shift_passes as shift_passes_transposed
 __all__ = [
     "AffineConv", "add", "affine_channels", "align", "avg_pool_conv", "bn_conv",
     "bn_module_conv", "bn_scale_shift", "common_geometry", "compose", "concat", "crop_output",
-    "embed_kernel", "fold_bn", "fold_bn_module", "fold_preceding_bn", "identity_conv",
-    "negate", "pad_output", "reads_padding", "regroup", "scale", "shift",
-    "shift_passes_transposed", "subtract",
+    "embed_kernel", "fold_bn", "fold_bn_module", "fold_preceding_bn", "holds",
+    "identity_conv", "negate", "pad_output", "reads_padding", "regroup", "scale", "shapes_only",
+    "shift", "shift_passes_transposed", "subtract",
 ]

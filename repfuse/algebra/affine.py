@@ -38,6 +38,20 @@ def _torch_pad(padding) -> tuple[int, int, int, int]:
     return (l, r, t, b)
 
 
+def shapes_only(t: Tensor) -> bool:
+    """Whether ``t`` has no values (the ``meta`` device): a shape-only run
+    (``region.reduce_shapes``), in which operations give results of the right shape
+    without computing them (a broadcast product on ``meta`` costs about a millisecond)."""
+    return t.device.type == "meta"
+
+
+def holds(flag: Tensor) -> bool:
+    """``bool(flag.all())`` for a condition on tensor values; True for a tensor without
+    values (the ``meta`` device): a shape-only run (``region.reduce_shapes``) takes every
+    condition on values to hold, and the reduction with values decides it."""
+    return shapes_only(flag) or bool(flag.all())
+
+
 _CHUNK = 1 << 20  # elements per step of cast_error
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from repfuse.algebra.affine import WORK_DTYPE, AffineConv
+from repfuse.algebra.affine import WORK_DTYPE, AffineConv, shapes_only
 from repfuse.algebra.identity import identity_conv
 from repfuse.algebra.scaling import affine_channels
 from repfuse.errors import NotFusable
@@ -19,6 +19,9 @@ def bn_scale_shift(running_mean: Tensor | None, running_var: Tensor | None,
     if running_mean is None or running_var is None:
         raise NotFusable(f"{name} has no running statistics (track_running_stats=False): its "
                          "output depends on the batch, so it cannot be folded; keep it")
+    if shapes_only(running_mean):
+        empty = running_mean.new_empty(running_mean.shape, dtype=WORK_DTYPE)
+        return empty, empty
     mean = running_mean.to(WORK_DTYPE)
     inv_std = torch.rsqrt(running_var.to(WORK_DTYPE) + float(eps))
     scale = inv_std if weight is None else weight.to(WORK_DTYPE) * inv_std

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from repfuse.algebra.affine import AffineConv, promote_dtypes
+from repfuse.algebra.affine import AffineConv, promote_dtypes, shapes_only
 from repfuse.algebra.embed import (
     align,
     check_embeddable,
@@ -45,6 +45,7 @@ def add(*convs: AffineConv) -> AffineConv:
                                                   == groups, convs[k].weight.numel()))
     first = regroup(embed_kernel(convs[base], target), groups)
     weight, bias = None, first.bias
+    meta = shapes_only(first.weight)    # shapes only: the same checks, no arithmetic
     for k, c in enumerate(convs):
         if k == base:
             continue
@@ -52,13 +53,16 @@ def add(*convs: AffineConv) -> AffineConv:
             weight = first.weight.clone()
         taps = _tap_slices(c.spec, target) if c.spec.groups == groups else None
         if taps is not None:  # same groups, taps on a regular grid: a strided slice add
-            weight[:, :, taps[0], taps[1]] += c.weight
+            if not meta:
+                weight[:, :, taps[0], taps[1]] += c.weight
         elif c.spec.transposed:
-            weight = weight + regroup(embed_kernel(c, target), groups).weight
+            embedded = regroup(embed_kernel(c, target), groups).weight
+            weight = weight if meta else weight + embedded
         else:
             index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
-            weight.index_put_(index, c.weight, accumulate=True)
-        bias = bias + c.bias
+            if not meta:
+                weight.index_put_(index, c.weight, accumulate=True)
+        bias = bias if meta else bias + c.bias
     return first.replace(weight=weight, bias=bias,
                          dtype=promote_dtypes(*(c.dtype for c in convs)))
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from repfuse.algebra.affine import AffineConv
+from repfuse.algebra.affine import AffineConv, shapes_only
 from repfuse.algebra.transposed import common_padding
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
@@ -103,6 +103,8 @@ def embed_kernel(conv: AffineConv, target: ConvSpec) -> AffineConv:
     index = [tap_index(src, target, axis) for axis in range(2)]
     th, tw = target.kernel_size
     w = conv.weight
+    if shapes_only(w):
+        return conv.replace(weight=w.new_empty(target.weight_shape), spec=target)
     for axis, (idx, size) in enumerate(zip(index, (th, tw))):
         start = idx[0]
         if idx == list(range(start, start + len(idx))):  # contiguous: a plain zero pad
@@ -172,9 +174,12 @@ def regroup(conv: AffineConv, groups: int) -> AffineConv:
     r = g // groups
     o, ipg, kh, kw = conv.weight.shape
     opg = o // g
-    w = conv.weight.reshape(groups, r, opg, ipg, kh, kw)
-    eye = torch.eye(r, dtype=w.dtype, device=w.device)
-    w = torch.einsum("gaoikl,ab->gaobikl", w, eye).reshape(o, r * ipg, kh, kw)
+    if shapes_only(conv.weight):
+        w = conv.weight.new_empty((o, r * ipg, kh, kw))
+    else:
+        w = conv.weight.reshape(groups, r, opg, ipg, kh, kw)
+        eye = torch.eye(r, dtype=w.dtype, device=w.device)
+        w = torch.einsum("gaoikl,ab->gaobikl", w, eye).reshape(o, r * ipg, kh, kw)
     return conv.replace(weight=w, spec=conv.spec.replace(groups=groups))
 
 

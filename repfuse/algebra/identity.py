@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from repfuse.algebra.affine import WORK_DTYPE, AffineConv
+from repfuse.algebra.affine import WORK_DTYPE, AffineConv, shapes_only
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -30,7 +30,8 @@ def identity_conv(channels: int, kernel_size=1, *, groups: int | None = None, di
     spec = probe.replace(padding=(padding[0], padding[1], padding[2], padding[3]))
     ipg = spec.in_per_group
     weight = torch.zeros(spec.weight_shape, dtype=WORK_DTYPE, device=device)
-    index = torch.arange(channels, device=device)
-    weight[index, index % ipg, centre[0], centre[1]] = 1.0
+    if not shapes_only(weight):
+        index = torch.arange(channels, device=device)
+        weight[index, index % ipg, centre[0], centre[1]] = 1.0
     bias = torch.zeros(channels, dtype=WORK_DTYPE, device=device)
     return AffineConv(weight, bias, spec, dtype, device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from repfuse.algebra.affine import WORK_DTYPE, AffineConv
+from repfuse.algebra.affine import WORK_DTYPE, AffineConv, shapes_only
 from repfuse.errors import NotFusable
 
 
@@ -28,6 +28,8 @@ def affine_channels(conv: AffineConv, scale, shift=0.0) -> AffineConv:
     o = conv.out_channels
     scale = _channel_vector(scale, o, "scale", conv.device)
     shift = _channel_vector(shift, o, "shift", conv.device)
+    if shapes_only(conv.weight):
+        return conv         # the same shapes
     if isinstance(scale, Tensor) and conv.spec.transposed:
         from repfuse.algebra.transposed import scale_outputs
 

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from repfuse.algebra.affine import AffineConv, promote_dtypes
+from repfuse.algebra.affine import AffineConv, holds, promote_dtypes, shapes_only
 from repfuse.algebra.embed import reads_padding, regroup
 from repfuse.algebra.scaling import _channel_vector
 from repfuse.algebra.transposed import compose_channelwise
@@ -39,7 +39,7 @@ def zero_padding_commutes(spec: ConvSpec) -> bool:
 
 
 def _bias_is_zero(conv: AffineConv) -> bool:
-    return bool((conv.bias.detach() == 0).all())
+    return holds(conv.bias.detach() == 0)
 
 
 def _is_channelwise(spec: ConvSpec) -> bool:
@@ -146,7 +146,10 @@ def compose(first: AffineConv, then: AffineConv) -> AffineConv:
         padding += [blo * sa + alo, bhi * sa + ahi]
     spec = ConvSpec(a.in_channels, b.out_channels, tuple(kernel), tuple(stride),
                     tuple(padding), tuple(dilation), groups, mode)
-    w, bias = _compose_kernels(first, then, groups, tuple(rate_a), tuple(rate_b))
+    if shapes_only(first.weight) or shapes_only(then.weight):
+        w, bias = then.weight.new_empty(spec.weight_shape), then.bias.new_empty(spec.out_channels)
+    else:
+        w, bias = _compose_kernels(first, then, groups, tuple(rate_a), tuple(rate_b))
     return AffineConv(w, bias, spec, promote_dtypes(first.dtype, then.dtype), first.device)
 
 
@@ -167,7 +170,7 @@ def pad_output(conv: AffineConv, padding, value=0.0, name: str = "pad") -> Affin
     tol = 64 * torch.finfo(conv.dtype).eps * (1.0 + conv.bias.detach().abs())
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         tol = torch.maximum(tol, 64 * torch.finfo(value.dtype).eps * (1.0 + vt.detach().abs()))
-    if not bool(((vt.detach() - conv.bias.detach()).abs() <= tol).all()):
+    if not holds((vt.detach() - conv.bias.detach()).abs() <= tol):
         raise NotFusable(f"{name}: pads the output of {conv.describe()} with a value that is "
                          "not the value it gives for a zero input (its bias); the border would "
                          "differ from a padded input, so this is not one convolution")

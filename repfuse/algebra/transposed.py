@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repfuse.algebra.affine import promote_dtypes
+from repfuse.algebra.affine import holds, promote_dtypes
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -68,7 +68,7 @@ def compose_channelwise(first, then):
         raise NotFusable(f"{then.describe()} after {first.describe()}: only per-channel "
                          "scales and shifts fold into a transposed convolution")
     scale, shift = first.weight[:, 0, 0, 0], first.bias
-    if not shift_passes(then.spec) and not bool((shift.detach() == 0).all()):
+    if not shift_passes(then.spec) and not holds(shift.detach() == 0):
         raise NotFusable(
             f"{then.describe()} (padding {then.spec.padding}) after a per-channel shift: "
             "the shift reaches the outputs through a number of taps that differs between "

@@ -145,6 +145,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     if original:
         _unshare(fused, original)
     report.regions = fuser.reports
+    report.search = dict(fuser.search)
     if kept_note(fuser.kept):
         report.notes.append(kept_note(fuser.kept))
     report.layers = account(layers, found, fuser.reports)

@@ -4,8 +4,10 @@
 (``fx.ops``), decides whether a module's whole forward is one linear region (then
 its calls are linear ops of its caller, so a region spanning several modules is
 fused in the smallest module that contains it), finds maximal regions
-(``fx.match``), reduces them (``region.reduce``), leaves alone and reports the
-ones that are blocked or not exact (splitting them until nothing is left), and
+(``fx.match``), reduces them (``region.reduce``; each part once, refusals the shapes
+decide without computing a kernel: ``region.Attempts``), leaves alone and reports the
+ones that are blocked or not exact (cutting them in one pass from the output,
+until nothing is left; ``fx.cuts``), and
 writes the fused convs back (``fx.rewrite``) into the module itself (``fx.install``: it
 keeps its class, attributes and hooks). Use counts and argument conformity come from the
 real forward pass (``fx.reach``).
@@ -29,10 +31,11 @@ from torch import nn
 from repfuse import region as rg
 from repfuse.errors import NotFusable
 from repfuse.fx.account import expression_layers, layer_kind
+from repfuse.fx.cuts import cut_points
 from repfuse.fx.inline import inline_call, should_inline
 from repfuse.fx.install import install
 from repfuse.fx.keep import kept_patterns
-from repfuse.fx.match import Region, dominators, find_regions, ignorable_nodes
+from repfuse.fx.match import Region, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.reach import Reach
 from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
@@ -81,38 +84,13 @@ def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
     return module
 
 
-def _attempt(r: Region, expr: rg.Node, tried: dict):
-    """``(AffineConv, module)`` for region ``r``, or the ``NotFusable`` / ``ValueError``
-    saying why not (cached in ``tried`` by member set)."""
-    key = frozenset(r.nodes)
-    if key not in tried:
-        try:
-            with torch.no_grad():  # the proofs differentiate their own copy
-                affine = rg.reduce(expr)
-            rg.check_growth(expr, affine)
-            with torch.no_grad():
-                tried[key] = (affine, _like_branches(affine.to_module(), expr))
-        except (NotFusable, ValueError) as err:
-            tried[key] = err
-    return tried[key]
-
-
-def _best_cut(mg: ModuleGraph, an: _Analysis, r: Region, barriers: set, cuts: set,
-              tried: dict) -> fx.Node | None:
-    """The interior node of refused region ``r`` (a dominator) at which cutting it lets
-    the most of its nodes fuse (the later one on a tie), or None when no cut lets any."""
-    best, best_score = None, 0
-    for d in dominators(r):
-        score = 0
-        for part in find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts | {d}):
-            if not set(part.nodes) <= set(r.nodes) or part.blocked:
-                continue
-            expr = part.expr()
-            if worthwhile(expr) and not isinstance(_attempt(part, expr, tried), Exception):
-                score += len(part.nodes)
-        if score >= best_score and score > 0:
-            best, best_score = d, score
-    return best
+def _reduce(expr: rg.Node):
+    """``(AffineConv, module)`` for a region expression; raises ``NotFusable``."""
+    with torch.no_grad():  # the proofs differentiate their own copy
+        affine = rg.reduce(expr)
+    rg.check_growth(expr, affine)
+    with torch.no_grad():
+        return affine, _like_branches(affine.to_module(), expr)
 
 
 def _last(module: nn.Module) -> nn.Module:
@@ -151,6 +129,9 @@ class Fuser:
         self.reports: list[RegionReport] = []
         self.kernels: list[tuple[str, rg.Node]] = []   # (fused module path, expression)
         self.kept: list = []        # runtime-fused patterns left whole (fx.keep)
+        #: the region search's work: regions found ("regions"), parts tried ("attempts"),
+        #: parts reduced with values ("reductions": the others were refused by shapes)
+        self.search: Counter = Counter()
 
     # ------------------------------------------------------------------ helpers
     def shared(self, m: nn.Module) -> str:
@@ -275,13 +256,15 @@ class Fuser:
     def _decide(self, mg: ModuleGraph, an: _Analysis) -> list[tuple]:
         """Regions of ``mg`` to fuse: (region, expression, (AffineConv, module)); regions
         that are blocked or not exact are reported and split until none is left: cut
-        at the interior node that lets the most of the region fuse (``_best_cut``), or,
-        when no cut helps, made smaller from the output."""
+        at interior nodes so that parts of it fuse (``fx.cuts``), or, when no cut helps,
+        made smaller from the output."""
         barriers: set[fx.Node] = set()
         cuts: set[fx.Node] = set()
-        tried: dict[frozenset, object] = {}
+        attempt = rg.Attempts(_reduce, self.search)  # each part tried once
         while True:
             regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
+            if not cuts and not barriers:
+                self.search["regions"] += sum(not r.is_passthrough for r in regions)
             chosen, restart = [], False
             for r in regions:
                 if r.is_passthrough:
@@ -295,20 +278,21 @@ class Fuser:
                     barriers |= {n for n in r.nodes if r.ops[n].blocked}
                     restart = True
                     break
-                result = _attempt(r, expr, tried)
+                result = attempt(frozenset(r.nodes), expr)
                 if isinstance(result, Exception):
-                    cut = _best_cut(mg, an, r, barriers, cuts, tried)
+                    found = cut_points(r, attempt)
                     kinds = [r.ops[n].kind for n in r.nodes]
                     if kinds.count(OpKind.MODULE) != 1 or set(kinds) - {OpKind.MODULE,
                                                                           OpKind.PASS}:
                         # (a lone submodule call reports itself when it is fused alone)
-                        if cut is None:
+                        if not found:
                             self._report_skip(where, expr, str(result))
                         else:
-                            self._report_skip(where, expr, f"{result}; cut after "
-                                              f"{join(mg.path, cut.name)}", RegionStatus.SPLIT)
-                    if cut is not None:
-                        cuts.add(cut)
+                            names = ", ".join(join(mg.path, c.name) for c in reversed(found))
+                            self._report_skip(where, expr, f"{result}; cut after {names}",
+                                              RegionStatus.SPLIT)
+                    if found:
+                        cuts.update(found)
                     else:
                         geometric = {n for n in r.nodes if r.ops[n].kind in GEOMETRIC}
                         barriers |= geometric or {r.output}

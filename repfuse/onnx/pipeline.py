@@ -11,6 +11,7 @@ against the original graph.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +71,15 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     for p in patterns:
         log.debug("kept %s whole: %s", p.name, ", ".join(
             v.producer().name or v.producer().op_type for v in p.values))
-    regions = fuse_graph(graph_ir, check=check, keep=frozenset(kept_nodes(patterns)))
+    search: Counter = Counter()
+    regions = fuse_graph(graph_ir, check=check, keep=frozenset(kept_nodes(patterns)),
+                         search=search)
     clean(graph_ir)
     fused = ir.to_proto(graph_ir)
     del fused.graph.value_info[:]
     report = FuseReport(regions=regions, params_before=count_parameters(proto),
                         params_after=count_parameters(fused), ops_before=op_counts(proto),
-                        ops_after=op_counts(fused))
+                        ops_after=op_counts(fused), search=dict(search))
     split = f", {len(report.split)} fused in parts" if report.split else ""
     report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
                         f"left as they are in {source}")

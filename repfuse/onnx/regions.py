@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -262,19 +263,24 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, 
 
 
 def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
-               keep: frozenset = frozenset()) -> list[RegionReport]:
+               keep: frozenset = frozenset(),
+               search: Counter | None = None) -> list[RegionReport]:
     """Fuse every linear region of ``model.graph`` in place; returns one report per region
     found (fused, skipped with the reason, or split: refused as a whole while parts of it
     are fused, each reported as a region of its own).
 
     A refused region is cut: the largest part after an interior dominator that reduces
-    (``suffix_cuts``) is fused, and the part before it is a candidate of its own. Passes
+    (``suffix_cuts``, grown from the output: ``_fusable_suffix``) is fused, and the part
+    before it is a candidate of its own. Each part is tried once (``region.Attempts``:
+    shapes first; ``search`` counts the candidates, the parts tried and the parts
+    reduced). Passes
     repeat until one fuses nothing; in a later pass the Convs written by the earlier
     ones are not linear ops, so a region is also cut after a part that did fuse (a
     1x1+BN whose bias a padded depthwise conv must not see, say) and the rest, which
     reads that part's output, becomes a region of its own. Nodes in ``keep`` (the
     runtime-fused patterns, ``onnx.keep``) are never part of a region."""
     graph = model.graph
+    attempt = rg.Attempts(lambda expr: (expr, _reduce_expr(expr)), search)
     claimed: set = set()
     written: set = set()
     reports: list[RegionReport] = []
@@ -287,15 +293,16 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
         for cand in find_candidates(graph, ops):
             if cand.node_set & claimed:
                 continue
+            attempt.counts["regions"] += frozenset(cand.node_set) not in attempt.outcomes
             whole = None        # the refused region's report when ``cand`` is a part of it
             try:
                 if cand.reason:     # a value inside is needed outside
                     raise NotFusable(cand.reason)
-                expr, fused = _reduce(cand, ops)
+                expr, fused = _reduce(cand, ops, attempt)
             except NotFusable as err:
                 whole = _region_report(cand, None, RegionStatus.SPLIT, str(err))
                 _note_skip(skipped, cand, whole, written)
-                part = _fusable_suffix(cand, ops, claimed)
+                part = _fusable_suffix(cand, ops, claimed, attempt)
                 if part is None:
                     continue
                 cand, expr, fused = part
@@ -331,29 +338,43 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
     return reports
 
 
-def _reduce(cand: Candidate, ops: dict[ir.Node, LinearOp]):
-    """(expression, fused AffineConv) of ``cand``; raises NotFusable."""
-    expr = build_expression(cand, ops)
+def _reduce_expr(expr: rg.Node):
+    """The fused ``AffineConv`` of a region expression; raises ``NotFusable``."""
     with torch.no_grad():
         fused = rg.reduce(expr)
     check_growth(expr, fused)
     if fused.spec.transposed:
         transposed_pads(fused.spec)     # a ConvTranspose ONNX Runtime runs
-    return expr, fused
+    return fused
 
 
-def _fusable_suffix(cand: Candidate, ops: dict[ir.Node, LinearOp], claimed: set):
+def _reduce(cand: Candidate, ops: dict[ir.Node, LinearOp], attempt: rg.Attempts):
+    """(expression, fused AffineConv) of ``cand``, tried once; raises NotFusable."""
+    outcome = attempt(frozenset(cand.node_set), build_expression(cand, ops))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _fusable_suffix(cand: Candidate, ops: dict[ir.Node, LinearOp], claimed: set,
+                    attempt: rg.Attempts):
     """(part, expression, fused) for the largest part of a refused ``cand`` after a cut
-    (``suffix_cuts``) that reduces, or None. The part before the cut is tried as a
-    candidate of its own, later in the same pass."""
-    for part in suffix_cuts(cand, ops):
+    (``suffix_cuts``) that reduces, or None. The parts are nested: they are tried from
+    the smallest, growing while they reduce, up to the first refusal (so each candidate
+    costs one refused attempt plus one per part that grows; a candidate's smallest part
+    that is refused leaves it to the candidates that end before it). The part before the
+    cut is tried as a candidate of its own, later in the same pass."""
+    best = None
+    for part in reversed(suffix_cuts(cand, ops)):
         if part.reason or part.node_set & claimed:
+            if best is not None:
+                break
             continue
         try:
-            return (part, *_reduce(part, ops))
+            best = (part, *_reduce(part, ops, attempt))
         except NotFusable:
-            continue
-    return None
+            break
+    return best
 
 
 def _note_skip(skipped: list, cand: Candidate, report: RegionReport,

@@ -3,11 +3,13 @@
 * ``nodes``: the node types, each declaring its facts once;
 * ``layout``: the value layouts (NCHW, NHWC, NCL, NLC, NC) and their canonical view;
 * ``tree``: the one set of utilities that walk an expression;
-* ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only);
+* ``reducers``: ``reduce``, the expression as one ``AffineConv`` (algebra only), and
+  ``reduce_shapes``, the same reducers on the shapes only (``meta`` tensors: no kernel);
 * ``reference``: ``evaluate``, the independent evaluator the proofs compare against;
 * ``description``: ``describe``, branch kinds for reports;
 * ``op``: the operation kinds and ``LinearOp`` both front ends return;
-* ``worth``: whether a region is worth fusing, and the growth limit;
+* ``worth``: whether a region is worth fusing, the growth limit, the refusals the shapes
+  decide (``shape_refusal``) and ``Attempts``, each region part tried once, shapes first;
 * ``registry``: where reducers, evaluators and descriptions are registered.
 
 Adding a node type: one class in ``nodes`` plus its reducer, evaluator and description
@@ -21,7 +23,7 @@ from repfuse.region.description import describe
 from repfuse.region.nodes import *  # noqa: F403  (the node types)
 from repfuse.region.nodes import __all__ as _node_names
 from repfuse.region.op import LinearOp, OpKind, is_region_value
-from repfuse.region.reducers import reduce
+from repfuse.region.reducers import reduce, reduce_shapes
 from repfuse.region.reference import evaluate
 from repfuse.region.tree import (
     children,
@@ -38,11 +40,18 @@ from repfuse.region.tree import (
     walk,
     with_input,
 )
-from repfuse.region.worth import GROWTH_LIMIT, check_growth, worthwhile
+from repfuse.region.worth import (
+    GROWTH_LIMIT,
+    Attempts,
+    check_growth,
+    shape_refusal,
+    worthwhile,
+)
 
 __all__ = [
-    *_node_names, "GROWTH_LIMIT", "Computed", "LinearOp", "OpKind", "check_growth",
+    *_node_names, "GROWTH_LIMIT", "Attempts", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
-    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reference",
-    "region_input", "sources", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
+    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reduce_shapes",
+    "reference", "region_input", "shape_refusal", "sources", "substitute", "value_layouts",
+    "walk", "with_input", "worthwhile",
 ]

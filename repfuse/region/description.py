@@ -111,9 +111,24 @@ def _crop(node: N.Crop, args: list[list[str]]) -> list[str]:
     return _after(args[0], "crop")
 
 
+#: The longest branch description and the most branches kept per node: a value read
+#: twice (a ghost module's concat of x and f(x), a residual sum) doubles its description
+#: at each such node; a description is for a report, so a deep stack is cut short.
+MAX_CHARS, MAX_BRANCHES = 160, 32
+
+
+def _bounded(branches: list[str]) -> list[str]:
+    out = [s if len(s) <= MAX_CHARS else s[:MAX_CHARS - 3] + "..." for s in branches]
+    if len(out) > MAX_BRANCHES:
+        out = out[:MAX_BRANCHES - 1] + [f"... ({len(out) - MAX_BRANCHES + 1} more)"]
+    return out
+
+
 def describe(expr: N.Node) -> list[str]:
-    """Branch kinds, e.g. ``["conv3x3+bn", "conv1x1+bn", "bn"]``."""
+    """Branch kinds, e.g. ``["conv3x3+bn", "conv1x1+bn", "bn"]`` (each at most
+    ``MAX_CHARS`` long, at most ``MAX_BRANCHES`` of them)."""
     memo: dict[int, list[str]] = {}
     for node in walk(expr):
-        memo[id(node)] = DESCRIBERS[type(node)](node, [memo[id(c)] for c in children(node)])
+        memo[id(node)] = _bounded(
+            DESCRIBERS[type(node)](node, [memo[id(c)] for c in children(node)]))
     return memo[id(expr)]

@@ -23,8 +23,10 @@ from repfuse.region.tree import (
     dtype_device,
     label,
     materialized,
+    node_tensors,
     own_tensors,
     region_input,
+    substitute,
     walk,
 )
 
@@ -76,6 +78,8 @@ class _LazyConv:
                              f"{self.spec.describe()} with {self.out_channels} outputs")
         w = self.weight
         dtype = w.dtype if w.is_floating_point() else torch.float32
+        if A.shapes_only(w):
+            return self.conv().replace(dtype=dtype)
         weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
         bias = shift if self.bias is None else self.bias * scale + shift
         return A.AffineConv(weight, bias, self.spec, dtype, w.device)
@@ -303,6 +307,34 @@ def reduce(expr: N.Node):
     _check_materialized(expr)
     ctx = _Context(*dtype_device(expr))
     original, expr = expr, materialized(expr, exact=True)
+    out, memo = _reduce_nodes(expr, ctx)
+    if not _finite(out):
+        culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
+        raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
+                         "parameters, running_var + eps <= 0, or a division by zero); fix "
+                         "the weights or leave the region unfused", node=culprit)
+    if expr is not original:  # computed values were evaluated in float64: cast back to
+        out = out.replace(dtype=ctx.dtype)  # the dtype they have in the model
+    return out
+
+
+def reduce_shapes(expr: N.Node):
+    """``reduce`` run on the shapes only: the same reducers on ``meta`` copies of the
+    region's tensors, so no kernel is computed. Gives an ``AffineConv`` whose weight and
+    bias have the fused shapes (on ``meta``), or raises the ``NotFusable`` / geometry
+    error that ``reduce`` would raise for a reason the shapes and the structure decide
+    (channels, grids, padding a bias would cross, layouts). Conditions on values (a zero
+    bias, a pad value equal to the bias, finite weights) are taken to hold: ``reduce``
+    decides them."""
+    tensors = node_tensors(expr)
+    meta = {id(t): t.detach().to("meta") for t in tensors if t.device.type != "meta"}
+    expr = materialized(substitute(expr, meta), exact=True)
+    ctx = _Context(*dtype_device(expr))
+    return _reduce_nodes(expr, ctx)[0]
+
+
+def _reduce_nodes(expr: N.Node, ctx: _Context):
+    """(the reduced output, memo of each node's reduced value by ``id``)."""
     memo: dict[int, object] = {}
     layouts: dict[int, str] = {}
     for node in walk(expr):
@@ -334,14 +366,7 @@ def reduce(expr: N.Node):
     out.value_layout = layout
     out.input_layout = inp if merged else ""
     out.pooled = pooled
-    if not _finite(out):
-        culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
-        raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
-                         "parameters, running_var + eps <= 0, or a division by zero); fix "
-                         "the weights or leave the region unfused", node=culprit)
-    if expr is not original:  # computed values were evaluated in float64: cast back to
-        out = out.replace(dtype=ctx.dtype)  # the dtype they have in the model
-    return out
+    return out, memo
 
 
 def _finite(value) -> bool:
@@ -357,4 +382,4 @@ def _finite(value) -> bool:
         return all(bool(torch.isfinite(t.sum())) for t in tensors if t is not None)
 
 
-__all__ = ["REDUCERS", "reduce", "refuse_bias_through_padding"]
+__all__ = ["REDUCERS", "reduce", "reduce_shapes", "refuse_bias_through_padding"]

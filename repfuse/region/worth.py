@@ -1,18 +1,24 @@
 """The shared rules on whether a region is worth fusing and whether its result is.
 
-``worthwhile`` (before reducing: does fusing replace anything?) and ``check_growth``
-(after reducing: would the fused conv cost more than its branches?) are used by both
-front ends.
+``worthwhile`` (before reducing: does fusing replace anything?), ``check_growth``
+(after reducing: would the fused conv cost more than its branches?) and ``shape_refusal``
+(both, and every other refusal the shapes decide, before any kernel is computed) are used
+by both front ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 
 from repfuse.errors import NotFusable
 from repfuse.region.kinds import OpKind
 from repfuse.region.nodes import Add, Concat, Node
+from repfuse.region.reducers import reduce_shapes
 from repfuse.region.tree import count_params, walk
+
+log = logging.getLogger(__name__)
 
 
 def worth_fusing(kinds: Iterable[OpKind]) -> bool:
@@ -51,3 +57,47 @@ def check_growth(expr: Node, fused) -> None:
     if after > GROWTH_LIMIT * max(before, 1):
         raise NotFusable(f"fusing would multiply the parameters by {after / max(before, 1):.1f} "
                          f"({before} -> {after}): more compute than the training form")
+
+
+def shape_refusal(expr: Node) -> Exception | None:
+    """The ``NotFusable`` (or geometry ``ValueError``) that ``reduce`` followed by
+    ``check_growth`` would raise for a reason the shapes and the structure decide, found
+    by a shape-only run (``reduce_shapes``: no kernel is computed); None when the shapes
+    allow the region (its values may still refuse it: ``reduce`` decides)."""
+    try:
+        check_growth(expr, reduce_shapes(expr))
+    except (NotFusable, ValueError) as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - an op without a meta kernel: reduce decides
+        log.debug("shape-only run of a region failed (%s: %s); reducing it with values",
+                  type(err).__name__, err)
+    return None
+
+
+class Attempts:
+    """The outcome of each region part a front end tries, by key (its member set): the
+    result of ``reduce_fn(expr)`` or the ``NotFusable`` / ``ValueError`` saying why not.
+    A part is tried once: first on its shapes (``shape_refusal``: no kernel is computed;
+    about 2 ms a part), then, if the shapes allow it, with ``reduce_fn``. ``counts``:
+    parts tried ("attempts"), parts reduced with values ("reductions")."""
+
+    def __init__(self, reduce_fn: Callable[[Node], object], counts: Counter | None = None):
+        self.reduce_fn = reduce_fn
+        self.outcomes: dict[Hashable, object] = {}
+        self.counts = counts if counts is not None else Counter()
+
+    def __call__(self, key: Hashable, expr: Node):
+        if key not in self.outcomes:
+            self.counts["attempts"] += 1
+            self.outcomes[key] = self._try(expr)
+        return self.outcomes[key]
+
+    def _try(self, expr: Node):
+        refusal = shape_refusal(expr)
+        if refusal is not None:
+            return refusal
+        self.counts["reductions"] += 1
+        try:
+            return self.reduce_fn(expr)
+        except (NotFusable, ValueError) as err:
+            return err

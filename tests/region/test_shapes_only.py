@@ -1,0 +1,77 @@
+"""The shape-only run decides nothing that the values would decide otherwise.
+
+``region.Attempts`` asks ``region.shape_refusal`` (the reducers on ``meta`` tensors) before
+it reduces a region part with values. That run must refuse exactly the parts that the
+reduction with values would refuse for a reason of shapes, with the same reason, and
+nothing else: fusing random blocks with it and without it gives the same regions, the
+same outcomes and the same reasons, and every refusal it makes is one ``reduce`` and
+``check_growth`` make too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.fuzz_blocks import block_specs
+from helpers.fuzz_layers import layer_block_specs
+from hypothesis import HealthCheck, given, settings
+
+import repfuse
+from repfuse import region as rg
+from repfuse.errors import NotFusable
+from repfuse.region import worth
+
+
+def _outcomes(report, reasons: bool = True):
+    return [(r.path, str(r.status), r.reason if reasons else "", r.result, tuple(r.branches))
+            for r in report.regions]
+
+
+def _fuse(spec):
+    block = spec.module().double()
+    return repfuse.fuse(block, spec.example_input(torch.float64), verify=False).report
+
+
+def _same_with_and_without_shapes(spec, monkeypatch):
+    refused: list = []
+    real = worth.shape_refusal
+
+    def checked(expr):
+        err = real(expr)
+        if err is not None:
+            refused.append((expr, err))
+        return err
+    with monkeypatch.context() as m:
+        m.setattr(worth, "shape_refusal", checked)
+        with_shapes = _fuse(spec)
+    with monkeypatch.context() as m:
+        m.setattr(worth, "shape_refusal", lambda expr: None)
+        without = _fuse(spec)
+    # the same regions and outcomes; a reason differs only where a part has two (the
+    # shapes decide growth before the values would find, say, a pad value that is not
+    # the bias): then both runs refuse it, each naming a true reason
+    assert _outcomes(with_shapes, reasons=False) == _outcomes(without, reasons=False)
+    refused_by_shapes = {str(err) for _, err in refused}
+    for a, b in zip(_outcomes(with_shapes), _outcomes(without)):
+        assert a == b or a[2] in refused_by_shapes, (a, b)
+    for expr, err in refused:            # a refusal by shapes is one by values too
+        with pytest.raises((NotFusable, ValueError)) as raised:
+            rg.check_growth(expr, rg.reduce(expr))
+        if not str(err).startswith("fusing would multiply"):
+            assert str(raised.value) == str(err)
+
+
+SETTINGS = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(spec=block_specs())
+def test_blocks_fuse_the_same_with_shape_only_refusals(spec, monkeypatch):
+    _same_with_and_without_shapes(spec, monkeypatch)
+
+
+@SETTINGS
+@given(spec=layer_block_specs())
+def test_layer_blocks_fuse_the_same_with_shape_only_refusals(spec, monkeypatch):
+    _same_with_and_without_shapes(spec, monkeypatch)
