@@ -5,7 +5,6 @@ inputs (the implementation of ``repfuse.verify``), with the tolerances and compa
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from repfuse.errors import InputError
+from repfuse.pristine import copy_model, untouched
 from repfuse.proofs.compare import SEED, compare, failed, least_precise
 from repfuse.proofs.modes import ordinary, own_mode
 from repfuse.proofs.truth import judge
@@ -140,8 +140,9 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     Both models run in eval mode (their training flags are restored afterwards) on
     separate copies of the inputs; neither model, nor its ``.grad`` fields, nor the
     inputs are modified, whatever the caller's grad mode (models whose tensors are
-    inference tensors are differentiated through ordinary copies). Checks: every output
-    leaf (nested tuples/lists/dicts of tensors are matched by position/key), and with
+    inference tensors are differentiated through ordinary copies; their plain attributes,
+    caches filled during the runs included, are put back: ``repfuse.pristine``). Checks:
+    every output leaf (nested tuples/lists/dicts of tensors are matched by position/key), and with
     ``grads=True`` the gradient with respect to every floating input for one random
     upstream gradient (seeded, the same for both models) through autograd. A candidate
     whose output does not depend on an input through autograd (e.g. it detaches it)
@@ -150,7 +151,7 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     against the reference run in float64 (``repfuse.proofs.truth``).
     """
     args = as_input_tuple(example_inputs)
-    with own_mode():
+    with own_mode(), untouched(reference, candidate):
         return _verify(reference, candidate, args, grads, tol)
 
 
@@ -219,7 +220,7 @@ def _float64_values(model: nn.Module, args: tuple, grads: bool,
     """``model``'s outputs (and input gradients) run in float64 on ``args`` and
     ``upstream``, by name, on a float64 copy of it (``model`` is not touched)."""
     with torch.inference_mode(False):
-        model64 = copy.deepcopy(model).double()
+        model64 = copy_model(model).double()
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
     with eval_mode(model64):
