@@ -183,6 +183,36 @@ def test_pre_norm_folds_into_the_first_conv_of_a_child_where_exact():
     assert str(left.status) == "left alone" and "padding" in left.reason
 
 
+class QKV(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+
+    def forward(self, x):
+        a = (self.q(x) * self.k(x)).sigmoid()
+        return a * self.v(x)
+
+
+class PreNormAttention(nn.Module):
+    """A pre-norm read by three layers of the child after it (NextViT's attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = _bn(8, 8)
+        self.attn = QKV(8)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+def test_a_norm_read_by_several_layers_says_so():
+    torch.manual_seed(0)
+    result = _fuse(PreNormAttention(), torch.randn(1, 8, 6, 6))
+    [left] = [layer for layer in result.report.layers if layer.kind == "norm"]
+    assert str(left.status) == "left alone"
+    assert "read by 3 ops (attn.q, attn.k, attn.v)" in left.reason
+
+
 # ----------------------------------------------------------------------------- caches
 class CachedBiasAttention(nn.Module):
     """A bias table gathered by index and cached in eval mode, cleared by ``train()``
