@@ -5,8 +5,9 @@
 
 * ``fused``: part of a fused region;
 * ``left alone``: part of a region that was not fused (the region's reason), or a norm no
-  region could hold (a lone batch norm between nonlinear ops, a norm that normalizes with
-  its input's own statistics);
+  region could hold (a lone batch norm between nonlinear ops, a batch norm whose output
+  several layers read, such as the q, k and v of an attention after a pre-norm, a norm
+  that normalizes with its input's own statistics);
 * ``unchanged``: a conv with nothing linear next to it to fold (already its inference form);
 * ``not reached``: not called on the example inputs, called from code that could not be
   traced (the reason names the module and why), or inside a module that ran its own code
@@ -75,11 +76,51 @@ def _not_reached(m: nn.Module, found: Reach) -> str:
     return ""
 
 
-def _unchanged(m: nn.Module) -> tuple[LayerStatus, str]:
+#: Ops that only change the layout of a value (followed from a norm to its readers).
+_LAYOUT_OPS = frozenset({"reshape", "view", "transpose", "permute", "flatten", "contiguous",
+                         "unflatten", "movedim"})
+
+
+def _name(n) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
+
+
+def _readers(m: nn.Module, found: Reach) -> list[str]:
+    """The layers that read the output of norm ``m`` when there are several (through
+    layout ops, and into the forward of the child module that reads it), else []."""
+    for site in found.sites.get(id(m), ()):
+        unit = next((u for u in found.units.values() if u.graph is site.graph), None)
+        node = site
+        while len(node.users) == 1 and _name(next(iter(node.users))) in _LAYOUT_OPS:
+            node = next(iter(node.users))
+        users = [u for u in node.users if _name(u) not in ("getattr", "size", "dim")]
+        base = unit.path if unit is not None else ""
+        if len(users) == 1 and users[0].op == "call_module" and unit is not None:
+            child = found.units.get(id(unit.module.get_submodule(users[0].target)))
+            inputs = [] if child is None or child.graph is None else \
+                [n for n in child.graph.nodes if n.op == "placeholder"][:1]
+            if inputs:
+                base = child.path
+                users = [u for u in inputs[0].users
+                         if _name(u) not in ("getattr", "size", "dim")]
+        if len(users) > 1:
+            return [f"{base}.{u.target}" if u.op == "call_module" and base else
+                    str(u.target if u.op == "call_module" else u.name) for u in users]
+    return []
+
+
+def _unchanged(m: nn.Module, found: Reach | None = None) -> tuple[LayerStatus, str]:
     if layer_kind(m) == "conv":
         return LayerStatus.UNCHANGED, "nothing linear next to it to fold into it"
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
         return LayerStatus.LEFT_ALONE, "normalizes with batch statistics (no running statistics)"
+    readers = _readers(m, found) if found is not None and "BatchNorm" in type(m).__name__ \
+        else []
+    if readers:
+        return LayerStatus.LEFT_ALONE, (
+            f"its output is read by {len(readers)} ops ({', '.join(readers[:4])}): folding it "
+            "would need one copy per reader, which repfuse does not make")
     if "BatchNorm" in type(m).__name__:
         return LayerStatus.LEFT_ALONE, ("a lone batch norm between nonlinear ops: no conv next "
                                         "to it to fold into")
@@ -105,7 +146,7 @@ def account(layers: dict[str, nn.Module], found: Reach,
             reason = _not_reached(m, found)
             status = LayerStatus.NOT_REACHED
             if not reason:
-                status, reason = _unchanged(m)
+                status, reason = _unchanged(m, found)
         out.append(LayerReport(path, layer_kind(m), type(m).__name__, status, reason))
     return out
 

@@ -4,10 +4,12 @@
 ``repfuse.fuse``):
 
 1. copy the module tree (tensors are shared with the input model and never written;
-   the ones that survive fusion are cloned at the end), switch to eval mode;
+   the ones that survive fusion are cloned at the end; a cache holding a tensor with
+   autograd history is copied detached: ``repfuse.pristine``), switch to eval mode;
 2. run the model once on the example inputs (``fx.reach``): every module it calls is
    traced with its submodules as leaves (``fx.trace``) and runs through its graph, which
-   records every value's shape; a module that cannot be traced runs its own Python on
+   records every value's shape (the plain attributes of the modules, caches included,
+   are put back as they were afterwards); a module that cannot be traced runs its own Python on
    real values and the modules it calls are reached the same way;
 3. per module, bottom-up: classify nodes (``fx.ops``), find maximal regions
    (``fx.match``); a module whose whole forward is one region is a linear op of its
@@ -23,7 +25,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from repfuse.fx.account import account, count, inventory
 from repfuse.fx.fuser import Fuser, RegionCheck
 from repfuse.fx.reach import Reach, reach
 from repfuse.fx.trace import META
+from repfuse.pristine import copy_model, untouched
 from repfuse.region.op import is_region_value
 from repfuse.region.patterns import kept_note
 from repfuse.report import FuseReport
@@ -57,8 +59,7 @@ def _share_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
     and has its own buffers: running the copy may update buffers (``F.batch_norm`` with
     ``training=True``), which must not reach the input model."""
     tensors = {id(t): t for t in model.parameters()}
-    memo = dict(tensors)
-    return copy.deepcopy(model, memo), tensors
+    return copy_model(model, dict(tensors)), tensors
 
 
 def _unshare(model: nn.Module, original: dict[int, torch.Tensor]) -> None:
@@ -135,7 +136,8 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
         work, original = _share_copy(model)
     work.eval()
     layers = inventory(work)
-    found = _run(work, args, _capture if verify else None)
+    with untouched(work):   # the run fills no cache and sets no attribute for good
+        found = _run(work, args, _capture if verify else None)
     before = count(work, found)
     fuser = Fuser(work, found, verify, check)
     for unit in found.entries:

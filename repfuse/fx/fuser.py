@@ -32,7 +32,8 @@ from repfuse import region as rg
 from repfuse.errors import NotFusable
 from repfuse.fx.account import expression_layers, layer_kind
 from repfuse.fx.cuts import cut_points
-from repfuse.fx.inline import inline_call, should_inline
+from repfuse.fx.distribute import distribute_norms
+from repfuse.fx.inline import after_concat_of_convs, inline_call, should_inline
 from repfuse.fx.install import install
 from repfuse.fx.keep import kept_patterns
 from repfuse.fx.match import Region, find_regions, ignorable_nodes
@@ -182,10 +183,12 @@ class Fuser:
                 sub = mg.module.get_submodule(n.target)
                 sub_mg = self.graphs.get(id(sub))
                 if should_inline(n, mg.module, sub_mg, self.plain.get(id(sub), False)
-                                 and not self.shared(sub)) and self._summary(sub_mg) is None:
+                                 and not self.shared(sub)) and (
+                        self._summary(sub_mg) is None or after_concat_of_convs(n, mg.module)):
                     inline_call(graph, n, sub_mg.graph)
                     self.inlined.add(id(sub))
         normalize(graph)
+        distribute_norms(graph, mg.module)
         const = _mark_constants(graph)
         summaries = {}
         for n in graph.nodes:
@@ -247,7 +250,12 @@ class Fuser:
         except Exception:  # noqa: BLE001 - a description must never stop fusion
             branches = []
         for r in self.reports:
-            if r.path == path and r.reason == reason and r.status == status:
+            if r.path == path and r.status is not RegionStatus.FUSED:
+                # a part of a region refused before (same output): one entry, one outcome
+                if reason not in r.reason:
+                    r.reason = f"{r.reason}; then {' + '.join(branches)}: {reason}"
+                if status is RegionStatus.SPLIT:
+                    r.status = RegionStatus.SPLIT
                 return r
         self.reports.append(RegionReport(path=path, branches=branches, status=status,
                                          reason=reason, layers=expression_layers(expr)))

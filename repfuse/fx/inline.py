@@ -4,14 +4,15 @@ What is matched: ``conv -> child(x)`` where the child's forward begins with a ba
 norm on its input but continues with something nonlinear (``BatchNormAct2d``: BN
 then an activation inside one module); and ``child(x) -> bn`` where the child's
 forward ends with a conv after something nonlinear (a deep stem ``Sequential(conv,
-bn, relu, ..., conv)`` followed by the model's ``bn1``); and ``bn -> child(x)`` where the
-child's forward begins with a conv or a linear layer on its input (an MLP module after
-the block's norm, NextViT's ``norm -> mlp.fc1``). What must hold: the conv's
-only user is the call (the call's only user is the BN), the child is called once,
-takes one tensor and returns one value. What it becomes: the child's graph copied
-into the caller's graph (its submodule and parameter targets prefixed with the
-child's path), so the conv and the BN form one region in the caller and fold; the
-rest of the child stays.
+bn, relu, ..., conv)`` followed by the model's ``bn1``), or with a channel concat of
+convs (MixConv, followed by the block's BN: ``fx.distribute`` then moves the BN into the
+parts); and ``bn -> child(x)`` where the child's forward begins with a conv or a linear
+layer on its input (an MLP module after the block's norm, NextViT's ``norm ->
+mlp.fc1``). What must hold: the conv's only user is the call (the call's only user is
+the BN; a concat of convs counts as a conv), the child is called once, takes one tensor
+and returns one value. What it becomes: the child's graph copied into the caller's
+graph (its submodule and parameter targets prefixed with the child's path), so the conv
+and the BN form one region in the caller and fold; the rest of the child stays.
 A child that returns a tuple the caller only indexes is opened the same way, so
 regions can span its outputs.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +42,22 @@ def _calls(node, module: nn.Module, function, layer: type[nn.Module]) -> bool:
 
 
 def _produces_conv(node, module: nn.Module) -> bool:
-    return isinstance(node, fx.Node) and len(node.users) == 1 \
-        and _calls(node, module, F.conv2d, nn.Conv2d)
+    """A conv's output, or a channel concat of convs' outputs (MixConv), read once."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        return isinstance(parts, (list, tuple)) and len(parts) > 1 and all(
+            _produces_conv(p, module) for p in parts)
+    return _calls(node, module, F.conv2d, nn.Conv2d)
+
+
+def after_concat_of_convs(call: fx.Node, module: nn.Module) -> bool:
+    """Whether ``call`` reads a channel concat of convs (a linear child after it is opened
+    too, so that ``fx.distribute`` can move its batch norm into the concat's parts)."""
+    arg = call.args[0] if call.args else None
+    return isinstance(arg, fx.Node) and arg.op == "call_function" \
+        and arg.target in (torch.cat, torch.concat) and _produces_conv(arg, module)
 
 
 def _starts_with_bn(child: ModuleGraph) -> bool:

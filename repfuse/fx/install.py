@@ -108,7 +108,8 @@ def _remove(module: nn.Module, target: str) -> None:
 
 def _dissolve(module: nn.Module, prefixes: set[str], keep: set[str]) -> None:
     """The submodules at ``prefixes`` lost parts to the fused convs and the new graph does
-    not call them (their code was copied into the graph): remove the empty ones and turn
+    not call them (their code was copied into the graph): remove the empty ones (a norm
+    left with only its ``num_batches_tracked`` counter counts as empty) and turn
     the others into plain containers of what is left, deepest first (an ``nn.Module``
     holding the same names: the class's forward would read the removed parts)."""
     for prefix in sorted(prefixes, key=lambda p: -p.count(".")):
@@ -119,8 +120,10 @@ def _dissolve(module: nn.Module, prefixes: set[str], keep: set[str]) -> None:
             sub = owner._modules[name]
         except (AttributeError, KeyError):
             continue
-        if not sub._modules and not sub._parameters and not sub._buffers and not any(
-                k.startswith(prefix + ".") for k in keep):
+        counter = isinstance(sub, nn.modules.batchnorm._NormBase) and \
+            set(sub._buffers) <= {"num_batches_tracked"}   # a norm's training counter
+        if not sub._modules and not sub._parameters and (counter or not sub._buffers) \
+                and not any(k.startswith(prefix + ".") for k in keep):
             del owner._modules[name]
             continue
         if type(sub) is nn.Module:

@@ -6,7 +6,9 @@ outside is one and the same node (the region input; an identity branch is that
 input feeding the sum). Regions are grown backwards from their output in reverse
 graph order, so each is maximal: a node joins when all of its users already belong
 to the region. An output whose region would need two inputs is not linear for this
-purpose; its inputs then start smaller regions.
+purpose: the region then starts at the last join (a member reading several outside
+values) it passes through, whose output is its input; the join's own inputs start
+smaller regions.
 
 Shape reads (``x.ndim``, ``x.shape``) that only feed ``torch._assert`` do not count
 as uses; the rewrite drops them with the region.
@@ -146,8 +148,11 @@ def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx
                     heapq.heappush(heap, (-index[i], i.name, i))
         external = {i for m in members for i in ops[m].inputs if i not in members}
         if len(external) != 1:
-            linear.discard(v)
-            continue
+            members = _from_join(v, members, ops, ign, index)
+            if members is None:
+                linear.discard(v)
+                continue
+            external = {i for m in members for i in ops[m].inputs if i not in members}
         x = next(iter(external))
         if tensor_meta(x) is None or not is_region_value(*tensor_meta(x)):
             linear.discard(v)
@@ -161,6 +166,24 @@ def find_regions(graph: fx.Graph, ops: dict[fx.Node, LinearOp], barriers: set[fx
         assigned |= members
     regions.sort(key=lambda r: index[r.output])
     return regions
+
+
+def _from_join(v: fx.Node, members: set, ops: dict, ign: set,
+               index: dict) -> set | None:
+    """The largest part of ``members`` (grown back from ``v``) that reads one value: the
+    region after a join (an add, concat or other op of several outside inputs) starts at
+    the join's output. None when no member is such a start."""
+    for d in sorted(members - {v}, key=index.__getitem__):
+        part, stack = {v}, [v]
+        while stack:
+            for i in ops[stack.pop()].inputs:
+                if i is not d and i in members and i not in part:
+                    part.add(i)
+                    stack.append(i)
+        if all(i is d or i in part for m in part for i in ops[m].inputs) and all(
+                w in part for m in part if m is not v for w in real_users(m, ign)):
+            return part
+    return None
 
 
 def dominators(region: Region) -> list[fx.Node]:

@@ -229,7 +229,11 @@ def _bn_function(a: dict, ctx: Context, node: fx.Node) -> LinearOp | None:
         tensors[k] = t
         if why:
             whys.append(f"{k} {why}")
-    owner = getattr(a["running_mean"], "target", "") or ""
+    stat = a["running_mean"]
+    if isinstance(stat, fx.Node) and stat.target is operator.getitem:  # a slice of it
+        stat = stat.args[0]
+    owner = getattr(stat, "target", "") or ""
+    owner = owner if isinstance(owner, str) else ""
     label = join(ctx.path, owner.rpartition(".")[0]) if "." in owner else ctx.path or node.name
     blocked = ""
     if tensors["running_mean"] is None or tensors["running_var"] is None:

@@ -6,10 +6,11 @@ handled here:
 * the copy itself: a model that caches a tensor computed in forward (an attention-bias
   cache filled in eval mode) holds a tensor with autograd history right after the
   reference run, and ``copy.deepcopy`` refuses such tensors; they are copied detached.
-* torch's eval-mode batch-norm kernel: its backward on CPU has returned wrong input
-  gradients when the upstream gradient is channels-last and the input is not (torch
-  2.14: relative L2 error about 1.4 in an RT-DETR decoder, whose attention hands
-  channels-last gradients back to a ``Conv2d + BatchNorm2d`` projection). An eval-mode
+* torch's eval-mode batch-norm kernel: its CPU backward has returned wrong input
+  gradients (torch 2.14: relative L2 error about 1.4) when the upstream gradient has
+  batch 1 and a channels-last layout with a batch stride other than C*H*W, which the
+  backward of ``flatten(2).transpose(1, 2)`` (+ ``cat`` over levels) gives: RT-DETR's
+  decoder input projections, LeViT's stem. An eval-mode
   batch norm is an affine map per channel; in the float64 runs it is computed as one
   (``exact_norms``), so the truth does not share the kernel with the runs it judges.
 """
@@ -17,20 +18,21 @@ handled here:
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from repfuse.pristine import copy_model
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with float64 copies of its floating parameters and buffers (what
     ``copy.deepcopy(model).double()`` gives, ties kept), made without an intermediate copy
     in the model's own dtype; tensors with autograd history held in plain attributes
-    (caches filled by a forward with grad on) are copied detached."""
+    (caches filled by a forward with grad on) are copied detached (``pristine.copy_model``)."""
     memo: dict[int, object] = {}
     with torch.inference_mode(False):
         for t in [*model.parameters(), *model.buffers()]:
@@ -38,23 +40,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
                 continue
             c = t.detach().to(torch.float64, copy=True)
             memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
-        for m in model.modules():
-            for value in vars(m).values():
-                for t in _tensors_in(value):
-                    if t.grad_fn is not None and id(t) not in memo:
-                        memo[id(t)] = t.detach().clone()
-        return copy.deepcopy(model, memo)
-
-
-def _tensors_in(value, depth: int = 0) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif depth < 3 and isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors_in(v, depth + 1)
-    elif depth < 3 and isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors_in(v, depth + 1)
+        return copy_model(model, memo)
 
 
 class _AffineNorms(TorchFunctionMode):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from repfuse.errors import InputError
+from repfuse.pristine import untouched
 from repfuse.proofs.compare import SEED, compare, failed, least_precise
 from repfuse.proofs.exact import exact_norms, float64_copy
 from repfuse.proofs.modes import ordinary, own_mode
@@ -140,8 +141,9 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     Both models run in eval mode (their training flags are restored afterwards) on
     separate copies of the inputs; neither model, nor its ``.grad`` fields, nor the
     inputs are modified, whatever the caller's grad mode (models whose tensors are
-    inference tensors are differentiated through ordinary copies). Checks: every output
-    leaf (nested tuples/lists/dicts of tensors are matched by position/key), and with
+    inference tensors are differentiated through ordinary copies; their plain attributes,
+    caches filled during the runs included, are put back: ``repfuse.pristine``). Checks:
+    every output leaf (nested tuples/lists/dicts of tensors are matched by position/key), and with
     ``grads=True`` the gradient with respect to every floating input for one random
     upstream gradient (seeded, the same for both models) through autograd. A candidate
     whose output does not depend on an input through autograd (e.g. it detaches it)
@@ -150,7 +152,7 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     against the reference run in float64 (``repfuse.proofs.truth``).
     """
     args = as_input_tuple(example_inputs)
-    with own_mode():
+    with own_mode(), untouched(reference, candidate):
         return _verify(reference, candidate, args, grads, tol)
 
 

@@ -12,13 +12,14 @@ restored on the way out.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+from repfuse.pristine import copy_model
 
 F = TypeVar("F", bound=Callable)
 
@@ -62,4 +63,4 @@ def ordinary(model: nn.Module) -> nn.Module:
     if not has_inference_tensors(model):
         return model
     with torch.inference_mode(False):
-        return copy.deepcopy(model)
+        return copy_model(model)

@@ -1,0 +1,116 @@
+"""Keeping a model's plain state as it was while repfuse runs it, and copying it safely.
+
+Running a model changes more than its buffers: modules cache values computed from their
+parameters in eval mode (the attention-bias caches of LeViT / EfficientViT / TinyViT-style
+attention: ``self.cache[key] = self.biases[:, self.idxs]``, cleared by their ``train()``
+override) and set flags. Filled during a run with gradients enabled, such a cache holds a
+tensor with autograd history: ``copy.deepcopy`` of the model then fails ("Only Tensors
+created explicitly by the user support the deepcopy protocol") and a stale value outlives
+the run.
+
+``untouched(*models)`` records every module's plain attributes (``vars(module)`` less its
+parameters, buffers and submodules, which have their own keepers) and puts them back
+afterwards: the same objects, with the contents their lists, dicts and sets had (in
+place), attributes added during the run removed. ``copy_model`` is ``copy.deepcopy`` that
+copies a tensor with autograd history held in a plain attribute as a detached clone
+(its values: a copy is run, never differentiated through a cache of its source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Entries of ``vars(module)`` kept elsewhere (parameters, buffers, submodules).
+_REGISTERED = frozenset({"_parameters", "_buffers", "_modules"})
+_CONTAINERS = (dict, list, set)
+
+
+def _contents(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, (list, set)):
+        return type(value)(value) if type(value) in (list, set) else list(value)
+    return None
+
+
+def _refill(container: Any, contents: Any) -> None:
+    """Put ``contents`` back into ``container`` in place (only when they differ)."""
+    if isinstance(container, dict):
+        if container.keys() != contents.keys() or any(
+                container[k] is not v for k, v in contents.items()):
+            container.clear()
+            container.update(contents)
+    elif isinstance(container, list):
+        if len(container) != len(contents) or any(a is not b for a, b in
+                                                   zip(container, contents)):
+            container[:] = contents
+    elif container != contents:
+        container.clear()
+        container.update(contents)
+
+
+def snapshot(*models: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Each module's plain attributes and the contents of its containers."""
+    seen, out = set(), []
+    for model in models:
+        for m in model.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            attrs = {k: v for k, v in vars(m).items() if k not in _REGISTERED}
+            held = {k: _contents(v) for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+            out.append((m, attrs, held))
+    return out
+
+
+def restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Put back what ``snapshot`` recorded."""
+    for m, attrs, held in saved:
+        state = vars(m)
+        for k in [k for k in state if k not in _REGISTERED and k not in attrs]:
+            del state[k]
+        for k, v in attrs.items():
+            if state.get(k, None) is not v or k not in state:
+                state[k] = v
+            if k in held:
+                _refill(v, held[k])
+
+
+@contextlib.contextmanager
+def untouched(*models: nn.Module) -> Iterator[None]:
+    """Run the body and restore the plain attributes of every module of ``models``."""
+    saved = snapshot(*models)
+    try:
+        yield
+    finally:
+        restore(saved)
+
+
+def _with_history(value: Any, found: dict[int, torch.Tensor], depth: int = 0) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            with torch.no_grad():
+                found[id(value)] = value.detach().clone()
+    elif depth < 3 and isinstance(value, dict):
+        for v in value.values():
+            _with_history(v, found, depth + 1)
+    elif depth < 3 and isinstance(value, (list, tuple, set)):
+        for v in value:
+            _with_history(v, found, depth + 1)
+
+
+def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)``, with tensors that carry autograd history in plain
+    attributes copied as detached clones."""
+    memo = {} if memo is None else memo
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if k not in _REGISTERED:
+                _with_history(v, memo)
+    return copy.deepcopy(model, memo)
