@@ -101,9 +101,9 @@ def linear_regions(draw):
 def test_linear_regions_become_one_linear(region):
     torch_form, build, x = region
     expr = rg.with_input(x.shape, build)
-    assert rg.region_input(expr).layout == ("NLC" if x.dim() == 3 else "NC")
     if not any(isinstance(n, rg.Linear) for n in rg.walk(expr)):
-        return
+        return   # without a Linear a (N, 4, 1) input may be read either way, both exact
+    assert rg.region_input(expr).layout == ("NLC" if x.dim() == 3 else "NC")
     fused = rg.reduce(expr)
     module = fused.to_module()
     assert isinstance(module, nn.Linear) and fused.describe() == "linear"
