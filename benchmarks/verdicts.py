@@ -15,29 +15,13 @@ import os
 import tempfile
 
 import torch
-from torch import nn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="repfuse-ultralytics-"))
-from yolo import MODELS  # noqa: E402
+from yolo import build  # noqa: E402
 
 import repfuse  # noqa: E402
 from repfuse.errors import VerificationError  # noqa: E402
-
-
-def instance(name: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = MODELS[name](f"{name}.yaml", verbose=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    return model.eval()
 
 
 def main() -> None:
@@ -49,7 +33,7 @@ def main() -> None:
     for name in args.models.split(","):
         ok, notes = 0, []
         for seed in range(args.instances):
-            model = instance(name, seed)
+            model = build(name, seed)
             gen = torch.Generator().manual_seed(seed)
             x = torch.randn(1, 3, args.size, args.size, generator=gen)
             try:

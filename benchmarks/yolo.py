@@ -42,10 +42,11 @@ MODELS = {
 }
 
 
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
+def build(name: str, seed: int = 0) -> nn.Module:
+    """``name`` from its bundled YAML, weights and BatchNorm statistics drawn from ``seed``."""
+    torch.manual_seed(seed)
     model = MODELS[name](f"{name}.yaml", verbose=False)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
