@@ -23,6 +23,7 @@ from repfuse.errors import VerificationError, first_line
 from repfuse.onnx.clean import clean
 from repfuse.onnx.io import load_onnx, op_counts
 from repfuse.onnx.keep import kept_nodes, kept_patterns
+from repfuse.onnx.leftover import leftover_norms
 from repfuse.onnx.match import Constants
 from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
@@ -74,6 +75,7 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     search: Counter = Counter()
     regions = fuse_graph(graph_ir, check=check, keep=frozenset(kept_nodes(patterns)),
                          search=search)
+    regions += leftover_norms(graph_ir.graph, regions)
     clean(graph_ir)
     fused = ir.to_proto(graph_ir)
     del fused.graph.value_info[:]

@@ -251,6 +251,8 @@ def _region_report(cand: Candidate, expr: rg.Node | None, status: RegionStatus, 
     if expr is not None:
         report.params_before = rg.count_params(expr)
         report.sources = rg.sources(expr)
+    else:   # the nodes it holds, so that nothing else reports them again
+        report.sources = [n.name for n in cand.nodes if n.name]
     if fused is not None:
         report.result = fused.describe()
         report.params_after = fused.weight.numel() + (

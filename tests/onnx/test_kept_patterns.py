@@ -318,3 +318,27 @@ def test_fastvit_torchscript_export_keeps_every_gelu():
     assert after["Gelu"] == before["Gelu"] >= 16
     assert after["Conv"] + after.get("FusedConv", 0) < before["Conv"] + before["FusedConv"]
     assert_clean(result.model)
+
+
+def test_a_norm_no_region_holds_is_reported_with_its_reason(tmp_path):
+    """A BatchNormalization after a Concat of convs (MixConv) stays in the ONNX graph: the
+    report says so and why, instead of '0 left alone'."""
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.b = nn.Conv2d(4, 4, 5, padding=2, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x1, x2 = x.split(4, 1)
+            return torch.relu(self.bn(torch.cat([self.a(x1), self.b(x2)], 1)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 8, 8)
+    path = tmp_path / "mix.onnx"
+    repfuse.export_onnx(Mix().eval(), x, path, dynamic_batch=False)
+    report = repfuse.fuse_onnx(onnx.load(str(path))).report
+    norms = [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
+    assert len(report.skipped) == len(norms) == 1
+    assert "Concat" in report.skipped[0].reason and "join" in report.skipped[0].reason
