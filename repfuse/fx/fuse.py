@@ -49,7 +49,7 @@ class FuseResult:
     model: nn.Module
     report: FuseReport
     #: (module path in ``model``, region expression) of every fused layer: what it
-    #: computes, for the whole-model check (no kernels are kept)
+    #: computes, for the whole-model check (no kernels are kept; emptied after it)
     kernels: list = field(default_factory=list)
 
 

@@ -43,6 +43,7 @@ def _fuse(model: nn.Module, example_inputs, verify: bool, inplace: bool, tol) ->
         args = example_inputs if isinstance(example_inputs, (tuple, list)) \
             else (example_inputs,)
         _check_model(result.report, model, result.model, tuple(args), tol, result.kernels)
+    result.kernels = []     # they hold the training form's tensors: not kept past the check
     return result
 
 
