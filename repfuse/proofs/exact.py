@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from repfuse.algebra.bn import bn_scale_shift
 from repfuse.pristine import copy_model
 
 
@@ -60,14 +61,9 @@ def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None,
                        training=False, momentum=0.1, eps=1e-5):
     if training or running_mean is None or running_var is None or input.dim() < 2:
         return None
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -running_mean * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = bn_scale_shift(running_mean, running_var, weight, bias, eps)
     shape = (1, -1) + (1,) * (input.dim() - 2)
-    return input * scale.reshape(shape) + shift.reshape(shape)
+    return input * scale.to(input.dtype).reshape(shape) + shift.to(input.dtype).reshape(shape)
 
 
 @contextlib.contextmanager
