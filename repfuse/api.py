@@ -74,10 +74,11 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Inputs, *
     ``VerifyReport`` with ``.ok``, one ``Check`` per output/gradient (max abs and
     relative error) and ``.to_dict()``.
     """
+    from repfuse.heap import frozen_heap
     from repfuse.proofs.model import verify_models
     from repfuse.proofs.modes import own_mode
 
-    with own_mode():
+    with own_mode(), frozen_heap():
         return verify_models(reference, candidate, example_inputs, grads=grads, tol=tol)
 
 

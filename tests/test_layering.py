@@ -12,7 +12,8 @@ SOURCES = {"repfuse": ROOT / "repfuse", "repfuse.cli": ROOT / "cli",
 
 #: Layers bottom to top; a module may import its own layer and the ones listed before it.
 LAYERS = [
-    ("repfuse.errors", "repfuse.report", "repfuse.io", "repfuse.threads", "repfuse.pristine"),
+    ("repfuse.errors", "repfuse.report", "repfuse.io", "repfuse.threads", "repfuse.pristine",
+     "repfuse.heap"),
     ("repfuse.core",),
     ("repfuse.algebra",),
     ("repfuse.region",),

@@ -18,6 +18,7 @@ from torch import nn
 from repfuse import region as rg
 from repfuse.errors import VerificationError, first_line
 from repfuse.fx.fuse import FuseResult, fuse_module
+from repfuse.heap import frozen_heap
 from repfuse.proofs.exact import float64_copy
 from repfuse.proofs.model import verify_float64, verify_models
 from repfuse.proofs.modes import own_mode
@@ -29,7 +30,7 @@ from repfuse.threads import conversion_threads
 def fuse_torch_model(model: nn.Module, example_inputs, *, verify: bool = True,
                      inplace: bool = False, tol=None) -> FuseResult:
     """Fuse ``model`` (see ``repfuse.fuse``) and, with ``verify``, prove the result."""
-    with conversion_threads():
+    with conversion_threads(), frozen_heap():
         return _fuse(model, example_inputs, verify, inplace, tol)
 
 

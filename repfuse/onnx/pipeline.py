@@ -20,6 +20,7 @@ import onnx_ir as ir
 import torch
 
 from repfuse.errors import VerificationError, first_line
+from repfuse.heap import frozen_heap
 from repfuse.onnx.clean import clean
 from repfuse.onnx.io import load_onnx, op_counts
 from repfuse.onnx.keep import kept_nodes, kept_patterns
@@ -59,7 +60,7 @@ def _infer_shapes(proto: onnx.ModelProto, data: bytes) -> onnx.ModelProto:
 
 def fuse_onnx_model(model, *, verify: bool = True, tol=None) -> OnnxFuseResult:
     """See ``repfuse.fuse_onnx``."""
-    with conversion_threads():
+    with conversion_threads(), frozen_heap():
         return _fuse(model, verify, tol)
 
 
