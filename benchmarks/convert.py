@@ -23,7 +23,10 @@ in its own process (``--timeout`` seconds at most): ``fuse(verify=False)`` over 
 ``reparameterize_model``, ``fuse(verify=True)`` over one training step of the training
 form (forward and backward at the same input), both in seconds too, and the region
 search's attempts per region. Targets: verify <= 10x a training step, fuse <= 2x timm,
-no model above 30 s. ``--models`` runs a subset.
+no model above 30 s. ``flr``: what any graph pass pays before fusing anything (a copy of the
+model, one forward at the example input, a ``torch.fx.symbolic_trace``), as a ratio to timm
+and as fuse's ratio to it. Each call is made once before it is timed. ``--models`` runs a
+subset.
 
     .venv/bin/python benchmarks/convert.py --sweep [--models resnet18,xception41] [--size 128]
 """
@@ -40,6 +43,7 @@ import time
 
 import timm
 import torch
+import torch.fx
 import torch.nn as nn
 
 import repfuse
@@ -250,19 +254,41 @@ def train_mode_step(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
     return median_time(step, 3)[0], "*" if batch[0] is not x else ""
 
 
+def graph_floor(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, str]:
+    """The least any graph pass over ``model`` pays before it fuses anything: a copy of the
+    model (the input is not modified), one forward at the example input (shapes) and a
+    ``torch.fx.symbolic_trace`` (the graph); "-" marks a model fx cannot trace (then the
+    copy and the forward only)."""
+    def copy_and_run():
+        with torch.no_grad():
+            copy.deepcopy(model)(x)
+    floor, _ = median_time(copy_and_run, repeats)
+    try:
+        t_trace, _ = median_time(lambda: torch.fx.symbolic_trace(model), repeats)
+    except Exception:  # noqa: BLE001 - untraceable Python: the floor without the trace
+        return floor, "-"
+    return floor + t_trace, ""
+
+
 def sweep_row(name: str, args) -> str:
-    """One sweep row for timm model ``name`` (seconds, ratios, attempts per region)."""
+    """One sweep row for timm model ``name`` (seconds, ratios, attempts per region). Each
+    call is made once before it is timed (first-call setup and imports are not counted,
+    for timm's conversion and the training step either)."""
     model = randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
     t_train, mark = train_mode_step(model, x)
+    timm.utils.reparameterize_model(model)
     t_timm, _ = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
+    t_floor, untraced = graph_floor(model, x, args.repeats)
+    repfuse.fuse(model, x, verify=False)
     t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
     t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True), 1)
     search = result.report.search
     per_region = search.get("attempts", 0) / max(search.get("regions", 0), 1)
     ok = "yes" if checked.report.ok else "NO"
     return (f"{name + mark:22} {t_train:7.2f} {t_timm:7.2f} {t_fuse:7.2f} {t_verify:8.2f} "
-            f"{t_fuse / t_timm:8.1f}x {t_verify / t_train:8.1f}x "
+            f"{t_fuse / t_timm:8.1f}x {t_floor / t_timm:7.1f}x{untraced:1} "
+            f"{t_fuse / t_floor:7.1f}x {t_verify / t_train:8.1f}x "
             f"{search.get('regions', 0):5d} {per_region:6.2f} {ok:>3}")
 
 
@@ -271,8 +297,10 @@ def run_sweep(args) -> None:
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, "
           f"input 1x3x{args.size}x{args.size}, fuse: median of {args.repeats}, verify: one run")
     print(f"{'model':22} {'train s':>7} {'timm s':>7} {'fuse s':>7} {'verify s':>8} "
-          f"{'fuse/timm':>9} {'ver/train':>9} {'regs':>5} {'att/rg':>6} {'ok':>3}  "
-          "(*: training step on a batch of two)", flush=True)
+          f"{'fuse/timm':>9} {'flr/timm':>9} {'fuse/flr':>8} {'ver/train':>9} {'regs':>5} "
+          f"{'att/rg':>6} {'ok':>3}", flush=True)
+    print("flr: copy + one forward + torch.fx.symbolic_trace of the model (-: fx cannot "
+          "trace it; copy + forward); *: training step on a batch of two", flush=True)
     for name in names:
         cmd = [sys.executable, __file__, "--row", name, "--size", str(args.size),
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
