@@ -61,6 +61,32 @@ def randomize(model: nn.Module) -> nn.Module:
     return model
 
 
+def calibrate(model: nn.Module, shape: tuple) -> nn.Module:
+    """Batch-norm statistics from data, as a trained model has them: random scales and
+    shifts, then running means and variances averaged over two random batches of ``shape``
+    run in training mode (momentum None: a plain average), then eval mode. Without this,
+    statistics drawn at random do not match the activations they normalize, and deep
+    networks (MobileOne, RepVGG-B3) reach outputs of 1e9 and more, where every float32
+    check needs the float64 run; a trained model does not look like that."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    g = torch.Generator().manual_seed(1)
+    momenta = [m.momentum for m in norms]
+    with torch.no_grad():
+        for m in norms:
+            if m.weight is not None:
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            if m.running_mean is not None:
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        for _ in range(2):
+            model(torch.randn(shape, generator=g))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
 def median_time(fn, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
@@ -85,6 +111,8 @@ def bench(name: str, args) -> str:
     """One table row for timm model ``name``."""
     model = randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
+    if args.calibrate:
+        calibrate(model, (2, 3, args.size, args.size))
     t_timm, deploy = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
     t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
     t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True), args.repeats)
@@ -120,6 +148,8 @@ def step_row(name: str, args) -> str:
     model = ultralytics_model(name) if name.startswith("yolo") else \
         randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
+    if args.calibrate:
+        calibrate(model, (2, 3, args.size, args.size))
     training_step(model, x)     # warm-up (first-call kernel setup)
     steps, verify, fast = [], [], []
     for _ in range(args.repeats):
@@ -276,6 +306,8 @@ def sweep_row(name: str, args) -> str:
     for timm's conversion and the training step either)."""
     model = randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, args.size, args.size)
+    if args.calibrate:
+        calibrate(model, (2, 3, args.size, args.size))
     t_train, mark = train_mode_step(model, x)
     timm.utils.reparameterize_model(model)
     t_timm, _ = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
@@ -304,6 +336,7 @@ def run_sweep(args) -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--row", name, "--size", str(args.size),
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        cmd += ["--calibrate"] if args.calibrate else []
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = done.stdout.strip().splitlines()
@@ -328,6 +361,8 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true",
                         help="fuse(verify=True) against one training step instead")
     parser.add_argument("--step-models", default="repvgg_a0,repvgg_b3,mobileone_s0,yolov8n")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="batch-norm statistics from two random batches (as trained)")
     parser.add_argument("--memory", action="store_true", help="peak resident sizes instead")
     parser.add_argument("--synthetic", type=float, default=0.0,
                         help="with --memory: millions of parameters of the synthetic model")
