@@ -17,9 +17,10 @@ exactly: an ``nn.Linear`` / ``F.linear`` reading the channels on its last axis, 
 ``nn.Conv1d`` / ``nn.Conv2d`` / ``F.conv1d`` / ``F.conv2d`` reading them on axis 1 without
 padding. The norm's output and every value between are read by nothing else (shape reads
 aside).
-What must hold besides: the norm does not fold into the layer computing its input (a conv
-or linear layer whose output only the norm reads), and it is not a norm read directly by
-one layer (a region folds that as it is).
+What must hold besides: the norm (and each norm between) is a module called only here, or
+``F.batch_norm``; it does not fold into the layer computing its input (a conv or linear
+layer whose output only the norm reads), and it is not a norm read directly by one layer
+(a region folds that as it is).
 What it becomes: the ops between run on the norm's input (the norms go; the pools and
 layout ops stay, still computed once), and each reader reads its own copy of the norms on
 its path, computed from the norms' own tensors (``F.batch_norm`` on ``get_attr`` nodes of
@@ -242,6 +243,13 @@ def _reader(node: fx.Node, value: fx.Node, axis: int, root: nn.Module,
 
 
 # ----------------------------------------------------------------------------- the cone
+def _own_norm(node: fx.Node, root: nn.Module, usable: Usable) -> EvalNorm | None:
+    """The eval-mode norm ``node`` is, unless it is a module called elsewhere too."""
+    norm = eval_norm(node, root, _NORMS)
+    m = _submodule(root, node)
+    return None if norm is None or (m is not None and usable(m)) else norm
+
+
 def _walk(value: fx.Node, axis: int, norms: tuple, root: nn.Module, usable: Usable,
           cone: Cone) -> bool:
     """Add what ``value`` (channels on ``axis``, after ``norms``) reaches to ``cone``;
@@ -254,7 +262,7 @@ def _walk(value: fx.Node, axis: int, norms: tuple, root: nn.Module, usable: Usab
         if _reader(user, value, axis, root, usable):
             cone.leaves.append(_Leaf(user, value, axis, norms))
             continue
-        norm = eval_norm(user, root, _NORMS)
+        norm = _own_norm(user, root, usable)
         if norm is not None:
             if axis != 1:
                 return False
@@ -289,7 +297,7 @@ def _folds_back(norm: EvalNorm, root: nn.Module) -> bool:
 def norm_cone(node: fx.Node, root: nn.Module, usable: Usable) -> Cone | None:
     """The cone of the norm ``node`` when every layer it reaches absorbs a copy (see
     the module docstring), else None."""
-    norm = eval_norm(node, root, _NORMS)
+    norm = _own_norm(node, root, usable)
     if norm is None or _folds_back(norm, root) or _shape(node) is None:
         return None
     cone = Cone(norm)
@@ -375,13 +383,13 @@ def opens_for_readers(call: fx.Node, root: nn.Module, child: fx.Graph, child_roo
     if len(call.args) != 1 or call.kwargs or not isinstance(call.args[0], fx.Node):
         return False
     chain, value = [], call.args[0]
-    while eval_norm(value, root, _NORMS) is None:
+    while _own_norm(value, root, usable) is None:
         users = [u for u in value.users if not _shape_read(u, value)]
         if len(users) != 1 or not value.args or not isinstance(value.args[0], fx.Node):
             return False
         chain.append(value)
         value = value.args[0]
-    norm = eval_norm(value, root, _NORMS)
+    norm = _own_norm(value, root, usable)
     if _folds_back(norm, root) or [u for u in value.users if not _shape_read(u, value)] \
             != [chain[-1] if chain else call]:
         return False
