@@ -1,8 +1,9 @@
 """timm families whose heads and token mixers use Linear + BatchNorm1d (random weights and
 statistics), without timm's reparameterize code: through ``repfuse.fuse`` the parameters
 and norm layers are at most those of ``timm.utils.reparameterize_model`` on the same
-weights and the outputs equal the training form's; through export -> ``fuse_onnx`` no
-BatchNormalization is left."""
+weights, no norm layer is left (NextViT's pre-norms, each read by several layers, are
+copied into their readers: ``fx.readers``) and the outputs equal the training form's;
+through export -> ``fuse_onnx`` no BatchNormalization is left (``onnx.readers``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def test_fuse_matches_or_beats_timm_reparameterize(arch, monkeypatch):
     timm_params, timm_norms = _counts(deploy)
     assert params <= timm_params and norms <= timm_norms, (params, norms, timm_params,
                                                            timm_norms)
+    assert norms == 0, [(layer.path, layer.reason) for layer in result.report.layers
+                        if layer.kind == "norm" and str(layer.status) != "fused"]
     assert not result.report.skipped, [r.to_dict() for r in result.report.skipped]
     with torch.no_grad():
         ref, out = model(x), result.model(x)
@@ -59,7 +62,7 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["levit_128s", "repvit_m0_9"])
+@pytest.mark.parametrize("arch", ["levit_128s", "nextvit_small", "repvit_m0_9"])
 def test_export_then_fuse_onnx_leaves_no_batch_norm(arch, tmp_path):
     model, x = _build(arch)
     path = tmp_path / f"{arch}.onnx"
@@ -69,5 +72,5 @@ def test_export_then_fuse_onnx_leaves_no_batch_norm(arch, tmp_path):
     result = repfuse.fuse_onnx(original)
     assert result.report.ok
     ops = [n.op_type for n in result.model.graph.node]
-    assert "BatchNormalization" not in ops
+    assert "BatchNormalization" not in ops, [r.to_dict() for r in result.report.skipped]
     assert rel_err(ort_run(original, x.numpy()), ort_run(result.model, x.numpy())) <= 1e-5

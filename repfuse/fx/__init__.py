@@ -10,6 +10,8 @@ prove, the implementation of ``repfuse.fuse``).
   tables; values computed in forward from parameters; pads and crops written as slicing);
 * ``match``: maximal regions and their dominators;
 * ``inline``: opening submodule calls so regions can span module boundaries;
+* ``norms``, ``distribute``, ``readers``: moving eval batch norms to where they fold (into
+  the parts of a concat of convs; a copy into each of several readers);
 * ``fuser``: the per-module pass (decide, cut, rewrite); ``rewrite``: writing fused
   regions back into a graph; ``install``: the rewritten graph into its module, which keeps
   its class, attributes and hooks;

@@ -6,7 +6,7 @@
 * ``fused``: part of a fused region;
 * ``left alone``: part of a region that was not fused (the region's reason), or a norm no
   region could hold (a lone batch norm between nonlinear ops, a batch norm whose output
-  several layers read, such as the q, k and v of an attention after a pre-norm, a norm
+  several ops read when one of them cannot absorb a copy of it (``fx.readers``), a norm
   that normalizes with its input's own statistics);
 * ``unchanged``: a conv with nothing linear next to it to fold (already its inference form);
 * ``not reached``: not called on the example inputs, called from code that could not be
@@ -120,7 +120,9 @@ def _unchanged(m: nn.Module, found: Reach | None = None) -> tuple[LayerStatus, s
     if readers:
         return LayerStatus.LEFT_ALONE, (
             f"its output is read by {len(readers)} ops ({', '.join(readers[:4])}): folding it "
-            "would need one copy per reader, which repfuse does not make")
+            "would need one copy per reader, which repfuse makes only when every reader "
+            "absorbs its copy (a linear layer, or a conv without padding, after layout ops and "
+            "average pools without padding)")
     if "BatchNorm" in type(m).__name__:
         return LayerStatus.LEFT_ALONE, ("a lone batch norm between nonlinear ops: no conv next "
                                         "to it to fold into")

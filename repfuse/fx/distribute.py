@@ -23,49 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from repfuse.fx.match import ignorable_nodes, real_users
-from repfuse.fx.trace import hook_reason
+from repfuse.fx.norms import eval_norm
 from repfuse.fx.values import bind, tensor_meta
 
 __all__ = ["distribute_norms"]
-
-_STATS = ("running_mean", "running_var", "weight", "bias")
-_NORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
-
-
-def _module(root: nn.Module, node: fx.Node) -> nn.Module | None:
-    try:
-        return root.get_submodule(node.target)
-    except AttributeError:
-        return None
-
-
-def _norm(node: fx.Node, root: nn.Module) -> tuple[dict, float] | None:
-    """``({stat: its target or None}, eps)`` of an eval-mode batch norm node."""
-    if node.op == "call_module":
-        m = _module(root, node)
-        if not isinstance(m, nn.BatchNorm2d) or type(m).forward is not _NORM_FORWARD \
-                or m.training or m.running_mean is None or hook_reason(m) \
-                or len(node.args) != 1 or node.kwargs:
-            return None
-        return {k: f"{node.target}.{k}" if getattr(m, k) is not None else None
-                for k in _STATS}, float(m.eps)
-    if node.op != "call_function" or node.target is not F.batch_norm:
-        return None
-    a = bind(node)
-    if a is None or a["training"] is not False or not isinstance(a["eps"], (int, float)):
-        return None
-    stats = {k: a[k] for k in _STATS}
-    if any(v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr")
-           for v in stats.values()) or stats["running_mean"] is None:
-        return None
-    return {k: None if v is None else v.target for k, v in stats.items()}, float(a["eps"])
 
 
 def _is_conv(node: fx.Node, root: nn.Module) -> bool:
     if len(node.users) != 1 or tensor_meta(node) is None or len(tensor_meta(node)[0]) != 4:
         return False
     if node.op == "call_module":
-        return isinstance(_module(root, node), nn.Conv2d)
+        try:
+            return isinstance(root.get_submodule(node.target), nn.Conv2d)
+        except AttributeError:
+            return False
     return node.op == "call_function" and node.target is F.conv2d
 
 
@@ -94,10 +65,10 @@ def distribute_norms(graph: fx.Graph, root: nn.Module) -> None:
         inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if inp is None or _parts(inp, root, ign) is None:
             continue
-        found = _norm(node, root)
+        found = eval_norm(node, root)
         if found is None:
             continue
-        stats, eps = found
+        stats, eps = found.stats, found.eps
         old = [a for a in node.all_input_nodes if a.op == "get_attr"]
         parts, start, outs = _parts(inp, root, ign), 0, []
         with graph.inserting_before(inp.next):   # before the shape reads of ``inp``

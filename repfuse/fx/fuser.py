@@ -39,6 +39,7 @@ from repfuse.fx.keep import kept_patterns
 from repfuse.fx.match import Region, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.reach import Reach
+from repfuse.fx.readers import copy_norms, opens_for_readers
 from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
 from repfuse.fx.slicing import normalize
 from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
@@ -182,13 +183,16 @@ class Fuser:
             if n.op == "call_module":
                 sub = mg.module.get_submodule(n.target)
                 sub_mg = self.graphs.get(id(sub))
-                if should_inline(n, mg.module, sub_mg, self.plain.get(id(sub), False)
-                                 and not self.shared(sub)) and (
-                        self._summary(sub_mg) is None or after_concat_of_convs(n, mg.module)):
+                single = self.plain.get(id(sub), False) and not self.shared(sub)
+                if should_inline(n, mg.module, sub_mg, single) and (
+                        self._summary(sub_mg) is None or after_concat_of_convs(n, mg.module)) \
+                        or single and sub_mg is not None and sub_mg.graph is not None and \
+                        opens_for_readers(n, mg.module, sub_mg.graph, sub, self.shared):
                     inline_call(graph, n, sub_mg.graph)
                     self.inlined.add(id(sub))
         normalize(graph)
         distribute_norms(graph, mg.module)
+        copy_norms(graph, mg.module, self.shared)
         const = _mark_constants(graph)
         summaries = {}
         for n in graph.nodes:

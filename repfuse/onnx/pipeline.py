@@ -26,6 +26,7 @@ from repfuse.onnx.io import load_onnx, op_counts
 from repfuse.onnx.keep import kept_nodes, kept_patterns
 from repfuse.onnx.leftover import leftover_norms
 from repfuse.onnx.match import Constants
+from repfuse.onnx.readers import copy_norms
 from repfuse.onnx.regions import fuse_graph
 from repfuse.onnx.runtime import verify_onnx_pair
 from repfuse.onnx.shapes import infer_shapes
@@ -69,6 +70,7 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     source_data = proto.SerializeToString()     # serialized once: shapes, onnxruntime
     graph_ir = ir.from_proto(_infer_shapes(proto, source_data))
     check = (lambda expr, fused: prove_region(expr, fused, tol=tol)) if verify else None
+    copied = copy_norms(graph_ir.graph)
     patterns = kept_patterns(graph_ir.graph, Constants())
     for p in patterns:
         log.debug("kept %s whole: %s", p.name, ", ".join(
@@ -86,6 +88,9 @@ def _fuse(model, verify: bool, tol) -> OnnxFuseResult:
     split = f", {len(report.split)} fused in parts" if report.split else ""
     report.notes.append(f"{len(report.fused)} region(s) fused{split}, {len(report.skipped)} "
                         f"left as they are in {source}")
+    if copied:
+        report.notes.append(f"{copied} BatchNormalization(s) read by several layers copied "
+                            "into each reader (each reader absorbs its copy)")
     if kept_note(patterns):
         report.notes.append(kept_note(patterns))
     report.note_defects()

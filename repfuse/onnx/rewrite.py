@@ -20,7 +20,7 @@ from repfuse.algebra.modules import dense_matrix
 from repfuse.errors import NotFusable
 
 
-def _unique(graph: ir.Graph, base: str) -> str:
+def unique_name(graph: ir.Graph, base: str) -> str:
     taken = _names(graph)
     name, n = base, 1
     while name in taken:
@@ -49,7 +49,7 @@ def _numpy_dtype(output: ir.Value, fallback: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=fallback).numpy().dtype
 
 
-def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+def initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     value = ir.Value(name=name, shape=ir.Shape(array.shape),
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
@@ -93,34 +93,34 @@ def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Nod
     """The nodes computing ``fused`` on ``x`` (see the module docstring); the last one
     produces the output."""
     if fused.pooled:    # the mean over positions first, flattened for a Gemm
-        pool = [ir.node("GlobalAveragePool", [x], name=_unique(graph, f"{base}.fused_pool"))]
+        pool = [ir.node("GlobalAveragePool", [x], name=unique_name(graph, f"{base}.fused_pool"))]
         if fused.value_layout == "NC":
             pool.append(ir.node("Flatten", [pool[0].outputs[0]], attributes={"axis": 1},
-                                name=_unique(graph, f"{base}.fused_flatten")))
+                                name=unique_name(graph, f"{base}.fused_flatten")))
         return pool + _layer(graph, pool[-1].outputs[0], fused.replace(pooled=False), dtype,
                              base)
     spec, layout = fused.spec, fused.value_layout
     weight = fused.weight.detach().cpu().numpy()
     bias = (fused.bias.detach().cpu().numpy() if fused.bias is not None
             else np.zeros(spec.out_channels)).astype(dtype)
-    name = _unique(graph, f"{base}.fused")
+    name = unique_name(graph, f"{base}.fused")
     if layout in ("NC", "NLC", "NHWC"):
         matrix = dense_matrix(fused.weight.detach(), spec.groups).cpu().numpy().astype(dtype)
-        b = _initializer(graph, bias, _unique(graph, f"{base}.fused_bias"))
+        b = initializer(graph, bias, unique_name(graph, f"{base}.fused_bias"))
         if layout == "NC":
-            w = _initializer(graph, matrix, _unique(graph, f"{base}.fused_weight"))
+            w = initializer(graph, matrix, unique_name(graph, f"{base}.fused_weight"))
             merge = []
             if fused.input_layout not in ("", layout):   # tokens' positions into the batch
                 axis = 2 if fused.input_layout == "NLC" else 3
                 merge = [ir.node("Flatten", [x], attributes={"axis": axis},
-                                 name=_unique(graph, f"{base}.fused_flatten"))]
+                                 name=unique_name(graph, f"{base}.fused_flatten"))]
                 x = merge[0].outputs[0]
             return merge + [ir.node("Gemm", [x, w, b], attributes={"transB": 1}, name=name)]
-        w = _initializer(graph, np.ascontiguousarray(matrix.T),
-                         _unique(graph, f"{base}.fused_weight"))
+        w = initializer(graph, np.ascontiguousarray(matrix.T),
+                         unique_name(graph, f"{base}.fused_weight"))
         product = ir.node("MatMul", [x, w], name=name)
         return [product, ir.node("Add", [product.outputs[0], b],
-                                 name=_unique(graph, f"{base}.fused_bias_add"))]
+                                 name=unique_name(graph, f"{base}.fused_bias_add"))]
     t, bottom, left, right = spec.padding
     attrs = {"strides": list(spec.stride), "dilations": list(spec.dilation),
              "group": spec.groups, "kernel_shape": list(spec.kernel_size),
@@ -131,8 +131,8 @@ def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Nod
                      kernel_shape=[spec.kernel_size[1]], pads=[left, right])
     if spec.transposed:
         attrs["pads"], attrs["output_padding"] = transposed_pads(spec)
-    w = _initializer(graph, weight.astype(dtype), _unique(graph, f"{base}.fused_weight"))
-    b = _initializer(graph, bias, _unique(graph, f"{base}.fused_bias"))
+    w = initializer(graph, weight.astype(dtype), unique_name(graph, f"{base}.fused_weight"))
+    b = initializer(graph, bias, unique_name(graph, f"{base}.fused_bias"))
     kind = "ConvTranspose" if spec.transposed else "Conv"
     return [ir.node(kind, [x, w, b], attributes=attrs, name=name)]
 

@@ -186,7 +186,8 @@ def test_pre_norm_folds_into_the_first_conv_of_a_child_where_exact():
 class QKV(nn.Module):
     def __init__(self, c: int):
         super().__init__()
-        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+        self.q, self.k = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.v = nn.Conv2d(c, c, 3, padding=1)   # a padded conv: its copy would not fold
 
     def forward(self, x):
         a = (self.q(x) * self.k(x)).sigmoid()
@@ -194,7 +195,9 @@ class QKV(nn.Module):
 
 
 class PreNormAttention(nn.Module):
-    """A pre-norm read by three layers of the child after it (NextViT's attention)."""
+    """A pre-norm read by three layers of the child after it (NextViT's attention), one of
+    which (a padded conv) cannot absorb a copy (tests/fx/test_norm_readers.py: when all
+    can)."""
 
     def __init__(self):
         super().__init__()
