@@ -39,9 +39,15 @@ from repfuse.fx.keep import kept_patterns
 from repfuse.fx.match import Region, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.reach import Reach
-from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
+from repfuse.fx.rewrite import (
+    drop_dead,
+    drop_noops,
+    graph_parts,
+    replace_region,
+    unique_name,
+)
 from repfuse.fx.slicing import normalize
-from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
+from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, META, ModuleGraph, hook_reason, join
 from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
@@ -110,6 +116,16 @@ def _free_path(graph: fx.Graph, target: str) -> bool:
     prefixes = {".".join(parts[:k]) for k in range(1, len(parts))}
     return not any(n.op in ("call_module", "get_attr") and n.target in prefixes
                    for n in graph.nodes)
+
+
+def _kept_name(graph: fx.Graph, r: Region) -> str | None:
+    """The user's name the fused layer takes: the module call of the region's one layer (a
+    conv or Linear call, or the call of a module whose whole forward is linear and holds
+    it), where that path is free (``_free_path``); None when the region has several."""
+    calls = [n for n in r.nodes if r.ops[n].kind in (OpKind.CONV, OpKind.MODULE)]
+    if len(calls) != 1 or calls[0].op != "call_module":
+        return None
+    return calls[0].target if _free_path(graph, calls[0].target) else None
 
 
 class Fuser:
@@ -320,7 +336,9 @@ class Fuser:
         key = frozenset(r.nodes)
         if self.check is None or key in self.proofs:
             return True
-        proofs = self.check(expr, affine, r.input.meta.get(CAPTURE))
+        last = rg.region_input(expr).layout == "NHWC"
+        proofs = self.check(expr, affine,
+                            r.input.meta.get(CAPTURE_CHANNELS_LAST if last else CAPTURE))
         if proofs.ok:
             self.proofs[key] = proofs
             return True
@@ -380,18 +398,14 @@ class Fuser:
         for r, expr, affine, module_new in regions:
             if r.input in renamed:
                 r = dataclasses.replace(r, input=renamed[r.input])
-            convs = [n for n in r.nodes
-                     if r.ops[n].kind is OpKind.CONV and n.op == "call_module"]
-            single = len(convs) == 1 and \
-                sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
-            base = convs[0].target if single and _free_path(graph, convs[0].target) \
-                else ("reparam_linear" if isinstance(_last(module_new), nn.Linear)
-                      else "reparam_conv")
-            name = base if base in {n.target for n in convs} else unique_name(
-                taken | set(new_modules), base)
-            new_modules[name] = module_new
+            before_ops, layer, after_ops = graph_parts(module_new)
+            base = _kept_name(graph, r) or (
+                "reparam_linear" if isinstance(_last(layer), nn.Linear) else "reparam_conv")
+            named = {n.target for n in r.nodes if n.op == "call_module"}
+            name = base if base in named else unique_name(taken | set(new_modules), base)
+            new_modules[name] = layer
             taken.add(name)
-            renamed[r.output] = replace_region(graph, r, name)
+            renamed[r.output] = replace_region(graph, r, name, before_ops, after_ops)
             self._record(join(mg.path, name), r, expr, affine)
         drop_noops(graph, module)
         drop_dead(graph, module)
