@@ -118,14 +118,48 @@ def _free_path(graph: fx.Graph, target: str) -> bool:
                    for n in graph.nodes)
 
 
-def _kept_name(graph: fx.Graph, r: Region) -> str | None:
-    """The user's name the fused layer takes: the module call of the region's one layer (a
-    conv or Linear call, or the call of a module whose whole forward is linear and holds
-    it), where that path is free (``_free_path``); None when the region has several."""
+def _absorbed(graph: fx.Graph, module: nn.Module, r: Region, prefix: str) -> bool:
+    """Whether region ``r`` replaces all of module ``prefix``: every read of it or of
+    anything in it (calls, parameter reads) left in ``graph`` is a member of ``r`` or feeds
+    only members (its forward was inlined into the region), and each of its parameters
+    and buffers is under one of those reads (nothing the rewrite would keep is lost)."""
+    members = set(r.nodes)
+    read = set()
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and (
+                n.target == prefix or n.target.startswith(prefix + ".")):
+            if n not in members and not (n.op == "get_attr" and n.users
+                                         and set(n.users) <= members):
+                return False
+            read.add(n.target)
+    try:
+        sub = module.get_submodule(prefix)
+    except AttributeError:
+        return False
+    held = [f"{prefix}.{k}" for k, _ in (*sub.named_parameters(), *sub.named_buffers())]
+    return all(any(h == t or h.startswith(t + ".") for t in read) for h in held)
+
+
+def _kept_name(graph: fx.Graph, module: nn.Module, r: Region, linear: bool) -> str | None:
+    """The user's name the fused layer takes (see ``_free_path``), or None: that of the
+    region's one module call (a conv or Linear, or a module whose whole forward is
+    linear), or, for a Linear replacing several (a head and its distillation head), of
+    the first; lifted to the module that held it when the region replaces all of that
+    module (an inlined ``head`` whose norm and Linear it fused: ``head``, not ``head.l``),
+    so that the user's attribute stays a callable layer."""
     calls = [n for n in r.nodes if r.ops[n].kind in (OpKind.CONV, OpKind.MODULE)]
-    if len(calls) != 1 or calls[0].op != "call_module":
+    if not calls or (len(calls) > 1 and not linear) or calls[0].op != "call_module":
         return None
-    return calls[0].target if _free_path(graph, calls[0].target) else None
+    target = calls[0].target
+    if not _free_path(graph, target):
+        return None
+    parts = target.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if not _absorbed(graph, module, r, prefix):
+            break
+        target = prefix
+    return target
 
 
 class Fuser:
@@ -399,10 +433,9 @@ class Fuser:
             if r.input in renamed:
                 r = dataclasses.replace(r, input=renamed[r.input])
             before_ops, layer, after_ops = graph_parts(module_new)
-            base = _kept_name(graph, r) or (
-                "reparam_linear" if isinstance(_last(layer), nn.Linear) else "reparam_conv")
-            named = {n.target for n in r.nodes if n.op == "call_module"}
-            name = base if base in named else unique_name(taken | set(new_modules), base)
+            linear = isinstance(_last(layer), nn.Linear)
+            name = _kept_name(graph, module, r, linear) or unique_name(
+                taken | set(new_modules), "reparam_linear" if linear else "reparam_conv")
             new_modules[name] = layer
             taken.add(name)
             renamed[r.output] = replace_region(graph, r, name, before_ops, after_ops)
