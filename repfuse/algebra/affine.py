@@ -83,8 +83,10 @@ class AffineConv:
     dtype: torch.dtype = torch.float32
     device: torch.device | None = None
     value_layout: str = "NCHW"
-    #: the layout of the values read, when they are tokens (NLC) or a channels-last map
-    #: (NHWC) whose positions are merged into the batch first (``value_layout`` NC)
+    #: the layout of the values read, when it is not ``value_layout``: tokens (NLC) or a
+    #: channels-last map (NHWC) whose positions are merged into the batch first
+    #: (``value_layout`` NC), or the same values with the channel axis moved (NHWC read,
+    #: NCHW given: the layer keeps a permute, ``algebra.modules.relayout``)
     input_layout: str = ""
     #: the layer reads the mean of its input over positions (a global average pool first)
     pooled: bool = False

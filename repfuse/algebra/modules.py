@@ -5,6 +5,12 @@ the values the convolution maps: NCHW gives an ``nn.Conv2d`` (or ``nn.ConvTransp
 for a transposed one), NCL an ``nn.Conv1d`` (the conv has one row), and the
 channels-last layouts NC, NLC and NHWC an ``nn.Linear`` (the conv is pointwise).
 Asymmetric padding becomes an explicit pad module in front (``nn.Sequential``).
+
+A region whose input and output differ only by where the channel axis is (its
+``input_layout`` NHWC and ``value_layout`` NCHW, say: a transpose inside it) becomes the
+layer and a ``Permute`` (``relayout``): a pointwise conv is a Linear on the channels-last
+side, any other a conv on the channel-first side; the permute is a view, as the training
+form's transpose was, so the output has the same strides.
 """
 
 from __future__ import annotations
@@ -20,6 +26,52 @@ _PAD_2D = {"zeros": nn.ZeroPad2d, "reflect": nn.ReflectionPad2d,
 _PAD_1D = {"zeros": nn.ZeroPad1d, "reflect": nn.ReflectionPad1d,
            "replicate": nn.ReplicationPad1d, "circular": getattr(nn, "CircularPad1d", None)}
 LINEAR_LAYOUTS = frozenset({"NC", "NLC", "NHWC"})
+
+#: (layout read, layout given) -> the permutation of the axes from one to the other
+LAYOUT_PERMUTES: dict[tuple[str, str], tuple[int, ...]] = {
+    ("NCHW", "NHWC"): (0, 2, 3, 1), ("NHWC", "NCHW"): (0, 3, 1, 2),
+    ("NCL", "NLC"): (0, 2, 1), ("NLC", "NCL"): (0, 2, 1),
+}
+#: a channels-last layout -> its channel-first twin
+_CHANNEL_FIRST = {"NHWC": "NCHW", "NLC": "NCL"}
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)``: the change of layout a fused region keeps (a view)."""
+
+    def __init__(self, dims) -> None:
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+def permuted(conv) -> bool:
+    """Whether ``conv`` reads values of one layout and gives them in another of the same
+    rank (a transpose inside its region)."""
+    return (conv.input_layout, conv.value_layout) in LAYOUT_PERMUTES
+
+
+def _is_pointwise(spec: ConvSpec) -> bool:
+    return spec.kernel_size == (1, 1) and spec.stride == (1, 1) and max(spec.padding) == 0 \
+        and not spec.transposed
+
+
+def relayout(conv) -> tuple[tuple[int, ...] | None, object, tuple[int, ...] | None]:
+    """``(permutation before, conv in one layout, permutation after)`` for a ``permuted``
+    conv (see the module docstring); ``(None, conv, None)`` for any other."""
+    if not permuted(conv):
+        return None, conv, None
+    reads, gives = conv.input_layout, conv.value_layout
+    perm = LAYOUT_PERMUTES[(reads, gives)]
+    last = reads if reads in _CHANNEL_FIRST else gives
+    core = last if _is_pointwise(conv.spec) else _CHANNEL_FIRST[last]
+    inner = conv.replace(value_layout=core, input_layout="")
+    return (None, inner, perm) if core == reads else (perm, inner, None)
 
 
 def _pad_module(table: dict, mode: str, pads: tuple):
@@ -133,6 +185,12 @@ def to_module(conv) -> nn.Module:
 
 
 def _layer(conv) -> nn.Module:
+    before, inner, after = relayout(conv)
+    if inner is not conv:
+        layer = _layer(inner)
+        parts = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+        return nn.Sequential(*([Permute(before)] if before else []), *parts,
+                             *([Permute(after)] if after else []))
     layout = conv.value_layout
     if conv.spec.transposed:
         if layout != "NCHW":
@@ -157,6 +215,10 @@ def describe(conv) -> str:
     spec, layout = conv.spec, conv.value_layout
     if conv.pooled:
         return "globalpool+" + describe(conv.replace(pooled=False))
+    before, inner, after = relayout(conv)
+    if inner is not conv:
+        return "+".join(["permute"] * bool(before) + [describe(inner)]
+                        + ["permute"] * bool(after))
     if layout in LINEAR_LAYOUTS:
         return "linear"
     if layout == "NCL":

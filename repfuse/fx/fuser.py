@@ -40,9 +40,15 @@ from repfuse.fx.match import Region, find_regions, ignorable_nodes
 from repfuse.fx.ops import Context, LinearOp, classify, tensor_meta
 from repfuse.fx.reach import Reach
 from repfuse.fx.readers import copy_norms, opens_for_readers
-from repfuse.fx.rewrite import drop_dead, drop_noops, replace_region, unique_name
+from repfuse.fx.rewrite import (
+    drop_dead,
+    drop_noops,
+    graph_parts,
+    replace_region,
+    unique_name,
+)
 from repfuse.fx.slicing import normalize
-from repfuse.fx.trace import CAPTURE, META, ModuleGraph, hook_reason, join
+from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, META, ModuleGraph, hook_reason, join
 from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
@@ -111,6 +117,50 @@ def _free_path(graph: fx.Graph, target: str) -> bool:
     prefixes = {".".join(parts[:k]) for k in range(1, len(parts))}
     return not any(n.op in ("call_module", "get_attr") and n.target in prefixes
                    for n in graph.nodes)
+
+
+def _absorbed(graph: fx.Graph, module: nn.Module, r: Region, prefix: str) -> bool:
+    """Whether region ``r`` replaces all of module ``prefix``: every read of it or of
+    anything in it (calls, parameter reads) left in ``graph`` is a member of ``r`` or feeds
+    only members (its forward was inlined into the region), and each of its parameters
+    and buffers is under one of those reads (nothing the rewrite would keep is lost)."""
+    members = set(r.nodes)
+    read = set()
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr") and (
+                n.target == prefix or n.target.startswith(prefix + ".")):
+            if n not in members and not (n.op == "get_attr" and n.users
+                                         and set(n.users) <= members):
+                return False
+            read.add(n.target)
+    try:
+        sub = module.get_submodule(prefix)
+    except AttributeError:
+        return False
+    held = [f"{prefix}.{k}" for k, _ in (*sub.named_parameters(), *sub.named_buffers())]
+    return all(any(h == t or h.startswith(t + ".") for t in read) for h in held)
+
+
+def _kept_name(graph: fx.Graph, module: nn.Module, r: Region, linear: bool) -> str | None:
+    """The user's name the fused layer takes (see ``_free_path``), or None: that of the
+    region's one module call (a conv or Linear, or a module whose whole forward is
+    linear), or, for a Linear replacing several (a head and its distillation head), of
+    the first; lifted to the module that held it when the region replaces all of that
+    module (an inlined ``head`` whose norm and Linear it fused: ``head``, not ``head.l``),
+    so that the user's attribute stays a callable layer."""
+    calls = [n for n in r.nodes if r.ops[n].kind in (OpKind.CONV, OpKind.MODULE)]
+    if not calls or (len(calls) > 1 and not linear) or calls[0].op != "call_module":
+        return None
+    target = calls[0].target
+    if not _free_path(graph, target):
+        return None
+    parts = target.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if not _absorbed(graph, module, r, prefix):
+            break
+        target = prefix
+    return target
 
 
 class Fuser:
@@ -324,7 +374,9 @@ class Fuser:
         key = frozenset(r.nodes)
         if self.check is None or key in self.proofs:
             return True
-        proofs = self.check(expr, affine, r.input.meta.get(CAPTURE))
+        last = rg.region_input(expr).layout == "NHWC"
+        proofs = self.check(expr, affine,
+                            r.input.meta.get(CAPTURE_CHANNELS_LAST if last else CAPTURE))
         if proofs.ok:
             self.proofs[key] = proofs
             return True
@@ -384,18 +436,13 @@ class Fuser:
         for r, expr, affine, module_new in regions:
             if r.input in renamed:
                 r = dataclasses.replace(r, input=renamed[r.input])
-            convs = [n for n in r.nodes
-                     if r.ops[n].kind is OpKind.CONV and n.op == "call_module"]
-            single = len(convs) == 1 and \
-                sum(r.ops[n].kind in (OpKind.CONV, OpKind.MODULE) for n in r.nodes) == 1
-            base = convs[0].target if single and _free_path(graph, convs[0].target) \
-                else ("reparam_linear" if isinstance(_last(module_new), nn.Linear)
-                      else "reparam_conv")
-            name = base if base in {n.target for n in convs} else unique_name(
-                taken | set(new_modules), base)
-            new_modules[name] = module_new
+            before_ops, layer, after_ops = graph_parts(module_new)
+            linear = isinstance(_last(layer), nn.Linear)
+            name = _kept_name(graph, module, r, linear) or unique_name(
+                taken | set(new_modules), "reparam_linear" if linear else "reparam_conv")
+            new_modules[name] = layer
             taken.add(name)
-            renamed[r.output] = replace_region(graph, r, name)
+            renamed[r.output] = replace_region(graph, r, name, before_ops, after_ops)
             self._record(join(mg.path, name), r, expr, affine)
         drop_noops(graph, module)
         drop_dead(graph, module)

@@ -5,8 +5,9 @@ must hold: the module is the one the rest of the model holds (same object). What
 becomes: the same object, now an instance of a subclass of its own class (named like
 it, so ``isinstance`` and ``type(m).__name__`` hold) whose ``forward`` is the rewritten
 graph's code; the fused convs are added as submodules (a single conv keeps the name of
-the conv it replaces), and the submodules, parameters and buffers that only the fused
-parts read are removed. Its plain attributes, hooks, buffers and state-dict names outside
+the module it replaces, ``fx.fuser``), and the submodules, parameters and buffers that
+only the fused parts read are removed (a no-op module, identity or dropout, stays where its
+owner does). Its plain attributes, hooks, buffers and state-dict names outside
 the fused parts are untouched, and the parent's own forward code still calls it.
 
 The subclass is made once per (class, code) and rebuilt by name on unpickling, so a fused
@@ -22,6 +23,8 @@ import types
 
 import torch.fx as fx
 from torch import nn
+
+from repfuse.fx.values import PASS_MODULES
 
 __all__ = ["install", "original_class"]
 
@@ -141,24 +144,39 @@ def install(module: nn.Module, before: set[str], graph: fx.Graph,
     the module's graph read before the rewrite; ``new_modules``: target -> fused conv."""
     graph.lint()
     after = _targets(graph)
-    for target in sorted(before - after - set(new_modules), key=lambda t: -t.count(".")):
-        if not any(a.startswith(target + ".") for a in after):
+    lost = before - after - set(new_modules)
+    emptied = {p for t in lost if "." in t for p in _ancestors(t.rpartition(".")[0])}
+    for target in sorted(lost, key=lambda t: -t.count(".")):
+        if not any(a.startswith(target + ".") for a in after) \
+                and not _idle_noop(module, target, emptied):
             _remove(module, target)
     for target, sub in new_modules.items():
         owner, name = _parent(module, target)
+        if name in owner._modules:      # in its place: the module order stays the user's
+            owner._modules[name] = sub
+            continue
         _remove(owner, name)
         if owner.__dict__.get(name, 0) is None:  # a placeholder such as reparam_conv = None
             del owner.__dict__[name]
         owner.add_module(name, sub)
-    lost = before - after - set(new_modules)
-    _dissolve(module, {p for t in lost if "." in t for p in _ancestors(t.rpartition(".")[0])},
-              after)
+    _dissolve(module, emptied, after)
     if isinstance(module, fx.GraphModule):  # its own class already runs its graph
         module.graph = graph
         return
     code = graph.python_code(root_module="self")
     module.__class__ = _fused_class(original_class(module), code.src,
                                     _portable(code.globals))
+
+
+def _idle_noop(module: nn.Module, target: str, emptied: set[str]) -> bool:
+    """Whether ``target`` is a no-op module (identity, dropout) the new graph no longer
+    calls that stays in its place: its owner is not a module the rewrite empties, so user
+    code reading it (``model.head_drop``) still finds it."""
+    try:
+        sub = module.get_submodule(target)
+    except AttributeError:
+        return False
+    return type(sub) in PASS_MODULES and target.rpartition(".")[0] not in emptied
 
 
 def _ancestors(path: str) -> list[str]:

@@ -30,6 +30,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from repfuse.fx.trace import (
     CAPTURE,
+    CAPTURE_CHANNELS_LAST,
     CAPTURE_CROP,
     META,
     ModuleGraph,
@@ -123,7 +124,9 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> 
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
         if capture is not None and capture(node) and value.dim() == 4:
-            node.meta[CAPTURE] = value[:2, :, :CAPTURE_CROP, :CAPTURE_CROP].detach().clone()
+            c = CAPTURE_CROP   # the window in either layout (see ``fx.trace.CAPTURE``)
+            node.meta[CAPTURE] = value[:1, :, :c, :c].detach().clone()
+            node.meta[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :].detach().clone()
         elif capture is not None and capture(node) and value.dim() in (2, 3):
             node.meta[CAPTURE] = value[:2].detach().clone()  # vectors, tokens, sequences
 

@@ -3,7 +3,9 @@
 What is matched: a region (member nodes, one input, one output) of one module's
 graph. What must hold: the fused ``AffineConv`` was proven or at least reduced
 exactly. What it becomes: one ``call_module`` of the fused conv on the region
-input, placed where the first member was; the members, the asserts that read
+input, placed where the first member was (its parameter-free parts are graph ops
+around it: a region that moves the channel axis is the layer, then the permute; a pooled
+head the pool, then the layer; ``graph_parts``); the members, the asserts that read
 their shapes and the parameter reads (and computations on parameters) that only fed
 them are removed; so are no-op calls (``nn.Identity``, dropout in eval). The graph is
 then installed into its module (``fx.install``), so nothing of the training form
@@ -13,8 +15,10 @@ remains in the hot path.
 from __future__ import annotations
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from repfuse.algebra.modules import Permute
 from repfuse.fx.match import Region, ignorable_nodes, is_assert
 from repfuse.fx.values import PASS_MODULES, inplace_target
 
@@ -27,11 +31,55 @@ def unique_name(taken, base: str) -> str:
     return name
 
 
-def replace_region(graph: fx.Graph, region: Region, target: str) -> fx.Node:
-    """Replace ``region`` by ``call_module(target, region.input)``; returns the new node."""
+#: parameter-free parts of a fused module the graph computes itself, around the layer
+_GRAPH_PARTS = (Permute, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+
+def graph_parts(module: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
+    """``(before, layer, after)``: a fused ``nn.Sequential``'s leading and trailing
+    parameter-free parts the graph computes itself (the permute a region that moves the
+    channel axis keeps, the global pool and flatten of a pooled head), and the module to
+    install (the layer, or what is left of the Sequential: a pad module stays with its
+    conv). The layer installed under the user's name (``head``) then computes what a
+    layer of that name computes (a head reads pooled features)."""
+    if not isinstance(module, nn.Sequential):
+        return [], module, []
+    parts = list(module)
+    i, j = 0, len(parts)
+    while i < j - 1 and isinstance(parts[i], _GRAPH_PARTS):
+        i += 1
+    while j - 1 > i and isinstance(parts[j - 1], _GRAPH_PARTS):
+        j -= 1
+    if (i, j) == (0, len(parts)):
+        return [], module, []
+    core = parts[i] if j - i == 1 else nn.Sequential(*parts[i:j])
+    return parts[:i], core, parts[j:]
+
+
+def _graph_op(graph: fx.Graph, part: nn.Module, x: fx.Node) -> fx.Node:
+    """The graph node computing parameter-free ``part`` on ``x``."""
+    if isinstance(part, Permute):
+        return graph.call_method("permute", (x, part.dims))
+    if isinstance(part, nn.AdaptiveAvgPool2d):
+        return graph.call_function(F.adaptive_avg_pool2d, (x, part.output_size))
+    if isinstance(part, nn.Flatten):
+        return graph.call_method("flatten", (x, part.start_dim, part.end_dim))
+    raise TypeError(f"no graph op for {type(part).__name__}")
+
+
+def replace_region(graph: fx.Graph, region: Region, target: str, before=(),
+                   after=()) -> fx.Node:
+    """Replace ``region`` by ``call_module(target, region.input)``, with the
+    parameter-free parts ``before`` and ``after`` it (``graph_parts``) as graph ops;
+    returns the node giving the region's value."""
     ign = ignorable_nodes(graph)
     with graph.inserting_before(region.nodes[0]):
-        new = graph.call_module(target, (region.input,))
+        x = region.input
+        for part in before:
+            x = _graph_op(graph, part, x)
+        new = graph.call_module(target, (x,))
+        for part in after:
+            new = _graph_op(graph, part, new)
     new.meta.update(region.output.meta)
     region.output.replace_all_uses_with(new)
     members = set(region.nodes)

@@ -29,8 +29,13 @@ _CONTAINERS = (nn.Sequential,)
 
 #: Key of the recorded (shape, dtype) of a node's value in ``node.meta``.
 META = "repfuse_value"
-#: Key of a captured copy (first two samples) of a node's value in ``node.meta``.
+#: Key of a captured copy of a node's value in ``node.meta``: the first two samples of a
+#: vector, token or sequence value; of a 4-D value, the first sample's top-left window
+#: read as (N, C, H, W) (dims 2 and 3 cropped).
 CAPTURE = "repfuse_capture"
+#: Key of the same window of a 4-D value read as channels-last (N, H, W, C): dims 1 and 2
+#: cropped, every channel kept (the region's layout, known only later, picks one).
+CAPTURE_CHANNELS_LAST = "repfuse_capture_nhwc"
 #: Spatial size of the captured copies (the top-left window).
 CAPTURE_CROP = 40
 

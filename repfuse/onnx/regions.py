@@ -31,6 +31,7 @@ from repfuse.onnx.rewrite import (
     shape_only_use,
     transposed_pads,
     type_only_use,
+    weighted_node,
 )
 from repfuse.region.op import LinearOp, OpKind, is_region_value
 from repfuse.region.worth import check_growth, worth_fusing
@@ -322,11 +323,12 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
                 continue
             if whole is not None:
                 whole.reason += f"; cut at '{cand.input.name}'"
-            conv = replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused)
+            layer = replace_with_conv(graph, cand.nodes, cand.input, cand.output, fused)
+            conv = weighted_node(layer)
             scopes = _common_scopes(cand.nodes)
-            if scopes:      # the fused Conv keeps the module scope of what it replaced
-                conv.metadata_props[_SCOPES] = repr([*scopes, conv.name])
-            written.add(conv)
+            for node in layer if scopes else ():  # they keep the module scope it had
+                node.metadata_props[_SCOPES] = repr([*scopes, node.name])
+            written |= set(layer)
             claimed |= cand.node_set
             reports.append(_region_report(cand, expr, RegionStatus.FUSED, "", fused, proofs))
             reports[-1].node = conv.name

@@ -2,7 +2,8 @@
 sequences), ``ConvTranspose``, ``Gemm`` for (N, C) values, ``MatMul`` + ``Add`` for tokens
 and channels-last maps (by the fused kernel's ``value_layout``; a ``Flatten`` first where
 the region merges the positions of tokens into the batch, a ``GlobalAveragePool`` where it
-pools first).
+pools first, a ``Transpose`` before or after where it moves the channel axis:
+``algebra.modules.relayout``).
 
 The new layer reads the region's input, produces the region's output value (same
 name, type and shape, so graph outputs keep their names) and owns two new
@@ -16,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from repfuse.algebra.modules import dense_matrix
+from repfuse.algebra.modules import dense_matrix, relayout
 from repfuse.errors import NotFusable
 
 
@@ -99,6 +100,16 @@ def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Nod
                                 name=unique_name(graph, f"{base}.fused_flatten")))
         return pool + _layer(graph, pool[-1].outputs[0], fused.replace(pooled=False), dtype,
                              base)
+    before, inner, after = relayout(fused)
+    if inner is not fused:   # a move of the channel axis: the layer and a Transpose
+        if before:
+            perm = ir.node("Transpose", [x], attributes={"perm": list(before)},
+                           name=unique_name(graph, f"{base}.fused_transpose"))
+            return [perm] + _layer(graph, perm.outputs[0], inner, dtype, base)
+        nodes = _layer(graph, x, inner, dtype, base)
+        return nodes + [ir.node("Transpose", [nodes[-1].outputs[0]],
+                                attributes={"perm": list(after)},
+                                name=unique_name(graph, f"{base}.fused_transpose"))]
     spec, layout = fused.spec, fused.value_layout
     weight = fused.weight.detach().cpu().numpy()
     bias = (fused.bias.detach().cpu().numpy() if fused.bias is not None
@@ -138,11 +149,12 @@ def _layer(graph: ir.Graph, x: ir.Value, fused, dtype, base: str) -> list[ir.Nod
 
 
 def replace_with_conv(graph: ir.Graph, nodes: list[ir.Node], x: ir.Value, output: ir.Value,
-                      fused) -> ir.Node:
+                      fused) -> list[ir.Node]:
     """Replace ``nodes`` (computing ``output`` from ``x``) by the layer of ``fused`` (one
-    Conv in most cases; returns its last node). A CastLike outside that takes its type from
-    a value inside takes it from ``x`` instead (the same element type, computed before
-    every node of the region); a Shape only the region reads dies with it."""
+    Conv in most cases; returns the new nodes, the last one giving ``output``). A CastLike
+    outside that takes its type from a value inside takes it from ``x`` instead (the same
+    element type, computed before every node of the region); a Shape only the region reads
+    dies with it."""
     sink = output.producer()
     members = set(nodes)
     for node in nodes:
@@ -160,7 +172,7 @@ def replace_with_conv(graph: ir.Graph, nodes: list[ir.Node], x: ir.Value, output
     ir.convenience.replace_nodes_and_values(graph, sink, nodes, layer, [output],
                                             [layer[-1].outputs[0]])
     _remove_dead(graph, feeders)
-    return layer[-1]
+    return layer
 
 
 def _remove_dead(graph: ir.Graph, values: set[ir.Value]) -> None:
@@ -181,3 +193,12 @@ def _remove_dead(graph: ir.Graph, values: set[ir.Value]) -> None:
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
         pending += inputs
+
+
+#: the op types that hold a fused layer's weights
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def weighted_node(layer: list[ir.Node]) -> ir.Node:
+    """The node of a fused layer (``replace_with_conv``) that holds its weights."""
+    return next((n for n in layer if n.op_type in LAYER_OPS), layer[-1])

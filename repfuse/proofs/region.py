@@ -148,13 +148,14 @@ def _activation_window(act: Tensor, x: Tensor, layout: str) -> Tensor:
 
 def _merger(layout: str, reads: str, gives: str, pooled: bool = False):
     """The map from the probe (canonical view of a region input in ``layout``) to the fused
-    kernel's input: the identity, the mean over positions where the kernel says it pools
+    kernel's input: the identity (also where the region moves the channel axis: the
+    canonical views agree), the mean over positions where the kernel says it pools
     first, or merging the positions of tokens into the batch where it says it reads
     ``reads`` values and gives ``gives`` ones (``input_layout``, ``value_layout``)."""
     if pooled:
         return lambda t: t.mean((2, 3), keepdim=True)
-    if not reads or reads == gives:
-        return lambda t: t
+    if not reads or reads == gives or (reads, gives) in L.MOVES:
+        return lambda t: t      # (a move of the channel axis is the identity on the view)
     return lambda t: L.to_canonical(L.from_canonical(t, layout).flatten(0, -2), gives)
 
 
@@ -219,12 +220,7 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
             return report
         report.checks.append(compare(f"output[{name}]", y_ref, y_fused, t64))
         if module:
-            target = fused.dtype if fused.dtype is not None else torch.float32
-            with torch.no_grad():
-                y_mod = L.to_canonical(fused.to_module()(L.from_canonical(p.to(target),
-                                                                          layout)), out_layout)
-            report.checks.append(compare(f"module output[{name}]", y_ref, y_mod,
-                                         None if tol is None else tol))
+            report.checks.append(_module_check(name, fused, p, layout, out_layout, y_ref, tol))
     if not report.ok and any(c.name.startswith("output") and c.max_abs == float("inf")
                              for c in report.checks):
         return report       # shapes differ: gradients cannot be compared
@@ -256,6 +252,22 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         report.checks.append(compare(f"grad {name}", gt, ga, t64))
         del ga, gt
     return report
+
+
+def _module_check(name: str, fused, probe: Tensor, layout: str, out_layout: str,
+                  y_ref: Tensor, tol):
+    """``module output[name]``: ``fused.to_module()`` run in the target dtype on the probe
+    in the region input's layout, its output read in the region output's layout (a module
+    that fails to run on it fails the check)."""
+    target = fused.dtype if fused.dtype is not None else torch.float32
+    try:
+        with torch.no_grad():
+            y_mod = fused.to_module()(L.from_canonical(probe.to(target), layout))
+            y_mod = L.to_canonical(y_mod, out_layout)
+    except Exception as e:  # noqa: BLE001 - a module that does not run is not proven
+        return failed(f"module output[{name}]", f"{type(e).__name__}: {e}",
+                      tolerance(target, tol))
+    return compare(f"module output[{name}]", y_ref, y_mod, None if tol is None else tol)
 
 
 def _adjoint(expr64, leaves, x, grad_out, spec, weight_shape, t64) -> dict | list:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from repfuse.algebra.modules import LAYOUT_PERMUTES
+
 #: layout -> (rank, channel axis)
 LAYOUTS: dict[str, tuple[int, int]] = {
     "NCHW": (4, 1), "NHWC": (4, 3), "NCL": (3, 1), "NLC": (3, 2), "NC": (2, 1),
@@ -35,11 +37,12 @@ CHANNEL_LAST = frozenset({"NHWC", "NLC", "NC"})
 ROWS = frozenset({"NCL", "NLC"})
 VECTORS = frozenset({"NC"})
 
+#: (layout read, layout given) pairs of a move of the channel axis (a region may end in
+#: another layout than it starts with: the fused layer then keeps the permute)
+MOVES = frozenset(LAYOUT_PERMUTES)
 #: (layout, permutation) -> the layout of the permuted value
 PERMUTATIONS: dict[tuple[str, tuple[int, ...]], str] = {
-    ("NCL", (0, 2, 1)): "NLC", ("NLC", (0, 2, 1)): "NCL",
-    ("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW",
-}
+    (a, perm): b for (a, b), perm in LAYOUT_PERMUTES.items()}
 
 
 def rank(layout: str) -> int:

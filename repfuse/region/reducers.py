@@ -16,6 +16,7 @@ import torch
 from repfuse import algebra as A
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import InputError, NotFusable
+from repfuse.region import layout as L
 from repfuse.region import nodes as N
 from repfuse.region.registry import REDUCERS, reducer
 from repfuse.region.tree import (
@@ -359,12 +360,13 @@ def _reduce_nodes(expr: N.Node, ctx: _Context):
         raise NotFusable(f"the region pools its input and gives {out.describe()}, which is "
                          "not pointwise; cut it at the pool", node=expr)
     merged = inp in ("NLC", "NHWC") and layout == "NC" and _pointwise(out)
-    if layout != inp and not merged and not (pooled and inp == "NCHW"):
-        raise NotFusable(f"the region reads a {inp} value and gives a {layout} one (a "
-                         "transpose inside it is not undone); cut it at the transpose",
-                         node=expr)
+    permuted = (inp, layout) in L.MOVES
+    if layout != inp and not merged and not permuted and not (pooled and inp == "NCHW"):
+        raise NotFusable(f"the region reads a {inp} value and gives a {layout} one; only a "
+                         "move of the channel axis is kept after the fused layer; cut it "
+                         "where the layout changes", node=expr)
     out.value_layout = layout
-    out.input_layout = inp if merged else ""
+    out.input_layout = inp if merged or permuted else ""
     out.pooled = pooled
     return out, memo
 

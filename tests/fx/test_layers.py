@@ -43,10 +43,14 @@ def test_float64_heads_merge_into_one_linear():
         got, expected = result.model(x), model(x)
     assert result.report.ok and len(result.report.fused) == regions
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # the pool, both heads and their norms in one Linear, named as a fused layer
-    fused = result.model.reparam_linear
-    assert [n for n, _ in result.model.named_children()] == ["reparam_linear"]
-    assert [type(m) for m in fused] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    # both heads and their norms in one Linear, under the first head's name; the pool is
+    # computed by the graph in front of it, so ``head`` reads pooled features, as it did
+    fused = result.model.head
+    assert [n for n, _ in result.model.named_children()] == ["head"]
+    assert type(fused) is nn.Linear
+    pooled = x.mean((2, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(pooled), expected, rtol=1e-12, atol=1e-12)
 
 
 class StridedAfterBN(nn.Module):

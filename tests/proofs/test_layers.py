@@ -68,7 +68,39 @@ def conv1d(seed=0):
     return rg.with_input((2, 4, 9), build)
 
 
-ZOO = {"rep_deconv": rep_deconv, "token_linear": token_linear, "conv1d": conv1d}
+def ffn_tail(seed=0):
+    """UniRepLKNet's FFN tail: Linear on (N, H, W, C), permute to NCHW, BN, layer scale."""
+    gen = torch.Generator().manual_seed(seed)
+    lin, bn = nn.Linear(7, 5, bias=False), _bn(5, gen, "bn")
+    gamma = nn.Parameter(torch.rand(5, generator=gen) + 0.5)
+
+    def build(x):
+        y = _bn_node(rg.Transpose(rg.Linear(x, lin.weight, None, "lin"), (0, 3, 1, 2)), bn,
+                     "bn")
+        return rg.Scale(y, gamma, "gamma")
+    return rg.with_input((2, 3, 4, 7), build)
+
+
+def bn_permute_linear(seed=0):
+    """The mirror: BN on NCHW, permute to NHWC, Linear."""
+    gen = torch.Generator().manual_seed(seed)
+    bn, lin = _bn(6, gen, "bn"), nn.Linear(6, 4)
+    return rg.with_input((2, 6, 3, 4), lambda x: rg.Linear(
+        rg.Transpose(_bn_node(x, bn, "bn"), (0, 2, 3, 1)), lin.weight, lin.bias, "lin"))
+
+
+def conv_bn_to_channels_last(seed=0):
+    """A 3x3 conv and BN, then permute to NHWC: a conv, then the permute."""
+    gen = torch.Generator().manual_seed(seed)
+    conv, bn = nn.Conv2d(3, 5, 3, padding=1, bias=False), _bn(5, gen, "bn")
+    return rg.with_input((2, 3, 5, 6), lambda x: rg.Transpose(_bn_node(
+        rg.Conv(x, conv.weight, None, ConvSpec.from_module(conv), "conv"), bn, "bn"),
+        (0, 2, 3, 1)))
+
+
+ZOO = {"rep_deconv": rep_deconv, "token_linear": token_linear, "conv1d": conv1d,
+       "ffn_tail": ffn_tail, "bn_permute_linear": bn_permute_linear,
+       "conv_bn_to_channels_last": conv_bn_to_channels_last}
 
 
 def _failed(report):
@@ -180,3 +212,31 @@ def test_pooled_head_proves_and_unpooled_kernel_caught():
     assert fused.pooled and prove_region(expr, fused, module=True).ok
     # a kernel that does not pool reads every position: wrong outputs
     assert "output[random]" in _failed(prove_region(expr, fused.replace(pooled=False)))
+
+
+@pytest.mark.parametrize("name, moves, layers", [
+    ("ffn_tail", ("NHWC", "NCHW"), [nn.Linear, "permute"]),
+    ("bn_permute_linear", ("NCHW", "NHWC"), ["permute", nn.Linear]),
+    ("conv_bn_to_channels_last", ("NCHW", "NHWC"), [nn.Conv2d, "permute"])])
+def test_moved_channel_axis_keeps_the_permute_and_a_wrong_one_is_caught(name, moves, layers,
+                                                                       monkeypatch):
+    """A region that moves the channel axis: the fused kernel reads the region input's
+    canonical view, the module keeps the permute (after a Linear on channels-last values,
+    before it; after any other conv); a module permuting wrongly fails its check while the
+    kernel's pass."""
+    from repfuse.algebra import modules
+
+    expr = ZOO[name]()
+    fused = rg.reduce(expr)
+    assert (fused.input_layout, fused.value_layout) == moves
+    module = fused.to_module()
+    assert [type(m) if not isinstance(m, modules.Permute) else "permute"
+            for m in module] == layers
+    assert prove_region(expr, fused, module=True).ok
+    # the kernel proven as if the region kept its layout: its module gives another layout
+    assert not prove_region(expr, fused.replace(input_layout=""), module=True).ok
+    wrong = dict(modules.LAYOUT_PERMUTES)
+    wrong[moves] = (0, *reversed(wrong[moves][1:]))     # the other axes in another order
+    monkeypatch.setattr(modules, "LAYOUT_PERMUTES", wrong)
+    failed = _failed(prove_region(expr, fused, module=True))
+    assert failed and all(n.startswith("module output") for n in failed), failed

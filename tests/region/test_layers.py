@@ -189,15 +189,25 @@ def test_layouts_follow_the_nodes():
         == "NLC"
 
 
-def test_scale_along_another_axis_and_untransposed_output_refused():
+def test_scale_along_another_axis_refused_and_a_moved_channel_axis_kept():
     w = torch.randn(4, 4, dtype=D)
     x = rg.Input(4, "NLC")
     wrong = rg.Scale(rg.Linear(x, w, None), torch.ones(4, dtype=D), "s", dim=1)
     with pytest.raises(NotFusable, match="axis 1 of a NLC value"):
         rg.reduce(wrong)
+    # tokens in, a sequence out: the Linear, then the transpose
     out_ncl = rg.Transpose(rg.Linear(x, w, None), (0, 2, 1))
-    with pytest.raises(NotFusable, match="reads a NLC value and gives a NCL one"):
-        rg.reduce(out_ncl)
+    fused = rg.reduce(out_ncl)
+    assert (fused.input_layout, fused.value_layout) == ("NLC", "NCL")
+    assert fused.describe() == "linear+permute"
+    tokens = torch.randn(2, 5, 4, dtype=D)
+    module = fused.to_module()
+    torch.testing.assert_close(module(tokens), (tokens @ w.T).transpose(1, 2))
+    # a sequence in, (N * L, C) out: not a move of the channel axis
+    x = rg.Input(4, "NCL")
+    merged = rg.Flatten(rg.Linear(rg.Transpose(x, (0, 2, 1)), w, None))
+    with pytest.raises(NotFusable, match="reads a NCL value and gives a NC one"):
+        rg.reduce(merged)
 
 
 def test_flatten_of_a_spatial_conv_refused():
