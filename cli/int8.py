@@ -33,6 +33,7 @@ class Int8Spec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     calib_limit: int = DEFAULT_CALIB_LIMIT
+    reduce_range: bool | None = None
 
 
 def _floats(ctx, param, value):
@@ -73,8 +74,12 @@ _DECORATORS = [
                  help="Images: per-channel standard deviation dividing them after --mean."),
     click.option("--calib-limit", type=click.IntRange(min=1), default=DEFAULT_CALIB_LIMIT,
                  show_default=True, metavar="N", help="Use at most N calibration samples."),
+    click.option("--reduce-range/--full-range", default=None,
+                 help="7-bit / 8-bit INT8 weights [default: 7-bit only where this CPU "
+                      "(x86-64 without VNNI) saturates onnxruntime's uint8 x int8 products]."),
 ]
-_FIELDS = ("calib", "per_tensor", "keep_float", "target_sqnr", "mean", "std", "calib_limit")
+_FIELDS = ("calib", "per_tensor", "keep_float", "target_sqnr", "mean", "std", "calib_limit",
+           "reduce_range")
 
 
 def int8_options(fn):
@@ -130,4 +135,5 @@ def quantize_source(ctx, source: Source, err, spec: Int8Spec, calibration=None, 
     with status(err, "fusing, proving, calibrating and running the INT8 doctor"):
         return repfuse.quantize(source.model, calibration, per_channel=not spec.per_tensor,
                                 keep_float=keep, target_sqnr=spec.target_sqnr, tol=tol,
-                                latency_repeat=latency_repeat)
+                                latency_repeat=latency_repeat,
+                                reduce_range=spec.reduce_range)

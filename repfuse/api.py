@@ -108,7 +108,7 @@ def quantize(model: nn.Module | str | os.PathLike | onnx.ModelProto, calibration
              keep_float: str | list[str] | None = "auto", target_sqnr: float = 30.0,
              mean: list[float] | None = None, std: list[float] | None = None,
              limit: int | None = None, tol: Tol = None, latency_repeat: int = 20,
-             threads: int | None = None) -> QuantizeResult:
+             threads: int | None = None, reduce_range: bool | None = None) -> QuantizeResult:
     """Fuse, prove and quantize ``model`` to INT8 with onnxruntime (static QDQ), with the
     doctor's report of what INT8 does to each fused layer and why.
 
@@ -125,7 +125,9 @@ def quantize(model: nn.Module | str | os.PathLike | onnx.ModelProto, calibration
     most sensitive layers stay float, greedily, until the output SQNR reaches
     ``target_sqnr`` dB), ``"none"``/``None``, or a list of torch module paths / ONNX
     node names. Latency is timed with ``latency_repeat`` runs (0: not timed) on
-    ``threads`` onnxruntime threads.
+    ``threads`` onnxruntime threads. ``reduce_range``: 7-bit weights (onnxruntime's
+    ``reduce_range``); None: only where this CPU would saturate onnxruntime's uint8 x int8
+    products (x86-64 without VNNI; ``repfuse.quant.cpu``), as the report's steps say.
 
     Returns a ``QuantizeResult``: ``.model`` (the INT8 ``onnx.ModelProto``, QDQ form, run
     with onnxruntime on the calibration data), ``.float_model`` (the fused float model)
@@ -142,4 +144,5 @@ def quantize(model: nn.Module | str | os.PathLike | onnx.ModelProto, calibration
     return quantize_model(model, calibration, example_inputs=example_inputs,
                           per_channel=per_channel, keep_float=keep_float,
                           target_sqnr=target_sqnr, mean=mean, std=std, limit=limit, tol=tol,
-                          latency_repeat=latency_repeat, threads=threads)
+                          latency_repeat=latency_repeat, threads=threads,
+                          reduce_range=reduce_range)

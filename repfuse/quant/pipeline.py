@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import onnx
 
 from repfuse.errors import InputError
+from repfuse.quant.cpu import u8s8_saturates
 from repfuse.quant.doctor import activation_ranges, layer_reports, sensitivities
 from repfuse.quant.evaluate import Scorer, all_finite, sqnr, top1_agreement
 from repfuse.quant.keepfloat import Choice, greedy, resolve
@@ -52,12 +53,23 @@ def _mode(per_channel: bool) -> str:
     return "per output channel" if per_channel else "per tensor"
 
 
+def _range(reduce: bool, asked: bool | None, saturates: bool) -> str:
+    if not reduce:
+        return ""
+    why = "as asked" if asked is not None else \
+        "this CPU (x86-64 without VNNI) would saturate full-range uint8 x int8 products"
+    return f" in a 7-bit range (reduce_range: {why})"
+
+
 def quantize_model(model, calibration, *, example_inputs=None, per_channel: bool = True,
                    keep_float="auto", target_sqnr: float = 30.0, mean=None, std=None,
                    limit: int | None = None, tol=None, latency_repeat: int = 20,
-                   threads: int | None = None) -> QuantizeResult:
+                   threads: int | None = None,
+                   reduce_range: bool | None = None) -> QuantizeResult:
     """See ``repfuse.quantize``."""
     check_options(keep_float, target_sqnr)
+    saturates = u8s8_saturates()
+    reduce = saturates if reduce_range is None else bool(reduce_range)
     quantization()      # onnxruntime present, before any work
     prep = prepare(model, calibration, example_inputs=example_inputs, mean=mean, std=std,
                    limit=limit, tol=tol)
@@ -68,10 +80,10 @@ def quantize_model(model, calibration, *, example_inputs=None, per_channel: bool
                          "nothing to quantize")
     name = input_name(proto)
     report = QuantizeReport(source=prep.label, per_channel=per_channel,
-                            target_sqnr=float(target_sqnr),
+                            target_sqnr=float(target_sqnr), reduce_range=reduce,
                             calibration=prep.calibration.to_dict(), steps=list(prep.steps),
                             fuse_report=prep.fuse_report)
-    with QdqQuantizer(proto, data) as quantizer:
+    with QdqQuantizer(proto, data, reduce_range=reduce) as quantizer:
         per_tensor_model = quantizer.quantize(per_channel=False)
         per_channel_model = quantizer.quantize(per_channel=True)
         full = per_channel_model if per_channel else per_tensor_model
@@ -97,7 +109,13 @@ def quantize_model(model, calibration, *, example_inputs=None, per_channel: bool
                              key=lambda o: -o.ratio)
     report.steps.append(
         f"quantized with onnxruntime.quantization.quantize_static: QDQ, uint8 activations, "
-        f"int8 weights {_mode(per_channel)}, MinMax calibration on {len(data)} sample(s)")
+        f"int8 weights {_mode(per_channel)}{_range(reduce, reduce_range, saturates)}, "
+        f"MinMax calibration on {len(data)} sample(s)")
+    if saturates and not reduce:
+        report.notes.append(
+            "this CPU (x86-64 without VNNI) saturates onnxruntime's uint8 x int8 products "
+            "with full-range weights, and the SQNR measured here includes it; "
+            "reduce_range=True (--reduce-range) gives 7-bit weights that do not saturate")
     if keep_float == "auto":
         report.steps.append(f"keep-float auto (target {target_sqnr:g} dB): "
                             f"{len(choice.kept)} layer(s) kept in float")

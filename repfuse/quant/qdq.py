@@ -106,8 +106,10 @@ class QdqQuantizer:
 
     Use as a context manager (it owns a temporary folder for onnxruntime's files)."""
 
-    def __init__(self, proto: onnx.ModelProto, data: np.ndarray, *, batch: int = 16):
+    def __init__(self, proto: onnx.ModelProto, data: np.ndarray, *, batch: int = 16,
+                 reduce_range: bool = False):
         self.q = quantization()
+        self.reduce_range = reduce_range
         self.proto = proto
         self.data = data
         self.batch = batch
@@ -138,7 +140,8 @@ class QdqQuantizer:
         with _contained_logging(), _quantizer_errors():
             q.quantize_static(
                 os.fspath(self.model_path), os.fspath(out), reader,
-                quant_format=q.QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
+                quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                reduce_range=self.reduce_range,
                 activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                 nodes_to_exclude=list(exclude), nodes_to_quantize=list(only or []),
                 calibrate_method=q.CalibrationMethod.MinMax, **kwargs)

@@ -104,6 +104,7 @@ class QuantizeReport:
     source: str
     per_channel: bool
     target_sqnr: float
+    reduce_range: bool = False      # 7-bit weights (onnxruntime's reduce_range)
     calibration: dict = field(default_factory=dict)    # samples, shape, source, notes
     steps: list[str] = field(default_factory=list)      # what was done, in order
     notes: list[str] = field(default_factory=list)
@@ -124,7 +125,8 @@ class QuantizeReport:
     def to_dict(self) -> dict:
         return _clean({
             "ok": self.ok, "source": self.source, "per_channel": self.per_channel,
-            "target_sqnr": self.target_sqnr, "calibration": self.calibration,
+            "reduce_range": self.reduce_range, "target_sqnr": self.target_sqnr,
+            "calibration": self.calibration,
             "steps": self.steps, "notes": self.notes,
             "output_sqnr": self.output_sqnr, "output_sqnr_all_int8": self.output_sqnr_all_int8,
             "top1_agreement": self.top1_agreement, "finite": self.finite,
