@@ -293,8 +293,11 @@ def graph_floor(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float,
         with torch.no_grad():
             copy.deepcopy(model)(x)
     floor, _ = median_time(copy_and_run, repeats)
+    # each trace on its own copy: tracing runs forward on proxies, and a model that caches
+    # values in forward (LeViT's attention biases) would keep proxies in its caches
+    copies = iter([copy.deepcopy(model) for _ in range(repeats)])
     try:
-        t_trace, _ = median_time(lambda: torch.fx.symbolic_trace(model), repeats)
+        t_trace, _ = median_time(lambda: torch.fx.symbolic_trace(next(copies)), repeats)
     except Exception:  # noqa: BLE001 - untraceable Python: the floor without the trace
         return floor, "-"
     return floor + t_trace, ""
