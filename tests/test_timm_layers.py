@@ -62,7 +62,7 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["levit_128s", "nextvit_small", "repvit_m0_9"])
+@pytest.mark.parametrize("arch", sorted(SIZES))
 def test_export_then_fuse_onnx_leaves_no_batch_norm(arch, tmp_path):
     model, x = _build(arch)
     path = tmp_path / f"{arch}.onnx"
