@@ -53,7 +53,7 @@ def _mode(per_channel: bool) -> str:
     return "per output channel" if per_channel else "per tensor"
 
 
-def _range(reduce: bool, asked: bool | None, saturates: bool) -> str:
+def _range(reduce: bool, asked: bool | None) -> str:
     if not reduce:
         return ""
     why = "as asked" if asked is not None else \
@@ -109,7 +109,7 @@ def quantize_model(model, calibration, *, example_inputs=None, per_channel: bool
                              key=lambda o: -o.ratio)
     report.steps.append(
         f"quantized with onnxruntime.quantization.quantize_static: QDQ, uint8 activations, "
-        f"int8 weights {_mode(per_channel)}{_range(reduce, reduce_range, saturates)}, "
+        f"int8 weights {_mode(per_channel)}{_range(reduce, reduce_range)}, "
         f"MinMax calibration on {len(data)} sample(s)")
     if saturates and not reduce:
         report.notes.append(
