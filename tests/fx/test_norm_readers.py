@@ -13,20 +13,12 @@ import pytest
 import torch
 from helpers.grad_modes import MODES, assert_same_state, grad_mode, model_state
 from helpers.onnx_graphs import ort_run, rel_err
+from helpers.zoo import seeded_bn
 from torch import nn
 
 import repfuse
 
-
-def _bn(c: int, seed: int, cls=nn.BatchNorm2d) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    bn = cls(c)
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    return bn
+_bn = seeded_bn
 
 
 class Attention(nn.Module):

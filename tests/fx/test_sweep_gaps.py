@@ -13,20 +13,12 @@ import pickle
 
 import torch
 import torch.nn.functional as F
+from helpers.zoo import seeded_bn
 from torch import nn
 
 import repfuse
 
-
-def _bn(c: int, seed: int) -> nn.BatchNorm2d:
-    g = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    return bn
+_bn = seeded_bn
 
 
 def _norms(model: nn.Module) -> int:

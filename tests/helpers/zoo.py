@@ -24,6 +24,19 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def seeded_bn(c: int, seed: int, cls=nn.BatchNorm2d) -> nn.Module:
+    """A batch norm (``cls``) of ``c`` channels with statistics and affine parameters
+    drawn from ``seed`` away from the identity."""
+    g = torch.Generator().manual_seed(seed)
+    bn = cls(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    return bn
+
+
 def conv_bn(cin, cout, k, stride=1, padding=None, groups=1, dilation=1):
     if padding is None:
         padding = dilation * (k // 2) if isinstance(k, int) else (k[0] // 2, k[1] // 2)
