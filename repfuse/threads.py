@@ -9,10 +9,16 @@ most of their time waiting. Measured on a 2-core machine at load average 6:
 ``fuse_onnx`` of a fastvit_t8 export took 9.6 s with 2 threads and 4.3 s with one,
 ``fuse`` 31.5 s and 3.8 s. On an idle machine the large kernels gain from every core.
 
-So conversion uses one thread per idle core: the cores this process may run on less
-the one-minute load average, rounded, at least one and never more than the caller's
-setting, which is restored afterwards. Inter-op threads are left alone (conversion
-starts no inter-op work, and torch allows setting them only before any has run).
+So conversion uses one thread per core that other work leaves idle: the cores this
+process may run on less the tasks of other processes that are runnable now, at least one
+and never more than the caller's setting, which is restored afterwards. On Linux the
+runnable tasks are read from ``/proc/loadavg`` (the kernel's count of runnable tasks at
+this instant) less this process's own runnable threads (``/proc/self/task``), the median
+of three readings. The one-minute load average is not used there: it counts this process
+too, so a program that has been computing for a minute (a training script, a benchmark)
+saw its own load and converted with one thread on a 2-core machine. Elsewhere the load
+average is all there is. Inter-op threads are left alone (conversion starts no inter-op
+work, and torch allows setting them only before any has run).
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 
 import torch
 
 log = logging.getLogger(__name__)
+
+#: Where the kernel says how many tasks are runnable, and which threads are this process's.
+LOADAVG, OWN_TASKS = "/proc/loadavg", "/proc/self/task"
 
 
 def _cores() -> int:
@@ -33,14 +43,45 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _own_runnable(tasks: str) -> int:
+    """This process's threads in state R (running or runnable) now."""
+    count = 0
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "stat")) as f:
+                stat = f.read()
+        except OSError:     # the thread ended meanwhile
+            continue
+        count += stat[stat.rfind(")") + 2:stat.rfind(")") + 3] == "R"
+    return count
+
+
+def others_runnable(loadavg: str | None = None, tasks: str | None = None) -> float:
+    """Runnable tasks of other processes now (median of three readings), from ``loadavg``
+    and ``tasks`` (default ``LOADAVG``, ``OWN_TASKS``); raises OSError where ``/proc``
+    does not say."""
+    loadavg, tasks = loadavg or LOADAVG, tasks or OWN_TASKS
+    readings = []
+    for _ in range(3):
+        with open(loadavg) as f:
+            running = int(f.read().split()[3].split("/")[0])
+        readings.append(max(0, running - _own_runnable(tasks)))
+    return statistics.median(readings)
+
+
 def idle_threads(limit: int) -> tuple[int, str]:
-    """``(threads, why)``: one per idle core, between 1 and ``limit``."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return limit, "no load average on this system"
+    """``(threads, why)``: one per core other work leaves idle, between 1 and ``limit``."""
     cores = _cores()
-    return max(1, min(limit, round(cores - load))), f"{cores} core(s), load average {load:.1f}"
+    try:
+        busy = others_runnable()
+        why = f"{cores} core(s), {busy:g} runnable task(s) of other processes"
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return limit, "no load figures on this system"
+        why = f"{cores} core(s), load average {busy:.1f}"
+    return max(1, min(limit, round(cores - busy))), why
 
 
 @contextlib.contextmanager
