@@ -144,3 +144,42 @@ def test_strided_views_are_read_by_their_strides(algorithm):
     got = core.conv2d(x.permute(0, 2, 3, 1), w.permute(0, 2, 3, 1), None, 2, 1, layout="NHWC",
                       algorithm=algorithm)
     torch.testing.assert_close(got, nhwc(want), atol=1e-12, rtol=0)
+
+
+def _routes(monkeypatch):
+    """Counts of calls to the reference kernels behind ``algorithm="auto"``."""
+    from repfuse.core import reference
+
+    calls = []
+    for name in ("conv2d", "conv2d_input", "conv2d_weight"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("groups,multiplier,size,dtype,routed", [
+    (16, 1, 6, torch.float64, True),      # depthwise on a probe-sized grid: reference
+    (16, 2, 6, torch.float64, True),      # with a channel multiplier
+    (16, 1, 80, torch.float64, False),    # 2 x 40 x 41 output positions: aten
+    (4, 1, 6, torch.float64, False),      # four input channels per group: aten
+    (16, 1, 6, torch.float32, False),     # float32 has aten's grouped kernels
+])
+def test_auto_computes_small_float64_depthwise_with_the_reference(
+        monkeypatch, groups, multiplier, size, dtype, routed):
+    calls = _routes(monkeypatch)
+    x = torch.randn(2, 16, size, size + 1, dtype=dtype)
+    w = torch.randn(16 * multiplier, 16 // groups, 3, 3, dtype=dtype)
+    b = torch.randn(16 * multiplier, dtype=dtype)
+    y = core.conv2d(x, w, b, 2, 1, 1, groups)
+    gy = torch.randn_like(y)
+    gx = core.conv2d_input(x.shape, w, gy, 2, 1, 1, groups)
+    gw = core.conv2d_weight(x, w.shape, gy, 2, 1, 1, groups)
+    assert calls == (["conv2d", "conv2d_input", "conv2d_weight"] if routed else [])
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = F.conv2d(xl, wl, b, 2, 1, 1, groups)
+    want_gx, want_gw = torch.autograd.grad(want, (xl, wl), gy)
+    tol = dict(atol=1e-10, rtol=0) if dtype == torch.float64 else {}
+    torch.testing.assert_close(y, want.detach(), **tol)
+    torch.testing.assert_close(gx, want_gx, **tol)
+    torch.testing.assert_close(gw, want_gw, **tol)
