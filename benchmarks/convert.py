@@ -9,7 +9,9 @@ gradients), and the inference time of repfuse's fused model vs timm's deploy for
 
 ``--steps``: ``fuse(verify=True)`` against one training step (forward and backward of the
 training form at the same input), alternately, for timm models and ultralytics yolov8n
-(built from its YAML). ``--memory``: the peak resident size (a fresh process per figure) of
+(built from its YAML); ``f64/step``: the training form run in float64 (forward and input
+gradient, what the whole-model criterion's float64 truth costs where a float32 check
+needs it) over the step. ``--memory``: the peak resident size (a fresh process per figure) of
 ``repfuse convert --timm repvgg_b3`` against the training form's weight bytes, and of
 ``fuse(verify=True)`` of a synthetic RepVGG / RepLKNet-style model of ``--synthetic``
 million parameters built at random (no download).
@@ -151,19 +153,33 @@ def step_row(name: str, args) -> str:
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
     training_step(model, x)     # warm-up (first-call kernel setup)
-    steps, verify, fast = [], [], []
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    float64_run(model64, x64)
+    steps, verify, fast, runs64 = [], [], [], []
     for _ in range(args.repeats):
         steps.append(median_time(lambda: training_step(model, x), 1)[0])
         verify.append(median_time(lambda: repfuse.fuse(model, x, verify=True), 1)[0])
         fast.append(median_time(lambda: repfuse.fuse(model, x, verify=False), 1)[0])
-    s, v, f = (statistics.median(t) for t in (steps, verify, fast))
-    return f"{name:14} {s:8.3f} {f:8.3f} {v:9.3f} {v / s:6.2f}x"
+        runs64.append(median_time(lambda: float64_run(model64, x64), 1)[0])
+    s, v, f, r = (statistics.median(t) for t in (steps, verify, fast, runs64))
+    return f"{name:14} {s:8.3f} {f:8.3f} {v:9.3f} {v / s:6.2f}x {r / s:7.2f}x"
+
+
+def float64_run(model64: nn.Module, x64: torch.Tensor) -> None:
+    """What the whole-model criterion's float64 truth costs where it runs: the training form
+    in float64, forward and the input gradient (repfuse.proofs.truth)."""
+    xl = x64.clone().requires_grad_(True)
+    out = model64(xl)
+    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+              if isinstance(o, torch.Tensor) and o.requires_grad]
+    torch.autograd.grad(leaves, [xl], [torch.ones_like(o) for o in leaves])
 
 
 def steps_table(args) -> None:
     print(f"fuse(verify=True) against one training step, 1x3x{args.size}x{args.size}, "
           f"threads {args.threads}, median of {args.repeats} (alternated)")
-    print(f"{'model':14} {'step s':>8} {'fuse s':>8} {'verify s':>9} {'ratio':>7}")
+    print(f"{'model':14} {'step s':>8} {'fuse s':>8} {'verify s':>9} {'ratio':>7} "
+          f"{'f64/step':>8}")
     for name in args.step_models.split(","):
         print(step_row(name, args), flush=True)
 
