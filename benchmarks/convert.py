@@ -14,7 +14,9 @@ gradient, what the whole-model criterion's float64 truth costs where a float32 c
 needs it) over the step. ``--memory``: the peak resident size (a fresh process per figure) of
 ``repfuse convert --timm repvgg_b3`` against the training form's weight bytes, and of
 ``fuse(verify=True)`` of a synthetic RepVGG / RepLKNet-style model of ``--synthetic``
-million parameters built at random (no download).
+million parameters built at random (no download); and the floor any conversion of
+repvgg_b3 has (the CLI's imports, the model, one forward at the example input and a copy
+of the model, the output's size), which the CLI's peak is also given over.
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \
         .venv/bin/python benchmarks/convert.py --size 224 --threads 2 --steps
@@ -239,6 +241,17 @@ print(n, n * 4, rss * 1024, r.report.ok)
 """
 
 
+#: What any conversion of repvgg_b3 holds before it fuses anything: the CLI's imports, the
+#: model, one forward at the example input and a copy of the model (the output's size).
+_FLOOR = """
+import copy, torch, timm, repfuse, repfuse.cli
+model = timm.create_model("repvgg_b3").eval()
+with torch.no_grad():
+    model(torch.randn(1, 3, 224, 224))
+out = copy.deepcopy(model)
+"""
+
+
 def _peak_kb(cmd: list[str], env: dict | None = None) -> tuple[int, str]:
     """Run ``cmd`` under ``/usr/bin/time -v``; (peak resident KB, its stdout)."""
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
@@ -256,12 +269,15 @@ def memory_table(args) -> None:
         cli = [os.path.join(os.path.dirname(sys.executable), "repfuse"), "convert", "--timm",
                "repvgg_b3", "--input-shape", "1,3,224,224", "-o", f"{tmp}/b3.pt", "--quiet",
                "--force"]
+        floor, _ = _peak_kb([sys.executable, "-c", _FLOOR])
+        print(f"floor (imports, repvgg_b3, one forward at 224, a copy of it): peak "
+              f"{floor / 1e6:.2f} GB = {floor * 1024 / weight:.2f}x the weights", flush=True)
         for label, env in (("glibc defaults", {"REPFUSE_SYSTEM_MALLOC": "1"}),
                            ("as installed", {})):
             peak, _ = _peak_kb(cli, env)
             print(f"repfuse convert --timm repvgg_b3 (224, {label}): peak "
                   f"{peak / 1e6:.2f} GB = {peak * 1024 / weight:.2f}x the weights "
-                  f"({weight / 1e9:.2f} GB)", flush=True)
+                  f"({weight / 1e9:.2f} GB), {peak / floor:.2f}x the floor", flush=True)
     if args.synthetic:
         code = _PEAK.format(here=os.path.dirname(os.path.abspath(__file__)),
                             threads=args.threads, million=args.synthetic,
