@@ -115,7 +115,7 @@ def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
     attributes copied as detached clones. Empty plain containers held by modules (a
     module's dozen hook dictionaries) are given their fresh empty copies up front: the same
     result, without ``copy.deepcopy``'s generic reconstruction of each one, which took most
-    of the copy (timm mobileone_s0, 469 modules: 0.55 s -> 0.15 s)."""
+    of the copy (timm mobileone_s0, 469 modules: 0.83 s -> 0.18 s)."""
     memo = {} if memo is None else memo
     for m in model.modules():
         for k, v in vars(m).items():

@@ -57,34 +57,38 @@ def _conv(node: N.Conv, args: list, x: Tensor) -> Tensor:
         pad = spec.torch_padding
     bias = None if node.bias is None else node.bias.to(y.dtype)
     weight = node.weight.to(y.dtype)
-    if _unfolded_depthwise(y, weight, spec.groups):
-        return _depthwise(y, weight, bias, spec.stride, pad, spec.dilation)
+    if _float64_depthwise(y, weight, spec.groups):
+        z = _depthwise(y, weight, bias, spec.stride, pad, spec.dilation)
+        if z is not None:
+            return z
     return F.conv2d(y, weight, bias, spec.stride, pad, spec.dilation, spec.groups)
 
 
-#: Elements of the unfolded input up to which a float64 depthwise convolution is computed
-#: from ``F.unfold`` (``_depthwise``).
+#: Elements of the product of unfolded windows and taps up to which a float64 depthwise
+#: convolution is computed from ``F.unfold`` (``_depthwise``).
 UNFOLD_ELEMENTS = 1 << 22
 
 
-def _unfolded_depthwise(y: Tensor, weight: Tensor, groups: int) -> bool:
-    """Whether ``_depthwise`` computes this convolution: float64 on the CPU, one input
-    channel per group, and an unfolded input of at most ``UNFOLD_ELEMENTS``. aten has no
-    float64 grouped kernel on the CPU and runs one convolution per group: measured, one
-    thread, 1024 channels, 3x3, a 6x7 probe, forward and backward 31 ms against 10 ms
-    here (the proofs' probes are that small; at 56x56 aten is faster)."""
+def _float64_depthwise(y: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether ``_depthwise`` may compute this convolution: float64 on the CPU, one input
+    channel per group. aten has no float64 grouped kernel on the CPU and runs one
+    convolution per group: measured, one thread, 1024 channels, 3x3, a 6x7 probe, forward
+    and backward 31 ms against 10 ms with ``_depthwise`` (the proofs' probes are that small;
+    at 56x56 aten is faster, hence ``UNFOLD_ELEMENTS``)."""
     return (groups > 1 and weight.shape[1] == 1 and y.dim() == 4
-            and y.dtype == torch.float64 and y.device.type == "cpu"
-            and y.numel() * weight.shape[2] * weight.shape[3] <= UNFOLD_ELEMENTS)
+            and y.dtype == torch.float64 and y.device.type == "cpu")
 
 
-def _depthwise(y: Tensor, weight: Tensor, bias, stride, padding, dilation) -> Tensor:
+def _depthwise(y: Tensor, weight: Tensor, bias, stride, padding, dilation) -> Tensor | None:
     """``F.conv2d`` with one input channel per group (``groups`` = input channels, any
-    channel multiplier), as the input's unfolded windows times each channel's taps."""
+    channel multiplier), as the input's unfolded windows times each channel's taps; None
+    where that product would have more than ``UNFOLD_ELEMENTS`` elements."""
     n, c, h, w = y.shape
     out, _, kh, kw = weight.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if n * out * kh * kw * oh * ow > UNFOLD_ELEMENTS:
+        return None
     cols = F.unfold(y, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     taps = weight.reshape(1, c, out // c, kh * kw, 1)
     z = (cols.reshape(n, c, 1, kh * kw, oh * ow) * taps).sum(3).reshape(n, out, oh, ow)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repfuse.region import reference
-from repfuse.region.reference import _depthwise, _unfolded_depthwise
+from repfuse.region.reference import _depthwise, _float64_depthwise
 
 F64 = torch.float64
 
@@ -49,12 +49,12 @@ def test_depthwise_matches_conv2d_with_gradients(case):
 
 def test_route_only_for_small_float64_depthwise():
     w = torch.zeros(8, 1, 3, 3, dtype=F64)
-    assert _unfolded_depthwise(torch.zeros(1, 8, 6, 7, dtype=F64), w, 8)
-    assert not _unfolded_depthwise(torch.zeros(1, 8, 6, 7), w.float(), 8)          # float32
-    assert not _unfolded_depthwise(torch.zeros(1, 8, 6, 7, dtype=F64),
-                                   torch.zeros(8, 2, 3, 3, dtype=F64), 4)           # 2 per group
-    big = torch.zeros(1, 8, 1024, 1024, dtype=F64)
-    assert not _unfolded_depthwise(big, w, 8)                                       # too large
+    assert _float64_depthwise(torch.zeros(1, 8, 6, 7, dtype=F64), w, 8)
+    assert not _float64_depthwise(torch.zeros(1, 8, 6, 7), w.float(), 8)            # float32
+    assert not _float64_depthwise(torch.zeros(1, 8, 6, 7, dtype=F64),
+                                  torch.zeros(8, 2, 3, 3, dtype=F64), 4)            # 2 per group
+    big = torch.zeros(1, 8, 1024, 1024, dtype=F64)                                  # too large
+    assert _depthwise(big, w, None, (1, 1), (1, 1), (1, 1)) is None
 
 
 @pytest.mark.parametrize("grad", [True, False])
