@@ -109,3 +109,29 @@ def test_sum_is_differentiable():
     for u, v in zip(g1, g2):
         assert max_diff(u, v) < TOL
     assert isinstance(fused.to_module(), nn.Conv2d)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_add_gives_each_branch_its_taps_gradient(grad):
+    """Differentiated, the sum places the small branches with an out-of-place padded add:
+    the same kernel as the in-place slice add without grad, and each branch's weight
+    gradient is the upstream gradient on its taps (a dilated branch: its strided taps)."""
+    gen = torch.Generator().manual_seed(5)
+    big = nn.Conv2d(4, 4, 5, padding=2).double()
+    one = nn.Conv2d(4, 4, 1).double()
+    row = nn.Conv2d(4, 4, (1, 3), padding=(0, 1)).double()
+    dil = nn.Conv2d(4, 4, 3, padding=2, dilation=2).double()
+    convs = (big, one, row, dil)
+    with torch.set_grad_enabled(grad):
+        fused = add(*[AffineConv.from_conv(m) for m in convs])
+    with torch.no_grad():
+        plain = add(*[AffineConv.from_conv(m) for m in convs])
+    torch.testing.assert_close(fused.weight.detach(), plain.weight, atol=0, rtol=0)
+    x = torch.randn(2, 4, 9, 8, generator=gen, dtype=D)
+    assert max_diff(plain.forward(x), sum(m(x) for m in convs)) < TOL
+    if not grad:
+        return
+    g = torch.randn(fused.weight.shape, generator=gen, dtype=D)
+    found = torch.autograd.grad(fused.weight, [m.weight for m in convs], g)
+    for got, want in zip(found, (g, g[:, :, 2:3, 2:3], g[:, :, 2:3, 1:4], g[:, :, ::2, ::2])):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
