@@ -45,23 +45,19 @@ def _conv(node: N.Conv, args: list, x: Tensor) -> Tensor:
     y = args[0]
     if node.weight.dim() == 3:
         return _conv1d(node, y)
-    if spec.padding_mode != "zeros":
+    if spec.padding_mode != "zeros" or not spec.is_symmetric_padding:
         t, b, l, r = spec.padding
-        y = F.pad(y, (l, r, t, b), mode=spec.padding_mode)
-        pad = (0, 0)
-    elif not spec.is_symmetric_padding:
-        t, b, l, r = spec.padding
-        y = F.pad(y, (l, r, t, b))
-        pad = (0, 0)
-    else:
-        pad = spec.torch_padding
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        y = F.pad(y, (l, r, t, b), mode=mode)
+        spec = spec.replace(padding=0, padding_mode="zeros")    # the input is padded now
     bias = None if node.bias is None else node.bias.to(y.dtype)
     weight = node.weight.to(y.dtype)
     if _float64_depthwise(y, weight, spec.groups):
-        z = _depthwise(y, weight, bias, spec.stride, pad, spec.dilation)
+        z = _depthwise(y, weight, bias, spec)
         if z is not None:
             return z
-    return F.conv2d(y, weight, bias, spec.stride, pad, spec.dilation, spec.groups)
+    return F.conv2d(y, weight, bias, spec.stride, spec.torch_padding, spec.dilation,
+                    spec.groups)
 
 
 #: Elements of the product of unfolded windows and taps up to which a float64 depthwise
@@ -79,17 +75,18 @@ def _float64_depthwise(y: Tensor, weight: Tensor, groups: int) -> bool:
             and y.dtype == torch.float64 and y.device.type == "cpu")
 
 
-def _depthwise(y: Tensor, weight: Tensor, bias, stride, padding, dilation) -> Tensor | None:
+def _depthwise(y: Tensor, weight: Tensor, bias, spec: ConvSpec) -> Tensor | None:
     """``F.conv2d`` with one input channel per group (``groups`` = input channels, any
-    channel multiplier), as the input's unfolded windows times each channel's taps; None
-    where that product would have more than ``UNFOLD_ELEMENTS`` elements."""
-    n, c, h, w = y.shape
+    channel multiplier) and ``spec``'s symmetric zero padding, stride and dilation, as the
+    input's unfolded windows times each channel's taps; None where that product would have
+    more than ``UNFOLD_ELEMENTS`` elements."""
+    n, c = y.shape[:2]
     out, _, kh, kw = weight.shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = spec.output_size(y.shape[-2:])
     if n * out * kh * kw * oh * ow > UNFOLD_ELEMENTS:
         return None
-    cols = F.unfold(y, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = F.unfold(y, (kh, kw), dilation=spec.dilation, padding=spec.torch_padding,
+                    stride=spec.stride)
     taps = weight.reshape(1, c, out // c, kh * kw, 1)
     z = (cols.reshape(n, c, 1, kh * kw, oh * ow) * taps).sum(3).reshape(n, out, oh, ow)
     return z if bias is None else z + bias.reshape(1, -1, 1, 1)

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from repfuse.core.spec import ConvSpec
 from repfuse.region import reference
 from repfuse.region.reference import _depthwise, _float64_depthwise
 
@@ -39,7 +40,8 @@ def test_depthwise_matches_conv2d_with_gradients(case):
     w = torch.randn(c * m, 1, *case["k"], generator=g, dtype=F64, requires_grad=True)
     b = torch.randn(c * m, generator=g, dtype=F64, requires_grad=True) if case["bias"] else None
     want = F.conv2d(x, w, b, case["s"], case["p"], case["d"], c)
-    got = _depthwise(x, w, b, case["s"], case["p"], case["d"])
+    got = _depthwise(x, w, b, ConvSpec.from_weight(w.shape, stride=case["s"], padding=case["p"],
+                                                   dilation=case["d"], groups=c))
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     gy = torch.randn(want.shape, generator=g, dtype=F64)
     leaves = [t for t in (x, w, b) if t is not None]
@@ -54,7 +56,7 @@ def test_route_only_for_small_float64_depthwise():
     assert not _float64_depthwise(torch.zeros(1, 8, 6, 7, dtype=F64),
                                   torch.zeros(8, 2, 3, 3, dtype=F64), 4)            # 2 per group
     big = torch.zeros(1, 8, 1024, 1024, dtype=F64)                                  # too large
-    assert _depthwise(big, w, None, (1, 1), (1, 1), (1, 1)) is None
+    assert _depthwise(big, w, None, ConvSpec.from_weight(w.shape, padding=1, groups=8)) is None
 
 
 @pytest.mark.parametrize("grad", [True, False])
