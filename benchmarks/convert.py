@@ -140,11 +140,15 @@ def ultralytics_model(name: str) -> nn.Module:
 
 def training_step(model: nn.Module, x: torch.Tensor) -> None:
     """Forward and backward of the training form (eval-mode BN, as the proofs run it)."""
-    out = model(x.clone().requires_grad_(True))
-    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-              if isinstance(o, torch.Tensor) and o.requires_grad]
+    leaves = differentiable_outputs(model(x.clone().requires_grad_(True)))
     torch.autograd.backward(leaves, [torch.ones_like(o) for o in leaves])
     model.zero_grad(set_to_none=True)
+
+
+def differentiable_outputs(out) -> list[torch.Tensor]:
+    """The output tensors (a tensor, or a tuple / list of values) that carry a gradient."""
+    return [o for o in (out if isinstance(out, (tuple, list)) else [out])
+            if isinstance(o, torch.Tensor) and o.requires_grad]
 
 
 def step_row(name: str, args) -> str:
@@ -171,9 +175,7 @@ def float64_run(model64: nn.Module, x64: torch.Tensor) -> None:
     """What the whole-model criterion's float64 truth costs where it runs: the training form
     in float64, forward and the input gradient (repfuse.proofs.truth)."""
     xl = x64.clone().requires_grad_(True)
-    out = model64(xl)
-    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-              if isinstance(o, torch.Tensor) and o.requires_grad]
+    leaves = differentiable_outputs(model64(xl))
     torch.autograd.grad(leaves, [xl], [torch.ones_like(o) for o in leaves])
 
 
