@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repfuse.core.spec import ConvSpec
+from repfuse.errors import GeometryError
 from repfuse.region import nodes as N
 from repfuse.region.registry import EVALUATORS, evaluator
 from repfuse.region.tree import children, materialized, walk
@@ -79,10 +80,13 @@ def _depthwise(y: Tensor, weight: Tensor, bias, spec: ConvSpec) -> Tensor | None
     """``F.conv2d`` with one input channel per group (``groups`` = input channels, any
     channel multiplier) and ``spec``'s symmetric zero padding, stride and dilation, as the
     input's unfolded windows times each channel's taps; None where that product would have
-    more than ``UNFOLD_ELEMENTS`` elements."""
+    more than ``UNFOLD_ELEMENTS`` elements or the output would be empty."""
     n, c = y.shape[:2]
     out, _, kh, kw = weight.shape
-    oh, ow = spec.output_size(y.shape[-2:])
+    try:
+        oh, ow = spec.output_size(y.shape[-2:])
+    except GeometryError:   # an empty output: F.conv2d reports it as it always has
+        return None
     if n * out * kh * kw * oh * ow > UNFOLD_ELEMENTS:
         return None
     cols = F.unfold(y, (kh, kw), dilation=spec.dilation, padding=spec.torch_padding,
