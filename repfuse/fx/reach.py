@@ -35,6 +35,7 @@ from repfuse.fx.trace import (
     META,
     ModuleGraph,
     _NestedTracer,
+    capture_crop,
     is_torch_leaf,
 )
 
@@ -120,11 +121,12 @@ def _changed(made: list) -> bool:
     return False
 
 
-def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None) -> None:
+def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
+            crop: int = CAPTURE_CROP) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
         if capture is not None and capture(node) and value.dim() == 4:
-            c = CAPTURE_CROP   # the window in either layout (see ``fx.trace.CAPTURE``)
+            c = crop   # the window in either layout (see ``fx.trace.CAPTURE``)
             node.meta[CAPTURE] = value[:1, :, :c, :c].detach().clone()
             node.meta[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :].detach().clone()
         elif capture is not None and capture(node) and value.dim() in (2, 3):
@@ -144,7 +146,7 @@ class _GraphRunner(fx.Interpreter):
     def run_node(self, n: fx.Node):
         self.node = n
         out = super().run_node(n)
-        _record(n, out, self.session.capture)
+        _record(n, out, self.session.capture, self.session.crop)
         return out
 
     def call_module(self, target, args, kwargs):
@@ -165,6 +167,7 @@ class _Session:
         self.found = Reach(root)
         self.n_inputs = n_inputs
         self.capture = capture
+        self.crop = capture_crop(root) if capture is not None else CAPTURE_CROP
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.forwards: dict[int, object] = {}
         self.stack: list[_Call] = []

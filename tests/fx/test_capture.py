@@ -1,0 +1,76 @@
+"""The activation windows ``fx.reach`` captures for the region proofs: sized from the
+model's widest kernel or pooling window (``fx.trace.capture_crop``), each the real value's
+top-left window, and wide enough for the probe of a region of that kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repfuse
+import repfuse.fx.pipeline as pipeline
+from repfuse.fx import fuse as fx_fuse
+from repfuse.fx.reach import reach
+from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, CAPTURE_CROP, capture_crop
+from repfuse.region import layout as L
+
+
+def _block(k: int, dilation: int = 1) -> nn.Module:
+    pad = dilation * (k - 1) // 2
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, k, padding=pad, dilation=dilation),
+                         nn.BatchNorm2d(8), nn.ReLU())
+
+
+@pytest.mark.parametrize(("model", "crop"), [
+    (_block(3), 8),                                  # probe 6x7
+    (_block(5), 11),                                 # probe 10x11
+    (_block(7), 15),                                 # probe 14x15
+    (_block(3, dilation=3), 15),                     # extent 7
+    (_block(31), CAPTURE_CROP),                      # probe 62x63: the largest window
+    (nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(5, 1, 2)), 11),
+    (nn.Sequential(nn.Conv2d(3, 4, (1, 9), padding=(0, 4))), 19),
+    (nn.Sequential(nn.Linear(4, 4)), 8),
+])
+def test_crop_is_the_probe_of_the_widest_kernel(model, crop):
+    assert capture_crop(model) == crop
+
+
+def test_captured_windows_are_the_real_values():
+    torch.manual_seed(0)
+    model = _block(3).eval()
+    x = torch.randn(2, 3, 20, 21)
+    found = reach(model, (x,), fx_fuse._capture)
+    graph = found.units[id(model)].graph
+    relu = next(n for n in graph.nodes if n.target == "1")    # the first ReLU's output
+    with torch.no_grad():
+        value = model[1](model[0](x))
+    c = capture_crop(model)
+    assert torch.equal(relu.meta[CAPTURE], value[:1, :, :c, :c])
+    assert torch.equal(relu.meta[CAPTURE_CHANNELS_LAST], value[:1, :c, :c, :])
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_a_region_of_the_widest_kernel_is_proven_on_a_whole_real_window(monkeypatch, k):
+    """The proof's activation window covers its whole probe with real values."""
+    seen = []
+    real = pipeline.prove_region
+
+    def spy(expr, affine, activation, **kwargs):
+        seen.append((affine.spec, activation))
+        return real(expr, affine, activation, **kwargs)
+    monkeypatch.setattr(pipeline, "prove_region", spy)
+    torch.manual_seed(0)
+    model = _block(k).eval()
+    x = torch.randn(1, 3, 48, 48)
+    result = repfuse.fuse(model, x)
+    assert result.report.fused and seen
+    for spec, activation in seen:
+        _, h, w = L.probe_size("NCHW", spec.effective_kernel)
+        assert activation is not None and activation.shape[-2] >= h \
+            and activation.shape[-1] >= w, (spec, activation.shape)
+    # and the capture is no larger than that: a 3x3 model keeps 8x8 windows, not 40x40
+    if k == 3:
+        assert all(a.shape[-2:] == (8, 8) for _, a in seen)
+
