@@ -8,8 +8,23 @@ warm up, then once timed, and prints each stage's total, in seconds and in train
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/stages.py repvgg_a0 [--size 224] [--threads 1]
 
+``--sweep`` (or several comma-separated models) prints one row per model instead, each
+from a fresh process, with the stages as disjoint parts of ``fuse(verify=True)`` in
+training steps: ``reach`` (the one real forward through the traced graphs, tracing
+included; ``trace`` of it is fx tracing), ``regions`` (classification, region search,
+reductions, rewrites: ``fuse_module`` less ``reach`` and the proofs), ``proofs`` (the
+region proofs; ``ms/rg`` per region), ``f32 chk`` (the whole-model check's runs of both
+models in their dtype), ``truth`` (its float64 runs, made only for the checks that the
+direct comparison rejects), ``exact`` (when the float64 criterion still rejects a check:
+the fused structure run in float64 with its exact kernels against the training form run
+in float64, ``fx.pipeline._judge_by_exact_kernels``), ``rest`` (copies, accounting). The
+step is the median of five (``convert.training_step``: eval-mode batch norms, as the
+proofs run the model); models are seeded, so rows repeat:
+
+    .venv/bin/python benchmarks/stages.py --sweep          # convert.SWEEP and yolov8n
+
 The model is a timm model, or ultralytics ``yolov8n`` (from its YAML), with random weights
-and calibrated batch-norm statistics (``convert.calibrate``).
+(seeded) and calibrated batch-norm statistics (``convert.calibrate``).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import argparse
 import collections
 import functools
 import os
+import subprocess
 import sys
 import time
 
@@ -28,7 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convert  # noqa: E402
 
 import repfuse  # noqa: E402
+import repfuse.fx.fuse as fx_fuse  # noqa: E402
 import repfuse.fx.pipeline as pipeline  # noqa: E402
+import repfuse.fx.trace as fx_trace  # noqa: E402
 import repfuse.proofs.model as whole  # noqa: E402
 import repfuse.proofs.region as region  # noqa: E402
 
@@ -51,32 +69,112 @@ def _timed(module, name: str) -> None:
     setattr(module, name, wrapper)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def _timed_outermost(owner, name: str, label: str) -> None:
+    """Time a recursive function's outermost calls only (as ``label``)."""
+    real = getattr(owner, name)
+    depth = [0]
+
+    @functools.wraps(real)
+    def wrapper(*args, **kwargs):
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                TOTAL[label] += time.perf_counter() - start
+                CALLS[label] += 1
+
+    setattr(owner, name, wrapper)
+
+
+def _instrument() -> None:
     for module, name in ((pipeline, "fuse_module"), (pipeline, "prove_region"),
                          (pipeline, "verify_models"), (pipeline, "_judge_by_exact_kernels"),
                          (whole, "judge"), (whole, "_float64_values"), (whole, "float64_copy"),
-                         (region, "_adjoint")):
+                         (region, "_adjoint"), (fx_fuse, "_run")):
         _timed(module, name)
-    model = convert.ultralytics_model(args.model) if args.model.startswith("yolo") else \
-        convert.randomize(timm.create_model(args.model, pretrained=False)).eval()
-    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    convert.calibrate(model, (2, 3, args.size, args.size))
+    _timed_outermost(fx_trace._NestedTracer, "nested", "trace")
+
+
+def _profile(name: str, size: int, threads: int):
+    """(training step s, fuse(verify=True) s, result) with TOTAL / CALLS filled for the
+    timed conversion (one warm-up conversion first)."""
+    torch.set_num_threads(threads)
+    _instrument()
+    torch.manual_seed(0)
+    model = convert.ultralytics_model(name) if name.startswith("yolo") else \
+        convert.randomize(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    convert.calibrate(model, (2, 3, size, size))
     convert.training_step(model, x)
-    start = time.perf_counter()
-    convert.training_step(model, x)
-    step = time.perf_counter() - start
+    step, _ = convert.median_time(lambda: convert.training_step(model, x), 5)
     repfuse.fuse(model, x, verify=True)
     TOTAL.clear()
     CALLS.clear()
     start = time.perf_counter()
     result = repfuse.fuse(model, x, verify=True)
-    total = time.perf_counter() - start
+    return step, time.perf_counter() - start, result
+
+
+HEADER = (f"{'model':22} {'step s':>6} {'verify':>7} {'reach':>6} {'trace':>6} "
+          f"{'regions':>7} {'proofs':>6} {'n':>4} {'ms/rg':>6} {'f32 chk':>7} {'truth':>6} "
+          f"{'exact':>6} {'rest':>5}   (all but step s and ms/rg in training steps)")
+
+
+def row(name: str, size: int, threads: int) -> str:
+    step, total, _ = _profile(name, size, threads)
+    t = TOTAL
+    proofs = t["prove_region"]
+    regions = t["fuse_module"] - t["_run"] - proofs
+    check = t["verify_models"] - t["judge"]
+    exact = t["_judge_by_exact_kernels"]
+    rest = total - t["fuse_module"] - t["verify_models"] - exact
+    n = CALLS["prove_region"]
+    cells = [total, t["_run"], t["trace"], regions, proofs]
+    first = " ".join(f"{v / step:{w}.2f}" for v, w in zip(cells, (7, 6, 6, 7, 6)))
+    return (f"{name:22} {step:6.3f} {first} {n:4d} {1e3 * proofs / max(n, 1):6.1f} "
+            f"{check / step:7.2f} {t['judge'] / step:6.2f} {exact / step:6.2f} {rest / step:5.2f}")
+
+
+def sweep(names: list[str], args) -> None:
+    print(f"torch {torch.__version__}, input 1x3x{args.size}x{args.size}, {args.threads} "
+          f"thread(s); one timed fuse(verify=True) per model after a warm-up", flush=True)
+    print(HEADER, flush=True)
+    for name in names:
+        cmd = [sys.executable, __file__, name, "--row", "--size", str(args.size),
+               "--threads", str(args.threads)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = done.stdout.strip().splitlines()
+            line = lines[-1] if done.returncode == 0 and lines else \
+                f"{name:22} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        except subprocess.TimeoutExpired:
+            line = f"{name:22} did not finish within {args.timeout} s"
+        print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a timm model or yolov8n; several, comma-separated: one row each")
+    parser.add_argument("--sweep", action="store_true",
+                        help="one row per model of convert.SWEEP and yolov8n")
+    parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    args = parser.parse_args()
+    if args.row:
+        print(row(args.model, args.size, args.threads))
+        return
+    if args.sweep or (args.model and "," in args.model):
+        names = (convert.SWEEP + ",yolov8n").split(",") if args.sweep else args.model.split(",")
+        return sweep(names, args)
+    if not args.model:
+        parser.error("name a model, or pass --sweep")
+    step, total, result = _profile(args.model, args.size, args.threads)
     print(f"{args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s): training step "
           f"{step:.3f} s, fuse(verify=True) {total:.3f} s = {total / step:.1f} steps")
     for name, seconds in sorted(TOTAL.items(), key=lambda kv: -kv[1]):

@@ -171,14 +171,14 @@ class _Session:
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.forwards: dict[int, object] = {}
         self.stack: list[_Call] = []
+        self.tracer = _NestedTracer(self.found.units, self.paths, self.forwards)
 
     # ------------------------------------------------------------------ units
     def unit(self, m: nn.Module, n_args: int) -> ModuleGraph:
         found = self.found
         if id(m) not in found.units:
             n = self.n_inputs if m is found.root else n_args
-            tracer = _NestedTracer(found.units, self.paths, self.forwards)
-            found.units[id(m)] = tracer.trace_root(m, self.paths.get(id(m), ""), n)
+            found.units[id(m)] = self.tracer.nested(m, self.paths.get(id(m), ""), n)
         return found.units[id(m)]
 
     def note_call(self, m: nn.Module) -> bool:
@@ -241,8 +241,8 @@ class _Session:
                 if own is not None:
                     self.forwards[id(m)] = own
                 installed.append((m, own))
-            with torch.no_grad():
-                return root(*args)
+            with torch.no_grad():   # one fx patching session for every trace of the run
+                return self.tracer.session(lambda: root(*args))
         finally:
             for m, own in installed:
                 if own is None:

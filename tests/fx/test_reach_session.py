@@ -1,0 +1,110 @@
+"""``fx.reach`` runs the model once inside one torch.fx patching session: every unit it
+traces (modules called from untraced Python: ultralytics' layer loop) shares the session's
+patches of ``nn.Module.__call__`` / ``__getattr__``, which are set once, pass real calls
+through unchanged and are put back however the run ends; fx's tracing flag reads False in
+the model's real code and True while a unit is traced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx._symbolic_trace as fx_symbolic
+from torch import nn
+
+import repfuse
+from repfuse.fx import fuse as fx_fuse
+from repfuse.fx.reach import reach
+
+
+class _Unit(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.flags: list[bool] = []
+
+    def forward(self, x):
+        self.flags.append(fx_symbolic.is_fx_tracing())
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+class _Loop(nn.Module):
+    """A root that fx cannot trace (data-dependent Python), calling its units in a loop,
+    as ultralytics' ``_predict_once`` does."""
+
+    def __init__(self, n: int = 5, c: int = 4) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(_Unit(c) for _ in range(n))
+        self.flags: list[bool] = []
+        self.hooked = 0
+        self.units[2].conv.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.hooked += 1
+
+    def forward(self, x):
+        self.flags.append(fx_symbolic.is_fx_tracing())
+        for unit in self.units:
+            if float(x.detach().abs().sum()) >= 0:      # data-dependent: not traceable
+                x = unit(x)
+        return x
+
+
+def _count_module_patches(monkeypatch) -> list[str]:
+    patched: list[str] = []
+    real = fx_symbolic._Patcher.patch_method
+
+    def counting(self, cls, name, new_fn, deduplicate=True):
+        if cls is nn.Module:
+            patched.append(name)
+        return real(self, cls, name, new_fn, deduplicate)
+    monkeypatch.setattr(fx_symbolic._Patcher, "patch_method", counting)
+    return patched
+
+
+def test_one_patching_session_for_every_unit(monkeypatch):
+    patched = _count_module_patches(monkeypatch)
+    model = _Loop().eval()
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    found = reach(model, (torch.randn(1, 4, 6, 6),), fx_fuse._capture)
+    traced = [u for u in found.units.values() if u.graph is not None]
+    assert len(traced) == 5 and found.graph(model) is None     # five units, opaque root
+    assert sorted(patched) == ["__call__", "__getattr__"]        # once each, not per unit
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+
+
+def test_real_code_sees_no_tracing_and_its_hooks_run():
+    model = _Loop().eval()
+    x = torch.randn(1, 4, 6, 6)
+    reach(model, (x,))
+    assert model.flags == [True, False]      # its trace (which fails), then its real run
+    # each unit: traced once (flag True), then run through its graph (its Python does
+    # not run again); the hooked conv's hook ran in the real run
+    assert all(u.flags == [True] for u in model.units)
+    assert model.hooked == 1
+
+
+def test_patches_are_put_back_when_the_model_raises():
+    class Failing(_Loop):
+        def forward(self, x):
+            x = super().forward(x)
+            raise ValueError("boom")
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    with pytest.raises(ValueError, match="boom"):
+        reach(Failing().eval(), (torch.randn(1, 4, 6, 6),))
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+    assert not fx_symbolic.is_fx_tracing()
+
+
+def test_a_looped_model_fuses_and_verifies():
+    torch.manual_seed(0)
+    model = _Loop().eval()
+    x = torch.randn(1, 4, 8, 8)
+    result = repfuse.fuse(model, x)
+    fused = {r.path for r in result.report.fused}
+    assert result.report.ok and len(fused) == 4 and "units.2.conv" not in fused
+    assert any("hooks" in r.reason for r in result.report.regions if r not in
+               result.report.fused)                               # the hooked conv: kept
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
