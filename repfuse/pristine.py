@@ -56,8 +56,10 @@ def _refill(container: Any, contents: Any) -> None:
         container.update(contents)
 
 
-def snapshot(*models: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
-    """Each module's plain attributes and the contents of its containers."""
+def snapshot(*models: nn.Module) -> list[tuple[nn.Module, dict, dict, list]]:
+    """Each module's plain attributes, the contents of its non-empty containers and its
+    empty containers (a module holds a dozen hook dictionaries, nearly always empty: they
+    are only emptied again on restore, without copying or comparing contents)."""
     seen, out = set(), []
     for model in models:
         for m in model.modules():
@@ -65,14 +67,20 @@ def snapshot(*models: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
                 continue
             seen.add(id(m))
             attrs = {k: v for k, v in vars(m).items() if k not in _REGISTERED}
-            held = {k: _contents(v) for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
-            out.append((m, attrs, held))
+            held, empty = {}, []
+            for k, v in attrs.items():
+                if isinstance(v, _CONTAINERS):
+                    if v:
+                        held[k] = _contents(v)
+                    else:
+                        empty.append(v)
+            out.append((m, attrs, held, empty))
     return out
 
 
-def restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
+def restore(saved: list[tuple[nn.Module, dict, dict, list]]) -> None:
     """Put back what ``snapshot`` recorded."""
-    for m, attrs, held in saved:
+    for m, attrs, held, empty in saved:
         state = vars(m)
         for k in [k for k in state if k not in _REGISTERED and k not in attrs]:
             del state[k]
@@ -81,6 +89,9 @@ def restore(saved: list[tuple[nn.Module, dict, dict]]) -> None:
                 state[k] = v
             if k in held:
                 _refill(v, held[k])
+        for v in empty:
+            if v:
+                v.clear()
 
 
 @contextlib.contextmanager
