@@ -57,15 +57,19 @@ def _check_model(report: FuseReport, model: nn.Module, fused: nn.Module, args: t
             region.max_abs_err = max(c.max_abs for c in outs)
             region.max_rel_err = max(c.max_rel for c in outs)
     report.note_defects()
+    truth: dict = {}    # the training form's float64 run, when the check makes it
     try:
-        report.model_checks = verify_models(model, fused, args, grads=True, tol=tol)
+        report.model_checks = verify_models(model, fused, args, grads=True, tol=tol,
+                                            truth=truth)
     except RuntimeError as err:  # e.g. the model's own in-place ops break its backward
-        report.model_checks = verify_models(model, fused, args, grads=False, tol=tol)
+        truth.clear()
+        report.model_checks = verify_models(model, fused, args, grads=False, tol=tol,
+                                            truth=truth)
         report.model_checks.notes.append(f"input gradients not compared: the model's "
                                          f"backward fails ({first_line(err, 200)})")
     report.verified = True
     if not report.model_checks.ok and tol is None:
-        _judge_by_exact_kernels(report, model, fused, args, exact)
+        _judge_by_exact_kernels(report, model, fused, args, exact, truth or None)
     if not report.model_checks.ok:
         worst = max(report.model_checks.failures, key=lambda c: c.max_rel)
         raise VerificationError(
@@ -75,7 +79,8 @@ def _check_model(report: FuseReport, model: nn.Module, fused: nn.Module, args: t
 
 
 def _judge_by_exact_kernels(report: FuseReport, model: nn.Module, fused: nn.Module,
-                            args: tuple, exact: list[tuple[str, rg.Node]]) -> None:
+                            args: tuple, exact: list[tuple[str, rg.Node]],
+                            truth: dict | None = None) -> None:
     """A whole-model check that failed in the model's dtype, judged once more: the fused
     model's stored weights must be exactly its proven float64 kernels cast to its dtype,
     and the fused structure run in float64 with those exact kernels must match the
@@ -83,7 +88,8 @@ def _judge_by_exact_kernels(report: FuseReport, model: nn.Module, fused: nn.Modu
     wiring are proven, and what differs as run is the rounding of the stored weights,
     which this input amplifies (through a discrete selection such as TopK, whose near-ties
     a rounding flips, or an ill-conditioned path): the failed checks pass, with a note.
-    With a user tolerance, or when any of this does not hold, the verdict stands."""
+    With a user tolerance, or when any of this does not hold, the verdict stands.
+    ``truth``: the training form's float64 run the check made (``verify_models``), reused."""
     checks = report.model_checks
     if not exact or any(not math.isfinite(c.max_abs) for c in checks.failures) or any(
             not math.isfinite(r.cast_error) for r in report.fused):
@@ -98,7 +104,7 @@ def _judge_by_exact_kernels(report: FuseReport, model: nn.Module, fused: nn.Modu
                     return
                 fused64.get_submodule(path).load_state_dict(kernel.state_dict())
         grads = any(c.name.startswith("grad ") for c in checks.checks)
-        exact_checks = verify_float64(model, fused64, args, grads=grads)
+        exact_checks = verify_float64(model, fused64, args, grads=grads, truth=truth)
     except Exception as err:  # noqa: BLE001 - the verdict stands
         checks.notes.append(f"the fused structure could not be run with exact kernels "
                             f"({type(err).__name__}: {first_line(err, 200)})")

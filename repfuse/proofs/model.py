@@ -135,7 +135,7 @@ def _backward(leaves: list[Tensor], out, args: tuple, grads: bool,
 
 
 def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
-                  grads: bool = True, tol=None) -> VerifyReport:
+                  grads: bool = True, tol=None, truth: dict | None = None) -> VerifyReport:
     """Check that ``candidate`` computes what ``reference`` computes on ``example_inputs``.
 
     Both models run in eval mode (their training flags are restored afterwards) on
@@ -149,15 +149,17 @@ def verify_models(reference: nn.Module, candidate: nn.Module, example_inputs, *,
     whose output does not depend on an input through autograd (e.g. it detaches it)
     gets a zero gradient there and fails. ``tol`` as in ``tolerance`` (by default the
     table by dtype). Below float64 a check this direct comparison rejects is judged
-    against the reference run in float64 (``repfuse.proofs.truth``).
+    against the reference run in float64 (``repfuse.proofs.truth``); when that run is
+    made and ``truth`` is a dict, it receives the run (``values``: outputs and input
+    gradients by name, ``upstream``, ``grads``) for ``verify_float64`` to reuse.
     """
     args = as_input_tuple(example_inputs)
     with own_mode(), untouched(reference, candidate):
-        return _verify(reference, candidate, args, grads, tol)
+        return _verify(reference, candidate, args, grads, tol, truth)
 
 
 def _verify(reference: nn.Module, candidate: nn.Module, args: tuple, grads: bool,
-            tol) -> VerifyReport:
+            tol, keep: dict | None = None) -> VerifyReport:
     report = VerifyReport()
     ref_model = ordinary(reference) if grads else reference
     cand_model = ordinary(candidate) if grads else candidate
@@ -204,9 +206,15 @@ def _verify(reference: nn.Module, candidate: nn.Module, args: tuple, grads: bool
             compared[name] = (check, rg, torch.zeros_like(leaf) if cg is None else cg)
     pending = {n: v for n, v in compared.items()
                if not v[0].ok and math.isfinite(v[0].max_abs)}
+    def truth(with_grads: bool) -> dict[str, Tensor]:
+        values = _float64_values(reference, args, with_grads, upstream)
+        if keep is not None:
+            keep.update(values=values, upstream=upstream, grads=with_grads)
+        return values
+
     if dtype != torch.float64 and pending and len(pending) == len(report.failures):
-        judge(report, pending, lambda g: _float64_values(reference, args, g, upstream),
-              lambda: _float64_grads(candidate, args, upstream), dtype, tol)
+        judge(report, pending, truth, lambda: _float64_grads(candidate, args, upstream),
+              dtype, tol)
     if ref_grads and any(not c.ok for c in report.checks if not c.name.startswith("grad ")):
         report.notes.append("outputs differ; input gradients compared anyway")
     return report
@@ -253,20 +261,29 @@ def _compare_values(name: str, r, c) -> Check:
 
 
 def verify_float64(reference: nn.Module, candidate64: nn.Module, example_inputs, *,
-                   grads: bool = True) -> VerifyReport:
+                   grads: bool = True, truth: dict | None = None) -> VerifyReport:
     """Outputs and input gradients of ``reference`` run in float64 (a float64 copy, its
     eval-mode batch norms as affine maps) against ``candidate64`` (a float64 model, run
     as given) with the float64 tolerances: the check of a structure whose weights are
-    exact (``repfuse.fx.pipeline``: the fused model with its exact kernels)."""
+    exact (``repfuse.fx.pipeline``: the fused model with its exact kernels). ``truth``:
+    that run of ``reference`` as ``verify_models`` kept it (with input gradients when
+    ``grads``), used instead of running it again, with its upstream gradient."""
     args = as_input_tuple(example_inputs)
     with own_mode():
         args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                        else a for a in args)
-        model64 = float64_copy(reference)
-        with eval_mode(model64, candidate64), exact_norms():
-            ref_flat, upstream, ref_grads = evaluate(model64, args64, grads)
-            del model64
-            cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
+        if truth is not None and (truth["grads"] or not grads):
+            values, upstream = truth["values"], truth["upstream"]
+            ref_flat = [(n, v) for n, v in values.items() if not n.startswith("grad ")]
+            ref_grads = {n: values.get(n) for n in grad_names(args)} if grads else {}
+            with eval_mode(candidate64), exact_norms():
+                cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
+        else:
+            model64 = float64_copy(reference)
+            with eval_mode(model64, candidate64), exact_norms():
+                ref_flat, upstream, ref_grads = evaluate(model64, args64, grads)
+                del model64
+                cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
     report = VerifyReport(dtype="float64")
     cand = dict(cand_flat)
     for name, r in ref_flat:

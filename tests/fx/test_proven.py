@@ -88,3 +88,60 @@ def test_stored_weights_that_are_not_the_proven_kernels_are_never_excused(monkey
     monkeypatch.setattr(AffineConv, "to_module", off_by_one_ulp)
     with pytest.raises(VerificationError):
         repfuse.fuse(make("repvgg").float(), torch.randn(2, 3, 10, 10))
+
+
+def test_the_exact_kernels_judge_reuses_the_float64_run_of_the_training_form(monkeypatch):
+    """When the float32 criterion ran the training form in float64 and still rejected a
+    check, the judge by exact kernels compares with that run instead of making it again:
+    the training form is copied to float64 once, not twice, and the verdict is the same
+    as with a second run."""
+    import repfuse.fx.pipeline as pipeline
+    import repfuse.proofs.model as whole
+
+    real_judge = whole.judge
+
+    def judged_then_moved(report, pending, *args, **kwargs):
+        real_judge(report, pending, *args, **kwargs)     # makes the float64 run
+        next(iter(pending.values()))[0].ok = False       # as if it still differed
+    monkeypatch.setattr(whole, "judge", judged_then_moved)
+    real_compare = whole.compare
+
+    def direct_fails(name, r, c, tol=None):              # the float32 comparison rejects
+        check = real_compare(name, r, c, tol)
+        if r.dtype != torch.float64:
+            check.ok = False
+        return check
+    monkeypatch.setattr(whole, "compare", direct_fails)
+    copies: list = []
+    real_copy = whole.float64_copy
+
+    def counted(model):
+        copies.append(type(model).__name__)
+        return real_copy(model)
+    monkeypatch.setattr(whole, "float64_copy", counted)
+    model = make("repvgg").float()
+    x = torch.randn(2, 3, 10, 10)
+    result = repfuse.fuse(model, x)
+    checks = result.report.model_checks
+    assert result.report.ok and checks.ok
+    assert checks.checks[0].detail.startswith("passed: the fused structure with its exact")
+    reference_copies = [n for n in copies if n == type(model).__name__]
+    assert len(reference_copies) == 1, copies
+    # the same verdict and figures with the training form run again
+    reused: list = []
+    real_exact = pipeline.verify_float64
+
+    def again(reference, candidate64, example_inputs, *, grads=True, truth=None):
+        with_truth = real_exact(reference, candidate64, example_inputs, grads=grads,
+                                truth=truth)
+        fresh = real_exact(reference, candidate64, example_inputs, grads=grads)
+        reused.append((truth is not None, with_truth, fresh))
+        return with_truth
+    monkeypatch.setattr(pipeline, "verify_float64", again)
+    repfuse.fuse(model, x)
+    (had_truth, with_truth, fresh), = reused
+    assert had_truth
+    assert [(c.name, c.ok) for c in with_truth.checks] == [(c.name, c.ok) for c in fresh.checks]
+    outputs = [(a.max_abs, b.max_abs) for a, b in zip(with_truth.checks, fresh.checks)
+               if a.name.startswith("output")]
+    assert outputs and all(a == b for a, b in outputs)
