@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -220,12 +221,18 @@ class _NestedTracer(fx.Tracer):
         self.paths = paths
         self.forwards = forwards
         self.stack: list[_Frame] = []
+        self.thread = threading.get_ident()   # the one whose calls a trace records
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
+    def _tracing(self) -> bool:
+        """Whether a call now belongs to a trace: one is open and this is its thread (fx's
+        patches are process-wide; another thread's modules run as they are)."""
+        return bool(self.stack) and threading.get_ident() == self.thread
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if not isinstance(attr_val, Tensor) or not self.stack:
+        if not isinstance(attr_val, Tensor) or not self._tracing():
             return attr_val
         fr = self.stack[-1]
         name = fr.tensors.get(id(attr_val))
@@ -236,7 +243,7 @@ class _NestedTracer(fx.Tracer):
         return fr.cache[name]
 
     def call_module(self, m, forward, args, kwargs):
-        if not self.stack:   # real code running in a session: the call as it is
+        if not self._tracing():   # real code running in a session: the call as it is
             return forward(*args, **kwargs)
         fr = self.stack[-1]
         rel = fr.names.get(id(m))

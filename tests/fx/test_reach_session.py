@@ -108,3 +108,33 @@ def test_a_looped_model_fuses_and_verifies():
                result.report.fused)                               # the hooked conv: kept
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_another_threads_modules_run_as_they_are_while_a_unit_is_traced():
+    """fx's patches are process-wide: a module called from another thread while a unit is
+    being traced runs on its real values instead of entering the trace."""
+    import threading
+
+    other = nn.Conv2d(2, 2, 1).eval()
+    z = torch.randn(1, 2, 3, 3)
+    results: list = []
+
+    class Spawning(_Unit):
+        def forward(self, x):
+            def work():
+                try:
+                    results.append(other(z))
+                except Exception as err:  # noqa: BLE001 - recorded for the assertion
+                    results.append(err)
+            t = threading.Thread(target=work)
+            t.start()
+            t.join()
+            return super().forward(x)
+
+    model = _Loop(n=3)
+    model.units[0] = Spawning(4)
+    model.eval()
+    reach(model, (torch.randn(1, 4, 6, 6),))
+    assert results and all(isinstance(r, torch.Tensor) for r in results), results
+    with torch.no_grad():
+        torch.testing.assert_close(results[0], other(z))
