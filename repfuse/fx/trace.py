@@ -193,8 +193,12 @@ def _fx_tracing(value: bool) -> Iterator[None]:
     ``value`` for the body: False while a session runs the model's real code."""
     get = getattr(fx_symbolic, "_get_is_fx_tracing", None)
     put = getattr(fx_symbolic, "_set_is_fx_tracing", None)
-    if get is None or put is None:   # torch before the flag was thread-local
-        def get():
+    if get is None or put is None:
+        if not hasattr(fx_symbolic, "_is_fx_tracing_flag"):   # a torch without the flag
+            yield
+            return
+
+        def get():   # torch before the flag was thread-local
             return fx_symbolic._is_fx_tracing_flag
 
         def put(flag):

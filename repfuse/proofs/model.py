@@ -206,6 +206,7 @@ def _verify(reference: nn.Module, candidate: nn.Module, args: tuple, grads: bool
             compared[name] = (check, rg, torch.zeros_like(leaf) if cg is None else cg)
     pending = {n: v for n, v in compared.items()
                if not v[0].ok and math.isfinite(v[0].max_abs)}
+
     def truth(with_grads: bool) -> dict[str, Tensor]:
         values = _float64_values(reference, args, with_grads, upstream)
         if keep is not None:

@@ -138,3 +138,17 @@ def test_another_threads_modules_run_as_they_are_while_a_unit_is_traced():
     assert results and all(isinstance(r, torch.Tensor) for r in results), results
     with torch.no_grad():
         torch.testing.assert_close(results[0], other(z))
+
+
+def test_the_tracing_flag_on_torch_versions_without_a_thread_local_one(monkeypatch):
+    from repfuse.fx import trace
+
+    monkeypatch.delattr(fx_symbolic, "_get_is_fx_tracing")
+    monkeypatch.delattr(fx_symbolic, "_set_is_fx_tracing")
+    monkeypatch.setattr(fx_symbolic, "_is_fx_tracing_flag", True, raising=False)
+    with trace._fx_tracing(False):
+        assert fx_symbolic._is_fx_tracing_flag is False
+    assert fx_symbolic._is_fx_tracing_flag is True
+    monkeypatch.delattr(fx_symbolic, "_is_fx_tracing_flag")
+    with trace._fx_tracing(False):      # no flag at all: nothing to set, no error
+        pass
