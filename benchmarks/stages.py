@@ -19,7 +19,9 @@ direct comparison rejects), ``exact`` (when the float64 criterion still rejects 
 the fused structure run in float64 with its exact kernels against the training form run
 in float64, ``fx.pipeline._judge_by_exact_kernels``), ``rest`` (copies, accounting). The
 step is the median of five (``convert.training_step``: eval-mode batch norms, as the
-proofs run the model); models are seeded, so rows repeat:
+proofs run the model) for yolov8n, and for timm models the median of three of a
+train-mode copy, as in ``convert.py --sweep`` (an eval-mode LeViT caches its attention
+biases and cannot step twice); models are seeded, so rows repeat:
 
     .venv/bin/python benchmarks/stages.py --sweep          # convert.SWEEP and yolov8n
 
@@ -108,8 +110,11 @@ def _profile(name: str, size: int, threads: int):
         convert.randomize(timm.create_model(name, pretrained=False)).eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     convert.calibrate(model, (2, 3, size, size))
-    convert.training_step(model, x)
-    step, _ = convert.median_time(lambda: convert.training_step(model, x), 5)
+    if name.startswith("yolo"):
+        convert.training_step(model, x)
+        step, _ = convert.median_time(lambda: convert.training_step(model, x), 5)
+    else:   # as the sweep of convert.py: a train-mode copy (a cache-holding eval model,
+        step, _ = convert.train_mode_step(model, x)   # LeViT's, cannot step twice)
     repfuse.fuse(model, x, verify=True)
     TOTAL.clear()
     CALLS.clear()
