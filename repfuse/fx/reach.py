@@ -11,11 +11,15 @@ dispatcher installed on every module (an instance-level ``forward``, removed aft
   reach descends through loops over ModuleLists and iterated Sequentials, list
   mutation, attribute routing and data-dependent checks, to the modules that trace.
 
+The whole run happens inside one torch.fx patching session (``_NestedTracer.session``):
+every trace it makes shares one patching of ``nn.Module``, and real calls pass through.
+
 Containers handed from a graph to Python code are plain lists and dicts (never fx's
 immutable ones). What is recorded: each graph value's shape and dtype (and, for the
-proofs, a small copy of selected values), every module that ran, the graph nodes it was
-called from, whether it was called from Python that was not traced (and from which
-module), and whether every call matched its trace.
+proofs, a window of each value a region could start at: ``fx.trace.capture_crop``),
+every module that ran, the graph nodes it was called from, whether it was called from
+Python that was not traced (and from which module), and whether every call matched its
+trace.
 """
 
 from __future__ import annotations
