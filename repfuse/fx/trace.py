@@ -54,7 +54,7 @@ def capture_crop(root: nn.Module) -> int:
     (kernels composed in sequence, a window computed in forward) has its probe filled with
     the real window where this one reaches and random values beyond. Every region-valued
     node is captured, since which are region inputs is known only later: with a fixed
-    window of 40, repvgg_b3 at 224x224 held 549 MB of windows, of which 22 were read."""
+    window of 40, repvgg_b3 at 224x224 held 549 MB of windows for its 28 region proofs."""
     extent = 1
     for m in root.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
