@@ -374,14 +374,19 @@ def run_sweep(args) -> None:
         cmd = [sys.executable, __file__, "--row", name, "--size", str(args.size),
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
         cmd += ["--calibrate"] if args.calibrate else []
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            lines = done.stdout.strip().splitlines()
-            row = lines[-1] if done.returncode == 0 and lines else \
-                f"{name:22} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-        except subprocess.TimeoutExpired:
-            row = f"{name:22} did not finish within {args.timeout} s"
-        print(row, flush=True)
+        print(row_from_process(name, cmd, args.timeout), flush=True)
+
+
+def row_from_process(name: str, cmd: list[str], timeout: int) -> str:
+    """The last line ``cmd`` prints (one model's row, from a fresh process), or a row
+    saying that it failed or did not finish within ``timeout`` seconds."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{name:22} did not finish within {timeout} s"
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if done.returncode == 0 and lines else \
+        f"{name:22} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
 
 
 def main() -> None:

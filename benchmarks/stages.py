@@ -35,7 +35,6 @@ import argparse
 import collections
 import functools
 import os
-import subprocess
 import sys
 import time
 
@@ -150,14 +149,7 @@ def sweep(names: list[str], args) -> None:
     for name in names:
         cmd = [sys.executable, __file__, name, "--row", "--size", str(args.size),
                "--threads", str(args.threads)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            lines = done.stdout.strip().splitlines()
-            line = lines[-1] if done.returncode == 0 and lines else \
-                f"{name:22} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-        except subprocess.TimeoutExpired:
-            line = f"{name:22} did not finish within {args.timeout} s"
-        print(line, flush=True)
+        print(convert.row_from_process(name, cmd, args.timeout), flush=True)
 
 
 def main() -> None:

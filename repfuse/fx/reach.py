@@ -35,7 +35,6 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from repfuse.fx.trace import (
     CAPTURE,
     CAPTURE_CHANNELS_LAST,
-    CAPTURE_CROP,
     META,
     ModuleGraph,
     _NestedTracer,
@@ -126,7 +125,7 @@ def _changed(made: list) -> bool:
 
 
 def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
-            crop: int = CAPTURE_CROP) -> None:
+            crop: int) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
         if capture is not None and capture(node) and value.dim() == 4:
@@ -171,7 +170,7 @@ class _Session:
         self.found = Reach(root)
         self.n_inputs = n_inputs
         self.capture = capture
-        self.crop = capture_crop(root) if capture is not None else CAPTURE_CROP
+        self.crop = capture_crop(root) if capture is not None else 0
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.forwards: dict[int, object] = {}
         self.stack: list[_Call] = []
