@@ -47,14 +47,15 @@ CAPTURE_CROP_MIN = 8
 
 
 def capture_crop(root: nn.Module) -> int:
-    """The spatial size of the windows captured for the proofs of ``root``'s regions: the
-    probe a region proof draws for the model's widest kernel or pooling window (its
-    effective extent ``e``: ``2e`` by ``2e + 1``, ``region.layout.probe_size``), within
-    ``CAPTURE_CROP_MIN`` and ``CAPTURE_CROP``. A region whose fused kernel reads wider
-    (kernels composed in sequence, a window computed in forward) has its probe filled with
-    the real window where this one reaches and random values beyond. Every region-valued
-    node is captured, since which are region inputs is known only later: with a fixed
-    window of 40, repvgg_b3 at 224x224 held 549 MB of windows for its 28 region proofs."""
+    """The spatial size of the windows captured for the proofs of ``root``'s regions:
+    ``2e + 1`` for the model's widest kernel or pooling window (effective extent ``e``),
+    within ``CAPTURE_CROP_MIN`` and ``CAPTURE_CROP``; at least the probe a region proof
+    draws for one such kernel at a stride up to ``e`` (``e`` plus the stride, plus one on
+    W: ``region.layout.probe_size``). A region whose probe is wider (kernels composed in
+    sequence, a window computed in forward) has it filled with the real window where this
+    one reaches and random values beyond. Every region-valued node is captured, since
+    which are region inputs is known only later: with a fixed window of 40, repvgg_b3 at
+    224x224 held 549 MB of windows for its 28 region proofs."""
     extent = 1
     for m in root.modules():
         if isinstance(m, nn.modules.conv._ConvNd):

@@ -33,6 +33,7 @@ from repfuse.region.tree import (
     materialized,
     node_tensors,
     parameters,
+    read_window,
     region_input,
     sources,
     substitute,
@@ -51,7 +52,7 @@ from repfuse.region.worth import (
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "Attempts", "Computed", "LinearOp", "OpKind", "check_growth",
     "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
-    "label", "layout", "materialized", "node_tensors", "parameters", "reduce", "reduce_shapes",
-    "reference", "region_input", "shape_refusal", "sources", "substitute", "value_layouts",
-    "walk", "with_input", "worthwhile",
+    "label", "layout", "materialized", "node_tensors", "parameters", "read_window", "reduce",
+    "reduce_shapes", "reference", "region_input", "shape_refusal", "sources", "substitute",
+    "value_layouts", "walk", "with_input", "worthwhile",
 ]

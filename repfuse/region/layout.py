@@ -98,17 +98,28 @@ def from_canonical(t: Tensor, layout: str) -> Tensor:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def probe_size(layout: str, receptive: tuple[int, int]) -> tuple[int, int, int]:
-    """(batch, H, W) of a random probe for a region in ``layout`` whose fused kernel
-    reads ``receptive`` (effective kernel) positions: twice the receptive field on each
-    axis, plus one on W (odd and even sizes, H != W); rows have one row, vectors none
-    (several samples instead)."""
-    ekh, ekw = receptive
+def probe_size(layout: str, extent: tuple[int, int],
+               jump: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(batch, H, W) of a random probe for a region in ``layout`` that reads ``extent``
+    input positions per output position, neighbouring outputs ``jump`` apart
+    (``region.read_window``, widened to the fused kernel's). Extent plus jump on H, and on
+    W one more where that would give W the parity of H: every tap reads a real value at
+    some output position, the outer output positions read the padding, and H and W
+    differ in size and parity (both stride remainders; a transposed axis cannot pass).
+    Rows have one row, vectors none (several samples instead). Without ``jump`` (the
+    window of a transposed conv is in output positions): twice the extent, plus one on W.
+    """
+    (eh, ew), (jh, jw) = extent, jump or (0, 0)
     if layout in VECTORS:
         return 6, 1, 1
+    if jump is None:
+        h, w = 2 * eh, 2 * ew + 1
+    else:
+        h, w = eh + jh, ew + jw
+        w += (w - h) % 2 == 0
     if layout in ROWS:
-        return 2, 1, 2 * ekw + 1
-    return 1, 2 * ekh, 2 * ekw + 1
+        return 2, 1, w if jump is None else ew + jw + 1
+    return 1, h, w
 
 
 def zeros_like_layout(layout: str, channels: int, dtype=torch.float64) -> Tensor:

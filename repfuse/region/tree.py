@@ -17,7 +17,7 @@ from torch import Tensor
 from repfuse.errors import NotFusable
 from repfuse.region import layout as L
 from repfuse.region.computed import Computed, parameter_sources
-from repfuse.region.nodes import Input, Node
+from repfuse.region.nodes import AvgPool, Conv, ConvTranspose, Input, Node
 
 
 def children(node: Node) -> tuple[Node, ...]:
@@ -214,6 +214,32 @@ def value_layouts(expr: Node) -> dict[int, str]:
         except NotFusable as err:
             raise NotFusable(f"{label(node)}: {err}", node=node) from err
     return out
+
+
+def read_window(expr: Node) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """How far the training form of ``expr`` reads, from its own nodes (not from
+    ``reduce``): ``((extent_h, extent_w), (jump_h, jump_w))``, the input positions one
+    output position depends on at most and the input step between neighbouring outputs,
+    composed through convs and pools in sequence and the widest over branches. Pads and
+    crops shift a window without widening it; every other node reads one position. None
+    when the region holds a transposed conv (its window is in output positions)."""
+    memo: dict[int, tuple[list[int], list[int]]] = {}
+    for node in walk(expr):
+        if isinstance(node, ConvTranspose):
+            return None
+        kids = [memo[id(c)] for c in children(node)]
+        extent = [max((k[0][a] for k in kids), default=1) for a in (0, 1)]
+        jump = [max((k[1][a] for k in kids), default=1) for a in (0, 1)]
+        if isinstance(node, Conv):
+            kernel, stride = node.spec.effective_kernel, node.spec.stride
+        elif isinstance(node, AvgPool):
+            kernel, stride = node.kernel_size, node.stride
+        else:
+            kernel = stride = (1, 1)
+        memo[id(node)] = ([extent[a] + (kernel[a] - 1) * jump[a] for a in (0, 1)],
+                          [jump[a] * stride[a] for a in (0, 1)])
+    extent, jump = memo[id(expr)]
+    return (extent[0], extent[1]), (jump[0], jump[1])
 
 
 def region_input(expr: Node) -> Input:

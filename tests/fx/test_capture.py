@@ -13,7 +13,7 @@ import repfuse.fx.pipeline as pipeline
 from repfuse.fx import fuse as fx_fuse
 from repfuse.fx.reach import reach
 from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, CAPTURE_CROP, capture_crop
-from repfuse.region import layout as L
+from repfuse.proofs.region import probe_shape
 
 
 def _block(k: int, dilation: int = 1) -> nn.Module:
@@ -58,7 +58,7 @@ def test_a_region_of_the_widest_kernel_is_proven_on_a_whole_real_window(monkeypa
     real = pipeline.prove_region
 
     def spy(expr, affine, activation, **kwargs):
-        seen.append((affine.spec, activation))
+        seen.append((probe_shape(affine.spec, "NCHW", expr), activation))
         return real(expr, affine, activation, **kwargs)
     monkeypatch.setattr(pipeline, "prove_region", spy)
     torch.manual_seed(0)
@@ -66,10 +66,9 @@ def test_a_region_of_the_widest_kernel_is_proven_on_a_whole_real_window(monkeypa
     x = torch.randn(1, 3, 48, 48)
     result = repfuse.fuse(model, x)
     assert result.report.fused and seen
-    for spec, activation in seen:
-        _, h, w = L.probe_size("NCHW", spec.effective_kernel)
+    for (_, _, h, w), activation in seen:
         assert activation is not None and activation.shape[-2] >= h \
-            and activation.shape[-1] >= w, (spec, activation.shape)
+            and activation.shape[-1] >= w, ((h, w), activation.shape)
     # and the capture is no larger than that: a 3x3 model keeps 8x8 windows, not 40x40
     if k == 3:
         assert all(a.shape[-2:] == (8, 8) for _, a in seen)

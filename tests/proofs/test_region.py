@@ -180,11 +180,78 @@ def test_reexport_and_summary():
     assert 0 <= abs_err < 1e-12 and 0 <= rel_err < 1e-12
 
 
-def test_probe_covers_borders():
+def test_probe_without_a_window_is_twice_the_kernel():
+    """No expression (or a transposed conv): twice the fused kernel's extent, plus one on W."""
     spec = ConvSpec(4, 4, 7, stride=2, dilation=2)
     n, c, h, w = probe_shape(spec)
     ek = spec.effective_kernel
     assert (n, c) == (1, 4) and h >= 2 * ek[0] and w >= 2 * ek[1] and h != w
+
+
+def test_read_window_composes_branches_and_sequences():
+    m = Maker(0)
+    x = rg.Input(4)
+    assert rg.read_window(x) == ((1, 1), (1, 1))
+    assert rg.read_window(repvgg()) == ((3, 3), (1, 1))
+    assert rg.read_window(acnet()) == ((3, 3), (1, 1))
+    assert rg.read_window(replk()) == ((7, 7), (1, 1))      # 7x7 and 3x3 dilated 3
+    assert rg.read_window(dbb()) == ((3, 3), (1, 1))        # pads shift, do not widen
+    assert rg.read_window(asym_stride2()) == ((3, 3), (2, 2))
+    seq = m.conv(m.conv(x, 4, 4, 3, stride=2, padding=1), 4, 4, (1, 5), padding=(0, 2))
+    assert rg.read_window(seq) == ((3, 3 + 4 * 2), (2, 2))
+    pooled = rg.AvgPool(m.conv(x, 4, 4, 1, stride=2), (3, 3), (2, 2), 1)
+    assert rg.read_window(pooled) == ((1 + 2 * 2, 5), (4, 4))
+    up = rg.ConvTranspose(x, torch.zeros(4, 4, 2, 2), None, ConvSpec(4, 4, 2, stride=2,
+                                                                     transposed=True))
+    assert rg.read_window(rg.Add((up, up))) is None
+
+
+def _taps_read(size, spec, axis):
+    """The tap offsets along ``axis`` that read a real (not padded) input position at
+    some output position of ``spec`` on a probe of ``size`` positions."""
+    k, s, d = spec.kernel_size[axis], spec.stride[axis], spec.dilation[axis]
+    pad = spec.padding[2 * axis]
+    out = (size + pad + spec.padding[2 * axis + 1] - d * (k - 1) - 1) // s + 1
+    return {i for i in range(k) for o in range(out) if 0 <= o * s - pad + i * d < size}
+
+
+@given(k=st.integers(1, 9), s=st.integers(1, 4), d=st.integers(1, 3),
+       kw=st.integers(1, 9), sw=st.integers(1, 4))
+def test_probe_reads_every_tap_and_differs_in_parity(k, s, d, kw, sw):
+    """The probe sized from the window: every tap of the kernel reads a real value at some
+    output position ('same' padding and no padding), H and W differ in size and parity."""
+    for pad in ("same", "none"):
+        ph = d * (k - 1) // 2 if pad == "same" else 0
+        pw = d * (kw - 1) // 2 if pad == "same" else 0
+        spec = ConvSpec(2, 3, (k, kw), stride=(s, sw), padding=(ph, pw), dilation=(d, 1))
+        m = Maker(0)
+        expr = m.conv(rg.Input(2), 2, 3, (k, kw), stride=(s, sw), padding=(ph, pw),
+                      dilation=(d, 1))
+        n, c, h, w = probe_shape(spec, "NCHW", expr)
+        assert (n, c) == (1, 2) and h != w and (h - w) % 2 == 1
+        assert _taps_read(h, spec, 0) == set(range(k))
+        assert _taps_read(w, spec, 1) == set(range(kw))
+        # no larger than the old probe (twice the extent) where the stride is at most it
+        ek = spec.effective_kernel
+        if s <= ek[0] and sw <= ek[1]:
+            assert h <= 2 * ek[0] + 1 and w <= 2 * ek[1] + 2
+
+
+def test_a_fused_kernel_narrower_than_the_region_fails_without_raising():
+    """A fused 1x1 kernel for a region with a 7x7 branch: the probe is sized from the
+    training form's window (8x9), not the fused kernel's (2x3); the outputs differ and the
+    weight-gradient check reports the kernel shapes instead of raising."""
+    m = Maker(12)
+    x = rg.Input(3)
+    point = m.conv(x, 3, 3, 1, bias=True)
+    expr = rg.Add((m.conv(x, 3, 3, 7, padding=3), point))
+    wrong = rg.reduce(point)                # the 1x1 branch alone
+    assert probe_shape(wrong.spec, "NCHW", expr)[2:] == (8, 9)
+    assert probe_shape(wrong.spec)[2:] == (2, 3)
+    rep = prove_region(expr, wrong, _activation(expr))
+    assert {"output[random]", "output[activation]", "grad input",
+            "grad parameters"} <= _failed(rep)
+    assert "(3, 3, 7, 7)" in [c for c in rep.failures if c.name == "grad parameters"][0].detail
 
 
 def test_model_tensors_untouched():
