@@ -35,7 +35,9 @@ def test_region_whose_proof_fails_stays_in_training_form(monkeypatch, caplog):
     for defect in report.defects:
         assert defect.status == "skipped" and "defect of repfuse" in defect.reason
         assert defect.proofs is not None and not defect.proofs.ok
-    assert "output[random]" in report.defects[0].reason
+    failed = {c.name for c in report.defects[0].proofs.failures}
+    assert "output[random]" in failed     # the reason names the worst failed check
+    assert any(f"({name}:" in report.defects[0].reason for name in failed)
     assert any("defect" in r.getMessage() for r in caplog.records)
     assert any("defect" in n for n in report.notes)
     with torch.no_grad():       # the returned model is the training form there
