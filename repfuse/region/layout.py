@@ -102,23 +102,25 @@ def probe_size(layout: str, extent: tuple[int, int],
                jump: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """(batch, H, W) of a random probe for a region in ``layout`` that reads ``extent``
     input positions per output position, neighbouring outputs ``jump`` apart
-    (``region.read_window``, widened to the fused kernel's). Extent plus jump on H, and on
-    W one more where that would give W the parity of H: every tap reads a real value at
-    some output position, the outer output positions read the padding, and H and W
-    differ in size and parity (both stride remainders; a transposed axis cannot pass).
-    Rows have one row, vectors none (several samples instead). Without ``jump`` (the
-    window of a transposed conv is in output positions): twice the extent, plus one on W.
+    (``region.read_window``, widened to the fused kernel's): extent plus jump on each
+    axis, and one more on W where W would have the parity of H. Every tap reads a real
+    value at some output position, the outer output positions read the padding (with a
+    stride, on at least one axis), and H and W differ in size and parity (both stride
+    remainders; a transposed axis cannot pass). Rows have one row (extent plus jump plus
+    one), vectors none (several samples instead). Without ``jump`` (the window of a
+    transposed conv is in output positions): twice the extent, plus one on W.
     """
-    (eh, ew), (jh, jw) = extent, jump or (0, 0)
     if layout in VECTORS:
         return 6, 1, 1
+    (eh, ew) = extent
     if jump is None:
         h, w = 2 * eh, 2 * ew + 1
     else:
-        h, w = eh + jh, ew + jw
-        w += (w - h) % 2 == 0
+        h, w = eh + jump[0], ew + jump[1]
+        if layout in ROWS or (w - h) % 2 == 0:
+            w += 1
     if layout in ROWS:
-        return 2, 1, w if jump is None else ew + jw + 1
+        return 2, 1, w
     return 1, h, w
 
 

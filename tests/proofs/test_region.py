@@ -206,6 +206,15 @@ def test_read_window_composes_branches_and_sequences():
     assert rg.read_window(rg.Add((up, up))) is None
 
 
+def test_probe_sizes_of_rows_and_vectors():
+    from repfuse.region import layout as L
+
+    assert L.probe_size("NCL", (1, 3), (1, 1)) == (2, 1, 5)     # a Conv1d k=3: 3 + 1 + 1
+    assert L.probe_size("NLC", (1, 1), (1, 1)) == (2, 1, 3)     # tokens
+    assert L.probe_size("NCL", (1, 3)) == (2, 1, 7)             # no window: 2e + 1
+    assert L.probe_size("NC", (1, 1), (1, 1)) == (6, 1, 1)      # vectors: samples
+
+
 def _taps_read(size, spec, axis):
     """The tap offsets along ``axis`` that read a real (not padded) input position at
     some output position of ``spec`` on a probe of ``size`` positions."""
