@@ -194,6 +194,15 @@ def test_compare_definitions():
     assert not compare("n", nan, torch.tensor([0.0, float("inf"), 1.0])).ok
     assert not compare("n", nan, torch.tensor([float("nan"), -float("inf"), 1.0])).ok
     assert compare("e", torch.zeros(0), torch.zeros(0)).ok
+    # the largest difference either way, wherever it sits; a NaN in one place only fails
+    big = torch.arange(6, dtype=torch.float64)
+    for i in range(6):
+        for d in (-0.5, 0.5):
+            off = big.clone()
+            off[i] += d
+            assert compare("m", big, off).max_abs == 0.5
+            off[(i + 3) % 6] = float("nan")
+            assert not compare("m", big, off).ok
 
 
 def test_tolerance_table_and_errors():
