@@ -154,14 +154,19 @@ def probe_shape(spec: ConvSpec, layout: str = "NCHW",
     sized from the wider of the training form's window (``region.read_window`` of ``expr``)
     and the fused kernel's, so a tap the fused kernel lacks or adds is read on real values;
     twice the fused kernel's extent where the window is not known (a transposed conv, or
-    no ``expr``)."""
+    no ``expr``). A depthwise kernel gets twice the wider extent, as before the window
+    sized probes: on probes of extent plus one, torch's float64 CPU convolution with one
+    channel per group at times materialises the unfolded windows of every channel at once
+    (2048 channels, 31x31, a 32x33 probe: 16 GB and 21 s for one forward, against 0.2-0.9
+    GB on a 62x63 probe; measured, not documented by torch), while a dense kernel's
+    float64 convolution costs about the same on either probe."""
     window = None if expr is None or spec.transposed else rg.read_window(expr)
     if window is None:
         n, h, w = L.probe_size(layout, spec.effective_kernel)
     else:
         extent = tuple(max(a, b) for a, b in zip(window[0], spec.effective_kernel))
         jump = tuple(max(a, b) for a, b in zip(window[1], spec.stride))
-        n, h, w = L.probe_size(layout, extent, jump)
+        n, h, w = L.probe_size(layout, extent, None if spec.is_depthwise else jump)
     return (n, spec.in_channels, h, w)
 
 
@@ -261,17 +266,19 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         x.device, memory_format=fmt if y_ref.dim() == 4 else torch.contiguous_format)
     xl = x.detach().requires_grad_(True)
     xf = merge(xl)
+    gx_fused = fused_input_grad(xf.detach(), weight, grad_out, spec)
+    if xf is not xl:   # the adjoint of merging positions into the batch
+        (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
+    shape = weight.shape
+    del weight          # the kernel's copy is freed before the adjoint's intermediates exist
     # the mapping's adjoint first: its float64 intermediates (the size of the fused kernel)
     # are freed before the training form's parameter gradients exist (peak memory)
-    adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, weight.shape, t64)
+    adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, shape, t64)
     grads = list(torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
                                      allow_unused=True))
     del y_ref
     gx_ref = grads.pop(0)
     gx_ref = gx_ref if gx_ref is not None else torch.zeros_like(x)
-    gx_fused = fused_input_grad(xf.detach(), weight, grad_out, spec)
-    if xf is not xl:   # the adjoint of merging positions into the batch
-        (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
     report.checks.append(compare("grad input", gx_ref, gx_fused, t64))
     del gx_ref, gx_fused
     if isinstance(adjoint, list):

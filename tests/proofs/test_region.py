@@ -206,6 +206,17 @@ def test_read_window_composes_branches_and_sequences():
     assert rg.read_window(rg.Add((up, up))) is None
 
 
+def test_depthwise_probe_is_twice_the_window():
+    """Depthwise kernels keep the probe of twice the extent (torch's float64 grouped CPU
+    convolution can materialise every channel's windows on the smaller one)."""
+    expr = replk()
+    fused = rg.reduce(expr)
+    assert fused.spec.is_depthwise
+    assert probe_shape(fused.spec, "NCHW", expr) == (1, 4, 14, 15)
+    dense = repvgg()
+    assert probe_shape(rg.reduce(dense).spec, "NCHW", dense) == (1, 4, 4, 5)
+
+
 def test_probe_sizes_of_rows_and_vectors():
     from repfuse.region import layout as L
 
