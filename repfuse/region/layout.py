@@ -107,8 +107,9 @@ def probe_size(layout: str, extent: tuple[int, int],
     value at some output position, the outer output positions read the padding (with a
     stride, on at least one axis), and H and W differ in size and parity (both stride
     remainders; a transposed axis cannot pass). Rows have one row (extent plus jump plus
-    one), vectors none (several samples instead). Without ``jump`` (the window of a
-    transposed conv is in output positions): twice the extent, plus one on W.
+    one), vectors none (several samples instead). Without ``jump`` (a transposed conv,
+    whose window is in output positions; a depthwise kernel, ``proofs.region.probe_shape``
+    says why): twice the extent, plus one on W.
     """
     if layout in VECTORS:
         return 6, 1, 1
