@@ -376,3 +376,13 @@ class ConvSpec:
             parts.append("dw" if self.groups == self.in_channels == self.out_channels
                          else f"g{self.groups}")
         return " ".join(parts)
+
+
+def window_after(window: tuple[Pair, Pair], kernel: Pair, stride: Pair) -> tuple[Pair, Pair]:
+    """The input window ``(extent, step)`` per axis that one output of a kernel of
+    effective extent ``kernel`` and ``stride`` reads, applied to values each reading
+    ``window`` of the input: the kernel's extra taps add the inner step each, and the
+    steps multiply."""
+    (eh, ew), (jh, jw) = window
+    return ((eh + (kernel[0] - 1) * jh, ew + (kernel[1] - 1) * jw),
+            (jh * stride[0], jw * stride[1]))

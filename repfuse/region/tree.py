@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from repfuse.core.spec import Pair, window_after
 from repfuse.errors import NotFusable
 from repfuse.region import layout as L
 from repfuse.region.computed import Computed, parameter_sources
@@ -216,30 +217,26 @@ def value_layouts(expr: Node) -> dict[int, str]:
     return out
 
 
-def read_window(expr: Node) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def read_window(expr: Node) -> tuple[Pair, Pair] | None:
     """How far the training form of ``expr`` reads, from its own nodes (not from
     ``reduce``): ``((extent_h, extent_w), (jump_h, jump_w))``, the input positions one
     output position depends on at most and the input step between neighbouring outputs,
     composed through convs and pools in sequence and the widest over branches. Pads and
     crops shift a window without widening it; every other node reads one position. None
     when the region holds a transposed conv (its window is in output positions)."""
-    memo: dict[int, tuple[list[int], list[int]]] = {}
+    memo: dict[int, tuple[Pair, Pair]] = {}
     for node in walk(expr):
         if isinstance(node, ConvTranspose):
             return None
         kids = [memo[id(c)] for c in children(node)]
-        extent = [max((k[0][a] for k in kids), default=1) for a in (0, 1)]
-        jump = [max((k[1][a] for k in kids), default=1) for a in (0, 1)]
+        window = tuple(tuple(max((k[part][a] for k in kids), default=1) for a in (0, 1))
+                       for part in (0, 1))
         if isinstance(node, Conv):
-            kernel, stride = node.spec.effective_kernel, node.spec.stride
+            window = window_after(window, node.spec.effective_kernel, node.spec.stride)
         elif isinstance(node, AvgPool):
-            kernel, stride = node.kernel_size, node.stride
-        else:
-            kernel = stride = (1, 1)
-        memo[id(node)] = ([extent[a] + (kernel[a] - 1) * jump[a] for a in (0, 1)],
-                          [jump[a] * stride[a] for a in (0, 1)])
-    extent, jump = memo[id(expr)]
-    return (extent[0], extent[1]), (jump[0], jump[1])
+            window = window_after(window, node.kernel_size, node.stride)
+        memo[id(node)] = window
+    return memo[id(expr)]
 
 
 def region_input(expr: Node) -> Input:
