@@ -18,6 +18,7 @@ handled here:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -71,3 +72,153 @@ def exact_norms() -> Iterator[None]:
     """Eval-mode batch norms computed as per-channel affine maps (see the docstring)."""
     with _AffineNorms():
         yield
+
+
+# ------------------------------------------------- float64 weights cast where they are read
+_GETTERS = ("shape", "device", "ndim", "requires_grad", "is_leaf", "layout",
+            "is_cuda", "is_sparse", "is_quantized", "is_meta", "grad_fn")
+_METHODS = ("size", "dim", "numel", "stride", "is_contiguous", "__len__", "nelement",
+            "ndimension", "is_floating_point", "is_complex", "storage_offset", "get_device")
+#: Torch functions that read only a tensor's metadata: a weight is not cast for them.
+_METADATA = frozenset([getattr(torch.Tensor, g).__get__ for g in _GETTERS]
+                      + [getattr(torch.Tensor, m) for m in _METHODS])
+_DTYPE = torch.Tensor.dtype.__get__
+
+
+class _Source:
+    """What autograd keeps of a saved float64 cast of a weight (or a view of one): the
+    weight itself, cast again when the backward asks for it (a float32 -> float64 cast is
+    exact, so the backward reads the same values)."""
+
+    __slots__ = ("source", "view")
+
+    def __init__(self, source: torch.Tensor, view: tuple | None):
+        self.source, self.view = source, view
+
+    def cast(self) -> torch.Tensor:
+        t = self.source.detach().to(torch.float64)
+        return t if self.view is None else t.as_strided(*self.view)
+
+
+class Float64Weights(TorchFunctionMode):
+    """Run a model as its float64 copy (``float64_copy``) runs, without making the copy:
+    each floating parameter and buffer (a source) is cast to float64 where a torch function
+    reads it, for that call, and autograd's saved copies of a cast keep the source and
+    cast it again in backward. The float64 weights are then never all alive at once: the
+    truth of a model costs its activations, not twice its weights (a 426M-parameter model:
+    3.4 GB).
+
+    The run stands for the copy's run only where the model reads its weights through torch
+    functions; ``impure`` names the first read it does not stand for (the copy's run is
+    then the truth): a weight written in place, directly or through a tensor that shares
+    its cast's memory (``w.data.clamp_()``: the write would go to a cast that the next
+    read does not see), or a result below float64 from a call that read a weight
+    (``w.float()``). ``w.dtype`` of a source reads float64, as on the copy."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.sources = {id(t): t for t in [*model.parameters(), *model.buffers()]
+                        if t.is_floating_point()}
+        self.live: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(cast) -> both
+        # tensors that share a cast's memory (``w.data``, ``w[0]``, ``w.t()``), alive
+        self.aliases: dict[int, weakref.ref] = {}
+        self.impure: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        if func is _DTYPE and args and id(args[0]) in self.sources:
+            return torch.float64
+        read: list[torch.Tensor] = []   # the casts made for this call, and aliases read
+        cast: list[torch.Tensor] = []
+        args, kwargs = self._cast(args, cast, read), self._cast(kwargs, cast, read)
+        if not read:
+            return func(*args, **kwargs)
+        if self.impure is None and (
+                (_writes_first(func) and args and any(args[0] is r for r in read))
+                or any(o is r for o in _leaves(kwargs.get("out")) for r in read)):
+            self.impure = f"{_name(func)} writes a weight in place"
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for c in cast:
+                self.live.pop(id(c), None)
+        memory = {r.untyped_storage().data_ptr() for r in read}
+        for o in _leaves(out):
+            if not isinstance(o, torch.Tensor):
+                continue
+            if self.impure is None and o.is_floating_point() and o.dtype != torch.float64:
+                self.impure = f"{_name(func)} reads a weight below float64"
+            if o.untyped_storage().data_ptr() in memory:
+                self.aliases[id(o)] = weakref.ref(o)
+        return out
+
+    def _cast(self, value, cast: list, read: list):
+        if isinstance(value, torch.Tensor):
+            key = id(value)
+            alias = self.aliases.get(key)
+            if alias is not None:
+                if alias() is value:
+                    read.append(value)
+                else:
+                    del self.aliases[key]
+            source = self.sources.get(key)
+            if source is None or source is not value:
+                return value
+            c = source.detach().to(torch.float64)
+            self.live[id(c)] = (c, source)
+            cast.append(c)
+            read.append(c)
+            return c
+        if type(value) in (tuple, list):
+            return type(value)(self._cast(v, cast, read) for v in value)
+        if type(value) is dict:
+            return {k: self._cast(v, cast, read) for k, v in value.items()}
+        return value
+
+    def pack(self, t: torch.Tensor):
+        """Saved-tensor hook: a cast (or a view of one) is kept as its source."""
+        entry = self.live.get(id(t))
+        if entry is not None and entry[0] is t:
+            return _Source(entry[1], None)
+        base = t._base
+        if base is not None and t.dtype == torch.float64:
+            entry = self.live.get(id(base))
+            if entry is not None and entry[0] is base:
+                return _Source(entry[1], (t.size(), t.stride(), t.storage_offset()))
+        return t
+
+    @staticmethod
+    def unpack(packed):
+        return packed.cast() if isinstance(packed, _Source) else packed
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The mode and its saved-tensor hooks, for a forward and its backward."""
+        with self, torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield
+
+
+def _writes_first(func) -> bool:
+    """Whether ``func`` writes its first argument in place (``add_``, ``__iadd__``,
+    ``__setitem__``, a property's setter, ``copy_``)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):
+        return name in _WRITING_DUNDERS
+    return name.endswith("_")
+
+
+_WRITING_DUNDERS = frozenset(["__setitem__", "__set__"] + [
+    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                            "or", "xor", "lshift", "rshift", "matmul")])
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+
+
+def _leaves(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [x for o in out for x in _leaves(o)]
+    return [out]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from repfuse.errors import InputError
 from repfuse.pristine import untouched
 from repfuse.proofs.compare import SEED, compare, failed, least_precise
-from repfuse.proofs.exact import exact_norms, float64_copy
+from repfuse.proofs.exact import Float64Weights, exact_norms, float64_copy
 from repfuse.proofs.modes import ordinary, own_mode
 from repfuse.proofs.truth import judge
 from repfuse.report import Check, VerifyReport
@@ -228,13 +228,23 @@ def _floating(args: tuple) -> list[Tensor]:
 def _float64_values(model: nn.Module, args: tuple, grads: bool,
                     upstream: dict[str, Tensor]) -> dict[str, Tensor]:
     """``model``'s outputs (and input gradients) run in float64 on ``args`` and
-    ``upstream``, by name, on a float64 copy of it (``model`` is not touched), its
-    eval-mode batch norms as affine maps (``repfuse.proofs.exact``)."""
-    model64 = float64_copy(model)
+    ``upstream``, by name, its eval-mode batch norms as affine maps
+    (``repfuse.proofs.exact``): run with its weights cast to float64 where they are read
+    (``Float64Weights``), or, where that run does not stand for it, on a float64 copy
+    (``model``'s tensors are not written either way)."""
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
-    with eval_mode(model64), exact_norms():
-        flat, _, found = evaluate(model64, args64, grads, upstream)
+    weights = Float64Weights(model)
+    try:
+        with eval_mode(model), exact_norms(), weights.running():
+            flat, _, found = evaluate(model, args64, grads, upstream)
+    except Exception as err:  # noqa: BLE001 - the copy's run decides (below)
+        weights.impure = weights.impure or f"{type(err).__name__}: {err}"
+    if weights.impure is not None:
+        flat = found = None
+        model64 = float64_copy(model)
+        with eval_mode(model64), exact_norms():
+            flat, _, found = evaluate(model64, args64, grads, upstream)
     values = {n: v for n, v in flat if isinstance(v, Tensor)}
     values.update({n: g for n, g in found.items() if g is not None})
     return values

@@ -95,7 +95,7 @@ def test_stored_weights_that_are_not_the_proven_kernels_are_never_excused(monkey
 def test_the_exact_kernels_judge_reuses_the_float64_run_of_the_training_form(monkeypatch):
     """When the float32 criterion ran the training form in float64 and still rejected a
     check, the judge by exact kernels compares with that run instead of making it again:
-    the training form is copied to float64 once, not twice, and the verdict is the same
+    the training form is run in float64 once, not twice, and the verdict is the same
     as with a second run."""
     import repfuse.fx.pipeline as pipeline
     import repfuse.proofs.model as whole
@@ -114,13 +114,19 @@ def test_the_exact_kernels_judge_reuses_the_float64_run_of_the_training_form(mon
             check.ok = False
         return check
     monkeypatch.setattr(whole, "compare", direct_fails)
-    copies: list = []
+    copies: list = []    # every float64 run of a model: with its weights cast, or a copy
     real_copy = whole.float64_copy
 
     def counted(model):
         copies.append(type(model).__name__)
         return real_copy(model)
     monkeypatch.setattr(whole, "float64_copy", counted)
+
+    class Counted(whole.Float64Weights):
+        def __init__(self, model):
+            copies.append(type(model).__name__)
+            super().__init__(model)
+    monkeypatch.setattr(whole, "Float64Weights", Counted)
     model = make("repvgg").float()
     x = torch.randn(2, 3, 10, 10)
     result = repfuse.fuse(model, x)
