@@ -228,26 +228,35 @@ def _floating(args: tuple) -> list[Tensor]:
 def _float64_values(model: nn.Module, args: tuple, grads: bool,
                     upstream: dict[str, Tensor]) -> dict[str, Tensor]:
     """``model``'s outputs (and input gradients) run in float64 on ``args`` and
-    ``upstream``, by name, its eval-mode batch norms as affine maps
-    (``repfuse.proofs.exact``): run with its weights cast to float64 where they are read
-    (``Float64Weights``), or, where that run does not stand for it, on a float64 copy
-    (``model``'s tensors are not written either way)."""
+    ``upstream``, by name (``run_float64``)."""
     args64 = tuple(a.detach().double() if isinstance(a, Tensor) and a.is_floating_point()
                    else a for a in args)
-    weights = Float64Weights(model)
-    try:
-        with eval_mode(model), exact_norms(), weights.running():
-            flat, _, found = evaluate(model, args64, grads, upstream)
-    except Exception as err:  # noqa: BLE001 - the copy's run decides (below)
-        weights.impure = weights.impure or f"{type(err).__name__}: {err}"
-    if weights.impure is not None:
-        flat = found = None
-        model64 = float64_copy(model)
-        with eval_mode(model64), exact_norms():
-            flat, _, found = evaluate(model64, args64, grads, upstream)
+    flat, _, found = run_float64(model, args64, grads, upstream)
     values = {n: v for n, v in flat if isinstance(v, Tensor)}
     values.update({n: g for n, g in found.items() if g is not None})
     return values
+
+
+def run_float64(model: nn.Module, args64: tuple, grads: bool,
+                upstream: dict[str, Tensor] | None = None):
+    """``evaluate`` of ``model`` in float64 on ``args64`` (float64 inputs), its eval-mode
+    batch norms as affine maps (``repfuse.proofs.exact``): run with its weights cast to
+    float64 where they are read (``Float64Weights``: the float64 weights are not all
+    alive at once), or, where that run does not stand for a float64 copy's run, on the
+    copy (``model`` is not touched either way: its tensors are not written, its plain
+    attributes are put back)."""
+    weights = Float64Weights(model)
+    try:
+        with untouched(model), eval_mode(model), exact_norms(), weights.running():
+            result = evaluate(model, args64, grads, upstream)
+    except Exception as err:  # noqa: BLE001 - the copy's run decides (below)
+        weights.impure = weights.impure or f"{type(err).__name__}: {err}"
+    if weights.impure is None:
+        return result
+    result = None
+    model64 = float64_copy(model)
+    with eval_mode(model64), exact_norms():
+        return evaluate(model64, args64, grads, upstream)
 
 
 def _float64_grads(model: nn.Module, args: tuple,
@@ -273,8 +282,8 @@ def _compare_values(name: str, r, c) -> Check:
 
 def verify_float64(reference: nn.Module, candidate64: nn.Module, example_inputs, *,
                    grads: bool = True, truth: dict | None = None) -> VerifyReport:
-    """Outputs and input gradients of ``reference`` run in float64 (a float64 copy, its
-    eval-mode batch norms as affine maps) against ``candidate64`` (a float64 model, run
+    """Outputs and input gradients of ``reference`` run in float64 (``run_float64``)
+    against ``candidate64`` (a float64 model, run
     as given) with the float64 tolerances: the check of a structure whose weights are
     exact (``repfuse.fx.pipeline``: the fused model with its exact kernels). ``truth``:
     that run of ``reference`` as ``verify_models`` kept it (with input gradients when
@@ -290,10 +299,8 @@ def verify_float64(reference: nn.Module, candidate64: nn.Module, example_inputs,
             with eval_mode(candidate64), exact_norms():
                 cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
         else:
-            model64 = float64_copy(reference)
-            with eval_mode(model64, candidate64), exact_norms():
-                ref_flat, upstream, ref_grads = evaluate(model64, args64, grads)
-                del model64
+            ref_flat, upstream, ref_grads = run_float64(reference, args64, grads)
+            with eval_mode(candidate64), exact_norms():
                 cand_flat, _, cand_grads = evaluate(candidate64, args64, grads, upstream)
     report = VerifyReport(dtype="float64")
     cand = dict(cand_flat)

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from repfuse.proofs.exact import Float64Weights, exact_norms, float64_copy
-from repfuse.proofs.model import _float64_values, eval_mode, evaluate, upstream_for
+from repfuse.proofs.model import (
+    _float64_values,
+    eval_mode,
+    evaluate,
+    run_float64,
+    upstream_for,
+)
 from repfuse.proofs.modes import own_mode
 
 
@@ -188,3 +194,25 @@ def test_inference_tensor_weights():
         want = _copy_run(model, args64, upstream)
     for name in ("output", "grad input"):
         torch.testing.assert_close(values[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_a_cache_filled_in_the_run_is_put_back():
+    """The run uses the model itself: what its forward stores in plain attributes is put
+    back afterwards (a float64 cache must not stay behind in the user's model)."""
+    class Caches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3)
+            self.cache = None
+
+        def forward(self, x):
+            self.cache = self.conv.weight * 2
+            return self.conv(x)
+
+    model = Caches()
+    args, args64, upstream = _setup(model)    # runs it in float32: fills the cache
+    before = model.cache
+    with own_mode():
+        flat, _, _ = run_float64(model, args64, True, upstream)
+    assert flat[0][1].dtype == torch.float64
+    assert model.cache is before and before.dtype == torch.float32
