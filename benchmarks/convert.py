@@ -3,7 +3,8 @@
 For each timm model: the median wall time of ``timm.utils.reparameterize_model``
 (a copy, as repfuse does by default), of ``repfuse.fuse(verify=False)`` and of
 ``repfuse.fuse(verify=True)`` (per-region proofs and whole-model outputs and input
-gradients), and the inference time of repfuse's fused model vs timm's deploy form.
+gradients), timed alternately after one warm-up call of each, and the inference time of
+repfuse's fused model vs timm's deploy form.
 
     .venv/bin/python benchmarks/convert.py [--models repvgg_b3,repvgg_a0,mobileone_s0]
 
@@ -52,6 +53,7 @@ import torch.nn as nn
 
 import repfuse
 from repfuse.cli.allocator import keep_freed_memory
+from repfuse.proofs.model import run_float64
 
 
 def randomize(model: nn.Module) -> nn.Module:
@@ -117,9 +119,17 @@ def bench(name: str, args) -> str:
     x = torch.randn(1, 3, args.size, args.size)
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
-    t_timm, deploy = median_time(lambda: timm.utils.reparameterize_model(model), args.repeats)
-    t_fuse, result = median_time(lambda: repfuse.fuse(model, x, verify=False), args.repeats)
-    t_verify, checked = median_time(lambda: repfuse.fuse(model, x, verify=True), args.repeats)
+    calls = {"timm": lambda: timm.utils.reparameterize_model(model),
+             "fuse": lambda: repfuse.fuse(model, x, verify=False),
+             "verify": lambda: repfuse.fuse(model, x, verify=True)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    out = {k: f() for k, f in calls.items()}    # warm-up: first-call setup is not timed
+    for _ in range(args.repeats):                # alternately: the machine's drift is shared
+        for k, f in calls.items():
+            t, out[k] = median_time(f, 1)
+            times[k].append(t)
+    t_timm, t_fuse, t_verify = (statistics.median(times[k]) for k in calls)
+    deploy, result, checked = out["timm"], out["fuse"], out["verify"]
     xi = torch.randn(1, 3, args.infer_size, args.infer_size)
     infer = inference_ratio(result.model, deploy, xi, 15)
     n = sum(p.numel() for p in model.parameters()) / 1e6
@@ -159,24 +169,23 @@ def step_row(name: str, args) -> str:
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
     training_step(model, x)     # warm-up (first-call kernel setup)
-    model64, x64 = copy.deepcopy(model).double(), x.double()
-    float64_run(model64, x64)
+    x64 = x.double()
+    float64_run(model, x64)
     steps, verify, fast, runs64 = [], [], [], []
     for _ in range(args.repeats):
         steps.append(median_time(lambda: training_step(model, x), 1)[0])
         verify.append(median_time(lambda: repfuse.fuse(model, x, verify=True), 1)[0])
         fast.append(median_time(lambda: repfuse.fuse(model, x, verify=False), 1)[0])
-        runs64.append(median_time(lambda: float64_run(model64, x64), 1)[0])
+        runs64.append(median_time(lambda: float64_run(model, x64), 1)[0])
     s, v, f, r = (statistics.median(t) for t in (steps, verify, fast, runs64))
     return f"{name:14} {s:8.3f} {f:8.3f} {v:9.3f} {v / s:6.2f}x {r / s:7.2f}x"
 
 
-def float64_run(model64: nn.Module, x64: torch.Tensor) -> None:
+def float64_run(model: nn.Module, x64: torch.Tensor) -> None:
     """What the whole-model criterion's float64 truth costs where it runs: the training form
-    in float64, forward and the input gradient (repfuse.proofs.truth)."""
-    xl = x64.clone().requires_grad_(True)
-    leaves = differentiable_outputs(model64(xl))
-    torch.autograd.grad(leaves, [xl], [torch.ones_like(o) for o in leaves])
+    in float64, forward and the input gradient, as the criterion runs it
+    (repfuse.proofs.model.run_float64)."""
+    run_float64(model, (x64,), True)
 
 
 def steps_table(args) -> None:
