@@ -2,10 +2,11 @@
 allocated and freed over and over, and glibc's defaults return every large buffer to the
 OS on free and fault it back in on the next allocation.
 
-Measured with ``repfuse convert --timm repvgg_b3 --input-shape 1,3,224,224`` on a shared
-2-core machine (the two settings alternately): 133 s and 208 s instead of 156 s and 239 s,
-at a peak resident size of 4.15-4.35 GB instead of 3.33-3.58 GB. The cost is that memory a
-command has freed stays mapped until it exits, which suits a one-shot command. The
+Measured with ``repfuse convert --timm repvgg_b3 --input-shape 1,3,224,224`` on a quiet
+2-core machine (the two settings alternately, twice, ``/usr/bin/time``): 18.8 s and 19.5 s
+instead of 25.3 s and 22.2 s, at a peak resident size of 3.53-3.70 GB instead of 2.74 GB.
+The cost is that memory a command has freed stays mapped until it exits, which suits a
+one-shot command. The
 library never calls this (it would change the allocator of the user's process); the
 console script and the benchmarks do. ``REPFUSE_SYSTEM_MALLOC=1`` turns it off.
 """
