@@ -166,7 +166,7 @@ class Float64Weights(TorchFunctionMode):
             source = self.sources.get(key)
             if source is None or source is not value:
                 return value
-            c = source.detach().to(torch.float64)
+            c = source.detach().to(torch.float64, copy=True)  # never the weight itself
             self.live[id(c)] = (c, source)
             cast.append(c)
             read.append(c)

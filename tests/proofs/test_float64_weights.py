@@ -216,3 +216,18 @@ def test_a_cache_filled_in_the_run_is_put_back():
         flat, _, _ = run_float64(model, args64, True, upstream)
     assert flat[0][1].dtype == torch.float64
     assert model.cache is before and before.dtype == torch.float32
+
+
+def test_a_float64_weight_written_in_the_run_is_not_written():
+    """A weight already in float64 is still read through a copy: a write in the run goes to
+    the copy (and sends the run to the float64 copy of the model)."""
+    model = _Writes("in place").double()
+    args64 = (torch.randn(2, 4, 9, 7, dtype=torch.float64),)
+    upstream = None
+    before = _state(model)
+    weights = Float64Weights(model)
+    with own_mode(), eval_mode(model), exact_norms(), weights.running():
+        evaluate(model, args64, True, upstream)
+    assert weights.impure is not None
+    for k, v in _state(model).items():
+        assert torch.equal(v, before[k]), k
