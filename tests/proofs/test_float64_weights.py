@@ -12,8 +12,11 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.zoo import ZOO, make
 from torch import nn
 
+import repfuse
+from repfuse.models import create
 from repfuse.proofs.exact import Float64Weights, exact_norms, float64_copy
 from repfuse.proofs.model import (
     _float64_values,
@@ -231,3 +234,33 @@ def test_a_float64_weight_written_in_the_run_is_not_written():
     assert weights.impure is not None
     for k, v in _state(model).items():
         assert torch.equal(v, before[k]), k
+
+
+def _stands_for_the_copy(model, x):
+    args64 = (x.double(),)
+    with torch.no_grad():
+        upstream = upstream_for([("output", model.eval()(x))])
+    weights = Float64Weights(model)
+    with own_mode(), eval_mode(model), exact_norms(), weights.running():
+        flat, _, found = evaluate(model, args64, True, upstream)
+    assert weights.impure is None, weights.impure
+    with own_mode():
+        want = _copy_run(model, args64, upstream)
+    torch.testing.assert_close(flat[0][1], want["output"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(found["grad input"], want["grad input"], rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO) + ["acnet_resnet18", "dbb_resnet18",
+                                                "mobileone_s0", "repvgg_a0"])
+def test_zoo_training_and_fused_forms_run_without_the_copy(name):
+    """Every design of the fx zoo and some of repfuse.models, in training form and fused
+    (a GraphModule where the fuser rewrote it): the run casts every weight where it is
+    read and gives the float64 copy's values."""
+    torch.manual_seed(0)
+    if name in ZOO:
+        model, x = make(name).float(), torch.randn(2, 3, 12, 12)
+    else:
+        model, x = create(name, seed=0), torch.randn(1, 3, 32, 32)
+    _stands_for_the_copy(model, x)
+    _stands_for_the_copy(repfuse.fuse(model, x, verify=False).model, x)
