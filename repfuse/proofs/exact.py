@@ -128,7 +128,8 @@ class Float64Weights(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _METADATA:
             return func(*args, **kwargs)
-        if func is _DTYPE and args and id(args[0]) in self.sources:
+        # ``==``, not ``is``: each attribute read hands the mode a new method-wrapper
+        if func == _DTYPE and args and id(args[0]) in self.sources:
             return torch.float64
         read: list[torch.Tensor] = []   # the casts made for this call, and aliases read
         cast: list[torch.Tensor] = []
