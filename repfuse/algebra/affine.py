@@ -90,6 +90,10 @@ class AffineConv:
     input_layout: str = ""
     #: the layer reads the mean of its input over positions (a global average pool first)
     pooled: bool = False
+    #: not a field: what the reducer that made this kernel attached for a later consumer
+    #: (the proofs' differentiable reduction, ``repfuse.proofs.region.reduce_for_proof``),
+    #: None once consumed or dropped; ``replace`` does not carry it over
+    carried = None
 
     def __post_init__(self) -> None:
         if self.spec.layout != "NCHW":

@@ -33,7 +33,7 @@ from torch import nn
 
 from repfuse.errors import InputError, first_line
 from repfuse.fx.account import account, count, inventory
-from repfuse.fx.fuser import Fuser, RegionCheck
+from repfuse.fx.fuser import Fuser, Reducer, RegionCheck
 from repfuse.fx.reach import Reach, reach
 from repfuse.fx.trace import META
 from repfuse.pristine import copy_model, untouched
@@ -118,11 +118,14 @@ def _run(work: nn.Module, args: tuple, capture) -> Reach:
 
 # ---------------------------------------------------------------------- entry point
 def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
-                inplace: bool = False, check: RegionCheck | None = None) -> FuseResult:
+                inplace: bool = False, check: RegionCheck | None = None,
+                reducer: Reducer | None = None) -> FuseResult:
     """Fuse every linear region of ``model`` (see ``repfuse.fuse``); with ``verify`` the
     regions' input activations are captured for the proofs, which run a layer above:
     ``check(expression, AffineConv, activation)`` is each region's proof, run before its
-    rewrite is kept (a region whose proof fails stays in its training form)."""
+    rewrite is kept (a region whose proof fails stays in its training form); ``reducer``
+    (``fx.fuser.Reducer``), when given, computes the regions' kernels in a way the check
+    reuses."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _args(example_inputs)
@@ -139,7 +142,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     with untouched(work):   # the run fills no cache and sets no attribute for good
         found = _run(work, args, _capture if verify else None)
     before = count(work, found)
-    fuser = Fuser(work, found, verify, check)
+    fuser = Fuser(work, found, verify, check, reducer)
     for unit in found.entries:
         fuser.rewrite(unit)
     fused = work

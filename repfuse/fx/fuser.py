@@ -19,6 +19,7 @@ defect of repfuse.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -92,13 +93,32 @@ def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
     return module
 
 
-def _reduce(expr: rg.Node):
+#: ``reducer(expression, shape-only reduction) -> AffineConv``: computes ``region.reduce``
+#: in a way a check can reuse (the proofs: differentiably, on float64 leaves of their own;
+#: ``repfuse.proofs.region.reduce_for_proof``); without one, ``region.reduce`` runs without
+#: grad.
+Reducer = Callable[[rg.Node, object], object]
+
+
+def _reduce(expr: rg.Node, shapes=None, reducer: Reducer | None = None):
     """``(AffineConv, module)`` for a region expression; raises ``NotFusable``."""
-    with torch.no_grad():  # the proofs differentiate their own copy
-        affine = rg.reduce(expr)
+    if reducer is not None and shapes is not None:
+        affine = reducer(expr, shapes)
+    else:
+        with torch.no_grad():
+            affine = rg.reduce(expr)
     rg.check_growth(expr, affine)
     with torch.no_grad():
         return affine, _like_branches(affine.to_module(), expr)
+
+
+def _release(attempt: rg.Attempts) -> None:
+    """Drop what a reducer attached to the kernels of parts tried (``AffineConv.carried``:
+    the proofs' differentiable reduction, freed once their proof ran): a part is proven
+    only when it is chosen, and then its reduction is made again if needed."""
+    for outcome in attempt.outcomes.values():
+        if isinstance(outcome, tuple):
+            outcome[0].carried = None
 
 
 def _last(module: nn.Module) -> nn.Module:
@@ -165,12 +185,13 @@ def _kept_name(graph: fx.Graph, module: nn.Module, r: Region, linear: bool) -> s
 
 class Fuser:
     def __init__(self, root: nn.Module, found: Reach, capture: bool,
-                 check: RegionCheck | None = None) -> None:
+                 check: RegionCheck | None = None, reducer: Reducer | None = None) -> None:
         self.root = root
         self.found = found
         self.graphs = {k: u for k, u in found.units.items() if u.graph is not None}
         self.capture = capture
         self.check = check
+        self.reducer = reducer
         self.proofs: dict[frozenset, VerifyReport] = {}   # a chosen region's passed proof
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.path_counts = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
@@ -322,7 +343,8 @@ class Fuser:
         made smaller from the output."""
         barriers: set[fx.Node] = set()
         cuts: set[fx.Node] = set()
-        attempt = rg.Attempts(_reduce, self.search)  # each part tried once
+        attempt = rg.Attempts(functools.partial(_reduce, reducer=self.reducer),
+                              self.search)  # each part tried once
         while True:
             regions = find_regions(mg.graph, an.ops, barriers, an.ign, mg.module, cuts)
             if not cuts and not barriers:
@@ -343,6 +365,7 @@ class Fuser:
                 result = attempt(frozenset(r.nodes), expr)
                 if isinstance(result, Exception):
                     found = cut_points(r, attempt)
+                    _release(attempt)   # the parts tried there are not proven now
                     kinds = [r.ops[n].kind for n in r.nodes]
                     if kinds.count(OpKind.MODULE) != 1 or set(kinds) - {OpKind.MODULE,
                                                                           OpKind.PASS}:

@@ -22,7 +22,7 @@ from repfuse.heap import frozen_heap
 from repfuse.proofs.exact import float64_copy
 from repfuse.proofs.model import verify_float64, verify_models
 from repfuse.proofs.modes import own_mode
-from repfuse.proofs.region import prove_region
+from repfuse.proofs.region import prove_region, reduce_for_proof
 from repfuse.report import FuseReport
 from repfuse.threads import conversion_threads
 
@@ -39,7 +39,8 @@ def _fuse(model: nn.Module, example_inputs, verify: bool, inplace: bool, tol) ->
         return prove_region(expr, affine, activation, tol=tol)
 
     result = fuse_module(model, example_inputs, verify=verify, inplace=inplace,
-                         check=check if verify else None)
+                         check=check if verify else None,
+                         reducer=reduce_for_proof if verify else None)
     if verify:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) \
             else (example_inputs,)

@@ -283,7 +283,7 @@ def fuse_graph(model: ir.Graph, *, check: RegionCheck | None = None,
     reads that part's output, becomes a region of its own. Nodes in ``keep`` (the
     runtime-fused patterns, ``onnx.keep``) are never part of a region."""
     graph = model.graph
-    attempt = rg.Attempts(lambda expr: (expr, _reduce_expr(expr)), search)
+    attempt = rg.Attempts(lambda expr, _shapes: (expr, _reduce_expr(expr)), search)
     claimed: set = set()
     written: set = set()
     reports: list[RegionReport] = []

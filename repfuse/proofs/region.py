@@ -38,6 +38,8 @@ activation's, is what coverage needs; the real values add realistic magnitudes.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,6 +93,39 @@ def proof_memory_format(spec: ConvSpec, layout: str) -> torch.memory_format:
     if layout == "NCHW" and not spec.transposed and not spec.is_depthwise:
         return torch.channels_last
     return torch.contiguous_format
+
+
+class _Reduction(NamedTuple):
+    """A region's reduction on float64 leaves, carried by the kernel the fuser keeps."""
+
+    expr64: rg.Node
+    leaves: dict[str, Tensor]
+    full: object            # the AffineConv whose tensors autograd links to ``leaves``
+    memory_format: torch.memory_format
+
+
+@in_differentiable_mode
+def reduce_for_proof(expr: rg.Node, shapes):
+    """``region.reduce(expr)`` made once for the fuser and the region's proof
+    (``fx.fuser.Reducer``): on float64 leaves (``float64_leaves``, in the memory format the
+    proof runs in for the fused spec of ``shapes``, the shape-only reduction), with grad,
+    so that the proof's adjoint differentiates this reduction instead of making its own.
+    Returns the kernel with detached tensors and the dtype ``reduce`` gives; its
+    ``carried`` holds the differentiable reduction until ``prove_region`` takes it. The
+    values are those of ``reduce(expr)``: every step of a reduction is in float64, and the
+    leaves are exact float64 copies. A region its values refuse raises what
+    ``reduce(expr)`` raises (naming ``expr``'s nodes, as a front end's cuts need)."""
+    fmt = proof_memory_format(shapes.spec, rg.region_input(expr).layout)
+    expr64, leaves = float64_leaves(expr, fmt)
+    try:
+        full = rg.reduce(expr64)
+    except Exception:  # noqa: BLE001 - refused: the same reduction on expr says why
+        with torch.no_grad():
+            return rg.reduce(expr)
+    affine = full.replace(weight=full.weight.detach(), dtype=shapes.dtype,
+                          bias=None if full.bias is None else full.bias.detach())
+    affine.carried = _Reduction(expr64, leaves, full, fmt)
+    return affine
 
 
 # ----------------------------------------------------------------- fused side (core)
@@ -226,11 +261,20 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     spec: ConvSpec = fused.spec
     layout = rg.region_input(expr).layout
     fmt = proof_memory_format(spec, layout)
-    weight = _float64(fused.weight, fmt)
+    # no copy where the fused kernel is float64 in ``fmt`` already (nothing writes to it)
+    weight = fused.weight.detach().to(torch.float64, memory_format=fmt if
+                                      fused.weight.dim() == 4 else torch.contiguous_format)
     bias = fused.bias.detach().to(torch.float64) if fused.bias is not None \
         else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
     gen = torch.Generator().manual_seed(SEED)
-    expr64, leaves = float64_leaves(expr, fmt)
+    reduced = getattr(fused, "carried", None)
+    if reduced is not None:
+        fused.carried = None        # taken: its graph is freed by the adjoint below
+    if isinstance(reduced, _Reduction) and reduced.memory_format == fmt:
+        expr64, leaves = reduced.expr64, reduced.leaves    # the fuser's reduction (same values)
+    else:
+        reduced = None
+        expr64, leaves = float64_leaves(expr, fmt)
     try:
         out_layout = rg.value_layouts(expr)[id(expr)]
     except Exception as e:  # noqa: BLE001 - a layout the nodes do not agree on: not proven
@@ -270,10 +314,12 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     if xf is not xl:   # the adjoint of merging positions into the batch
         (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
     shape = weight.shape
-    del weight          # the kernel's copy is freed before the adjoint's intermediates exist
+    del weight          # a copy of the kernel is freed before the adjoint's intermediates exist
     # the mapping's adjoint first: its float64 intermediates (the size of the fused kernel)
     # are freed before the training form's parameter gradients exist (peak memory)
-    adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, shape, t64)
+    adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, shape, t64,
+                       None if reduced is None else reduced.full)
+    del reduced
     grads = list(torch.autograd.grad(y_ref, [xin] + list(leaves.values()), grad_out,
                                      allow_unused=True))
     del y_ref
@@ -309,14 +355,18 @@ def _module_check(name: str, fused, probe: Tensor, layout: str, out_layout: str,
     return compare(f"module output[{name}]", y_ref, y_mod, None if tol is None else tol)
 
 
-def _adjoint(expr64, leaves, x, grad_out, spec, weight_shape, t64) -> dict | list:
+def _adjoint(expr64, leaves, x, grad_out, spec, weight_shape, t64,
+             reduced=None) -> dict | list:
     """Checks 3, the fused side: the adjoint of the re-parameterization map applied to the
     fused kernel's gradient (core.conv2d_weight, sum of grad_out), ``{name: gradient or
-    None}``; or the list of failed checks when the map does not reach the parameters."""
+    None}``; or the list of failed checks when the map does not reach the parameters.
+    ``reduced``: the map already applied to ``leaves`` (``reduce_for_proof``), else it is
+    applied here (``region.reduce(expr64)``)."""
     if not leaves:
         return {}
     gw, gb = fused_weight_grad(x, weight_shape, grad_out, spec)
-    fused64 = rg.reduce(expr64)
+    fused64 = reduced if reduced is not None else rg.reduce(expr64)
+    del reduced
     if tuple(fused64.weight.shape) != tuple(gw.shape):
         return [failed("grad parameters", f"the region reduces to a kernel of shape "
                        f"{tuple(fused64.weight.shape)}, the fused one has "

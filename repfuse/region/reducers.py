@@ -326,12 +326,14 @@ def reduce_shapes(expr: N.Node):
     error that ``reduce`` would raise for a reason the shapes and the structure decide
     (channels, grids, padding a bias would cross, layouts). Conditions on values (a zero
     bias, a pad value equal to the bias, finite weights) are taken to hold: ``reduce``
-    decides them."""
+    decides them. Its ``dtype`` is the one ``reduce`` gives."""
     tensors = node_tensors(expr)
     meta = {id(t): t.detach().to("meta") for t in tensors if t.device.type != "meta"}
-    expr = materialized(substitute(expr, meta), exact=True)
-    ctx = _Context(*dtype_device(expr))
-    return _reduce_nodes(expr, ctx)[0]
+    shapes = substitute(expr, meta)
+    dtype = dtype_device(shapes)[0]
+    expr = materialized(shapes, exact=True)
+    out = _reduce_nodes(expr, _Context(*dtype_device(expr)))[0]
+    return out if expr is shapes else out.replace(dtype=dtype)  # as ``reduce`` casts back
 
 
 def _reduce_nodes(expr: N.Node, ctx: _Context):

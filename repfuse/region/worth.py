@@ -64,24 +64,34 @@ def shape_refusal(expr: Node) -> Exception | None:
     ``check_growth`` would raise for a reason the shapes and the structure decide, found
     by a shape-only run (``reduce_shapes``: no kernel is computed); None when the shapes
     allow the region (its values may still refuse it: ``reduce`` decides)."""
+    return _shapes(expr)[1]
+
+
+def _shapes(expr: Node):
+    """(the shape-only reduction or None, ``shape_refusal``'s refusal or None)."""
     try:
-        check_growth(expr, reduce_shapes(expr))
+        shapes = reduce_shapes(expr)
+        check_growth(expr, shapes)
     except (NotFusable, ValueError) as err:
-        return err
+        return None, err
     except Exception as err:  # noqa: BLE001 - an op without a meta kernel: reduce decides
         log.debug("shape-only run of a region failed (%s: %s); reducing it with values",
                   type(err).__name__, err)
-    return None
+        return None, None
+    return shapes, None
 
 
 class Attempts:
     """The outcome of each region part a front end tries, by key (its member set): the
-    result of ``reduce_fn(expr)`` or the ``NotFusable`` / ``ValueError`` saying why not.
-    A part is tried once: first on its shapes (``shape_refusal``: no kernel is computed;
-    about 2 ms a part), then, if the shapes allow it, with ``reduce_fn``. ``counts``:
-    parts tried ("attempts"), parts reduced with values ("reductions")."""
+    result of ``reduce_fn(expr, shapes)`` or the ``NotFusable`` / ``ValueError`` saying why
+    not. A part is tried once: first on its shapes (``shape_refusal``: no kernel is
+    computed; about 2 ms a part), then, if the shapes allow it, with ``reduce_fn``, which
+    also receives that shape-only reduction (``reduce_shapes``: the fused spec and dtype;
+    None where the shapes could not be run). ``counts``: parts tried ("attempts"), parts
+    reduced with values ("reductions")."""
 
-    def __init__(self, reduce_fn: Callable[[Node], object], counts: Counter | None = None):
+    def __init__(self, reduce_fn: Callable[[Node, object], object],
+                 counts: Counter | None = None):
         self.reduce_fn = reduce_fn
         self.outcomes: dict[Hashable, object] = {}
         self.counts = counts if counts is not None else Counter()
@@ -93,11 +103,11 @@ class Attempts:
         return self.outcomes[key]
 
     def _try(self, expr: Node):
-        refusal = shape_refusal(expr)
+        shapes, refusal = _shapes(expr)
         if refusal is not None:
             return refusal
         self.counts["reductions"] += 1
         try:
-            return self.reduce_fn(expr)
+            return self.reduce_fn(expr, shapes)
         except (NotFusable, ValueError) as err:
             return err

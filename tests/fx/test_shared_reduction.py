@@ -1,0 +1,104 @@
+"""With verification, a region is reduced once: the fuser's reduction runs on the proof's
+float64 leaves with grad (``proofs.region.reduce_for_proof``), and the proof's adjoint
+differentiates it instead of reducing the region again."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from helpers.reach_idioms import IDIOMS
+from helpers.zoo import ZOO, make, randomize_bn
+from torch import nn
+
+import repfuse
+import repfuse.fx.pipeline as pipeline
+import repfuse.proofs.region as proof_region
+from repfuse import region as rg
+from repfuse.models import create
+
+
+def _model(name):
+    torch.manual_seed(0)
+    if name in IDIOMS:
+        model, x, _ = IDIOMS[name]()
+        return model, x
+    if name in ZOO:
+        return make(name).float(), torch.randn(2, 3, 12, 12)
+    return create(name, seed=0), torch.randn(1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO) + sorted(IDIOMS) + [
+    "acnet_resnet18", "dbb_resnet18", "mobileone_s0", "repvgg_a0"])
+def test_verified_and_unverified_fusions_give_the_same_model(name):
+    """The kernels reduced on float64 leaves are those ``region.reduce`` gives on the model's
+    tensors, bit for bit, in the model's dtype (float32 here; kernels computed in forward
+    are evaluated in float64 and cast back, as ``reduce`` does)."""
+    model, x = _model(name)
+    proven = repfuse.fuse(model, x, verify=True)
+    plain = repfuse.fuse(model, x, verify=False)
+    assert proven.report.ok, proven.report.to_dict()
+    a, b = proven.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "dbb"])
+def test_each_proven_region_is_reduced_once(name, monkeypatch):
+    model, x = _model(name)
+    calls = []
+    real = rg.reduce
+
+    def counted(expr):
+        calls.append(expr)
+        return real(expr)
+
+    monkeypatch.setattr(rg, "reduce", counted)
+    result = repfuse.fuse(model, x, verify=True)
+    assert result.report.ok and result.report.fused
+    assert len(calls) == result.report.search["reductions"]   # the proofs reduced none
+
+
+def test_a_carried_reduction_lives_until_its_proof_only(monkeypatch):
+    """The float64 leaves of a reduction are freed by its proof; those of the parts a cut
+    search reduced (then dropped: ``fx.fuser._release``) are dead before the next proof,
+    whose region is then reduced again by the proof itself."""
+    def separable(c):
+        return [nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c),
+                nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)]
+
+    torch.manual_seed(0)    # a conv+BN, then a chain refused whole (it would grow) and cut
+    model = randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                       nn.ReLU(), *separable(8), *separable(8),
+                                       *separable(8))).eval()
+    x = torch.randn(1, 8, 12, 12)
+    leaves: list[weakref.ref] = []
+    real_reduce, real_prove = proof_region.reduce_for_proof, pipeline.prove_region
+    fallbacks = []
+
+    def recording(expr, shapes):
+        fused = real_reduce(expr, shapes)
+        if fused.carried is not None:
+            leaves.extend(weakref.ref(t) for t in fused.carried.leaves.values())
+        return fused
+
+    def proving(expr, fused, activation=None, **kwargs):
+        gc.collect()
+        own = {id(t) for t in (fused.carried.leaves.values() if fused.carried else ())}
+        alive = [r() for r in leaves if r() is not None]
+        assert all(id(t) in own for t in alive), "a dropped reduction is still alive"
+        del alive
+        fallbacks.append(fused.carried is None)
+        return real_prove(expr, fused, activation, **kwargs)
+
+    monkeypatch.setattr(pipeline, "reduce_for_proof", recording)
+    monkeypatch.setattr(pipeline, "prove_region", proving)
+    result = repfuse.fuse(model, x, verify=True)
+    assert result.report.ok and result.report.fused
+    assert any(fallbacks) and not all(fallbacks)    # the design has a cut search
+    gc.collect()
+    assert leaves and all(r() is None for r in leaves)
