@@ -25,6 +25,19 @@ biases and cannot step twice); models are seeded, so rows repeat:
 
     .venv/bin/python benchmarks/stages.py --sweep          # convert.SWEEP and yolov8n
 
+``--floor`` (one model) prints, after the stages, the float runs that the same checks cannot
+do without, each timed on its own with torch's kernels and nothing of repfuse around them:
+the whole-model check's runs of both models and its float64 truth (as timed in the
+conversion: they are the models' own forward and backward), and for every proven region
+its proof's float64 runs on the probe (the training form forward on the random probe with
+its gradients to the input and every parameter, forward on the activation window; the
+fused kernel forward on both, its input and weight gradient), without the copy into
+float64 leaves, the re-reduction, its adjoint or the comparisons. Their sum is a lower
+bound of ``fuse(verify=True)`` with these checks (the fusion itself counted as free), in
+training steps and, for timm models, in units of timm's warm ``reparameterize_model``:
+
+    .venv/bin/python benchmarks/stages.py repvgg_b3 --size 64 --threads 2 --floor
+
 The model is a timm model, or ultralytics ``yolov8n`` (from its YAML), with random weights
 (seeded) and calibrated batch-norm statistics (``convert.calibrate``).
 """
@@ -50,9 +63,12 @@ import repfuse.fx.pipeline as pipeline  # noqa: E402
 import repfuse.fx.trace as fx_trace  # noqa: E402
 import repfuse.proofs.model as whole  # noqa: E402
 import repfuse.proofs.region as region  # noqa: E402
+import repfuse.region as rg  # noqa: E402
+from repfuse.region import layout as L  # noqa: E402
 
 TOTAL: dict[str, float] = collections.defaultdict(float)
 CALLS: collections.Counter = collections.Counter()
+REGIONS: list = []      # (expr, fused, activation) of every region proven, with --floor
 
 
 def _timed(module, name: str) -> None:
@@ -99,6 +115,69 @@ def _instrument() -> None:
     _timed_outermost(fx_trace._NestedTracer, "nested", "trace")
 
 
+def _capture_regions() -> None:
+    real = pipeline.prove_region
+
+    @functools.wraps(real)
+    def wrapper(expr, fused, activation=None, **kwargs):
+        REGIONS.append((expr, fused, activation))
+        return real(expr, fused, activation, **kwargs)
+
+    pipeline.prove_region = wrapper
+
+
+def proof_runs(expr, fused, activation) -> float:
+    """Seconds of the float64 runs that ``prove_region``'s checks of one region need, timed
+    without the rest of the proof (see ``--floor``); the inputs are built untimed."""
+    spec = fused.spec
+    layout = rg.region_input(expr).layout
+    fmt = region.proof_memory_format(spec, layout)
+    weight = region._float64(fused.weight, fmt)
+    bias = fused.bias.detach().to(torch.float64)
+    expr64, leaves = region.float64_leaves(expr, fmt)
+    out_layout = rg.value_layouts(expr)[id(expr)]
+    merge = region._merger(layout, getattr(fused, "input_layout", ""), fused.value_layout,
+                           getattr(fused, "pooled", False))
+    x = torch.randn(region.probe_shape(spec, layout, expr), dtype=torch.float64).to(
+        memory_format=fmt)
+    window = None if activation is None else region._activation_window(activation, x, layout)
+    start = time.perf_counter()
+    xin = x.clone().requires_grad_(True)
+    y = L.to_canonical(rg.evaluate(expr64, L.from_canonical(xin, layout)), out_layout)
+    xf = merge(x)
+    region.fused_forward(xf, weight, bias, spec)
+    if window is not None:
+        with torch.no_grad():
+            rg.evaluate(expr64, L.from_canonical(window, layout))
+        region.fused_forward(merge(window), weight, bias, spec)
+    grad = torch.randn(y.shape, dtype=torch.float64).to(
+        memory_format=fmt if y.dim() == 4 else torch.contiguous_format)
+    torch.autograd.grad(y, [xin, *leaves.values()], grad, allow_unused=True)
+    region.fused_input_grad(xf, weight, grad, spec)
+    region.fused_weight_grad(xf, weight.shape, grad, spec)
+    return time.perf_counter() - start
+
+
+def floor(name: str, step: float, total: float) -> None:
+    """Print the lower bound of ``--floor`` for the conversion just timed."""
+    proofs = sum(proof_runs(*r) for r in REGIONS)
+    check, truth = TOTAL["verify_models"] - TOTAL["judge"], TOTAL["judge"]
+    bound = check + proofs + truth
+    units = [("training steps", step)]
+    if not name.startswith("yolo"):
+        model = convert.randomize(timm.create_model(name, pretrained=False)).eval()
+        timm.utils.reparameterize_model(model)
+        t_timm, _ = convert.median_time(lambda: timm.utils.reparameterize_model(model), 3)
+        units.append((f"timm's reparameterize_model ({t_timm:.3f} s warm)", t_timm))
+    print(f"  floor with the same checks (torch's kernels, the fusion counted as free): "
+          f"{bound:.3f} s")
+    print(f"    whole-model check's runs in the models' dtype {check:7.3f} s")
+    print(f"    its float64 truth                             {truth:7.3f} s")
+    print(f"    the {len(REGIONS)} region proofs' float64 runs          {proofs:7.3f} s")
+    for label, unit in units:
+        print(f"    in {label}: floor {bound / unit:.2f}, fuse(verify=True) {total / unit:.2f}")
+
+
 def _profile(name: str, size: int, threads: int):
     """(training step s, fuse(verify=True) s, result) with TOTAL / CALLS filled for the
     timed conversion (one warm-up conversion first)."""
@@ -117,6 +196,7 @@ def _profile(name: str, size: int, threads: int):
     repfuse.fuse(model, x, verify=True)
     TOTAL.clear()
     CALLS.clear()
+    REGIONS.clear()
     start = time.perf_counter()
     result = repfuse.fuse(model, x, verify=True)
     return step, time.perf_counter() - start, result
@@ -162,6 +242,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    parser.add_argument("--floor", action="store_true",
+                        help="also the lower bound of a conversion with the same checks")
     args = parser.parse_args()
     if args.row:
         print(row(args.model, args.size, args.threads))
@@ -171,6 +253,8 @@ def main() -> None:
         return sweep(names, args)
     if not args.model:
         parser.error("name a model, or pass --sweep")
+    if args.floor:
+        _capture_regions()
     step, total, result = _profile(args.model, args.size, args.threads)
     print(f"{args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s): training step "
           f"{step:.3f} s, fuse(verify=True) {total:.3f} s = {total / step:.1f} steps")
@@ -178,6 +262,8 @@ def main() -> None:
         print(f"  {name:24} {seconds:7.3f} s {seconds / step:6.2f} steps  x{CALLS[name]}")
     for note in result.report.model_checks.notes:
         print(f"  note: {note[:160]}")
+    if args.floor:
+        floor(args.model, step, total)
 
 
 if __name__ == "__main__":
