@@ -17,7 +17,10 @@ region proofs; ``ms/rg`` per region), ``f32 chk`` (the whole-model check's runs 
 models in their dtype), ``truth`` (its float64 runs, made only for the checks that the
 direct comparison rejects), ``exact`` (when the float64 criterion still rejects a check:
 the fused structure run in float64 with its exact kernels against the training form run
-in float64, ``fx.pipeline._judge_by_exact_kernels``), ``rest`` (copies, accounting). The
+in float64, ``fx.pipeline._judge_by_exact_kernels``), ``rest`` (copies, accounting),
+``floor`` (the lower bound of ``--floor`` below). With verification the regions'
+reductions are the proofs' (on float64 leaves, with grad:
+``proofs.region.reduce_for_proof``) and count in ``regions``. The
 step is the median of five (``convert.training_step``: eval-mode batch norms, as the
 proofs run the model) for yolov8n, and for timm models the median of three of a
 train-mode copy, as in ``convert.py --sweep`` (an eval-mode LeViT caches its attention
@@ -32,9 +35,11 @@ conversion: they are the models' own forward and backward), and for every proven
 its proof's float64 runs on the probe (the training form forward on the random probe with
 its gradients to the input and every parameter, forward on the activation window; the
 fused kernel forward on both, its input and weight gradient), without the copy into
-float64 leaves, the re-reduction, its adjoint or the comparisons. Their sum is a lower
-bound of ``fuse(verify=True)`` with these checks (the fusion itself counted as free), in
-training steps and, for timm models, in units of timm's warm ``reparameterize_model``:
+float64 leaves, the reduction, its adjoint or the comparisons; and the conversion's own fx
+tracing (``trace``), which a graph pass cannot do without.
+Their sum is a lower bound of ``fuse(verify=True)`` with these checks (the fusion itself
+counted as free), in training steps and, for timm models, in units of timm's warm
+``reparameterize_model``:
 
     .venv/bin/python benchmarks/stages.py repvgg_b3 --size 64 --threads 2 --floor
 
@@ -158,11 +163,17 @@ def proof_runs(expr, fused, activation) -> float:
     return time.perf_counter() - start
 
 
+def floor_parts() -> tuple[float, float, float, float]:
+    """(check's runs, float64 truth, proofs' float64 runs, fx tracing) in seconds for the
+    conversion just timed (``--floor``)."""
+    proofs = sum(proof_runs(*r) for r in REGIONS)
+    return (TOTAL["verify_models"] - TOTAL["judge"], TOTAL["judge"], proofs, TOTAL["trace"])
+
+
 def floor(name: str, step: float, total: float) -> None:
     """Print the lower bound of ``--floor`` for the conversion just timed."""
-    proofs = sum(proof_runs(*r) for r in REGIONS)
-    check, truth = TOTAL["verify_models"] - TOTAL["judge"], TOTAL["judge"]
-    bound = check + proofs + truth
+    check, truth, proofs, trace = floor_parts()
+    bound = check + proofs + truth + trace
     units = [("training steps", step)]
     if not name.startswith("yolo"):
         model = convert.randomize(timm.create_model(name, pretrained=False)).eval()
@@ -174,13 +185,14 @@ def floor(name: str, step: float, total: float) -> None:
     print(f"    whole-model check's runs in the models' dtype {check:7.3f} s")
     print(f"    its float64 truth                             {truth:7.3f} s")
     print(f"    the {len(REGIONS)} region proofs' float64 runs          {proofs:7.3f} s")
+    print(f"    the conversion's fx tracing                   {trace:7.3f} s")
     for label, unit in units:
         print(f"    in {label}: floor {bound / unit:.2f}, fuse(verify=True) {total / unit:.2f}")
 
 
 def _profile(name: str, size: int, threads: int):
-    """(training step s, fuse(verify=True) s, result) with TOTAL / CALLS filled for the
-    timed conversion (one warm-up conversion first)."""
+    """(training step s, fuse(verify=True) s, result, model) with TOTAL / CALLS filled for
+    the timed conversion (one warm-up conversion first)."""
     torch.set_num_threads(threads)
     _instrument()
     torch.manual_seed(0)
@@ -199,16 +211,18 @@ def _profile(name: str, size: int, threads: int):
     REGIONS.clear()
     start = time.perf_counter()
     result = repfuse.fuse(model, x, verify=True)
-    return step, time.perf_counter() - start, result
+    return step, time.perf_counter() - start, result, model
 
 
 HEADER = (f"{'model':22} {'step s':>6} {'verify':>7} {'reach':>6} {'trace':>6} "
           f"{'regions':>7} {'proofs':>6} {'n':>4} {'ms/rg':>6} {'f32 chk':>7} {'truth':>6} "
-          f"{'exact':>6} {'rest':>5}   (all but step s and ms/rg in training steps)")
+          f"{'exact':>6} {'rest':>5} {'floor':>6}   (all but step s and ms/rg in training steps)")
 
 
 def row(name: str, size: int, threads: int) -> str:
-    step, total, _ = _profile(name, size, threads)
+    _capture_regions()
+    step, total, _, _ = _profile(name, size, threads)
+    bound = sum(floor_parts())
     t = TOTAL
     proofs = t["prove_region"]
     regions = t["fuse_module"] - t["_run"] - proofs
@@ -219,7 +233,8 @@ def row(name: str, size: int, threads: int) -> str:
     cells = [total, t["_run"], t["trace"], regions, proofs]
     first = " ".join(f"{v / step:{w}.2f}" for v, w in zip(cells, (7, 6, 6, 7, 6)))
     return (f"{name:22} {step:6.3f} {first} {n:4d} {1e3 * proofs / max(n, 1):6.1f} "
-            f"{check / step:7.2f} {t['judge'] / step:6.2f} {exact / step:6.2f} {rest / step:5.2f}")
+            f"{check / step:7.2f} {t['judge'] / step:6.2f} {exact / step:6.2f} {rest / step:5.2f} "
+            f"{bound / step:6.2f}")
 
 
 def sweep(names: list[str], args) -> None:
@@ -255,7 +270,7 @@ def main() -> None:
         parser.error("name a model, or pass --sweep")
     if args.floor:
         _capture_regions()
-    step, total, result = _profile(args.model, args.size, args.threads)
+    step, total, result, _ = _profile(args.model, args.size, args.threads)
     print(f"{args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s): training step "
           f"{step:.3f} s, fuse(verify=True) {total:.3f} s = {total / step:.1f} steps")
     for name, seconds in sorted(TOTAL.items(), key=lambda kv: -kv[1]):
