@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from repfuse.core.layout import memory_order_flat
 from repfuse.core.spec import ConvSpec
 from repfuse.errors import NotFusable
 
@@ -70,6 +71,15 @@ def _max_abs_difference(exact: Tensor, cast: Tensor) -> float:
         lo, hi = torch.aminmax(part)
         err = max(err, -float(lo), float(hi))
     return err
+
+
+def _paired_flat(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` flattened so that elements pair as they do in the tensors: in memory
+    order when both lie alike (equal strides: a channels-last kernel and its cast, without a
+    permuting copy of the float64 one), else in index order."""
+    if a.shape == b.shape and a.stride() == b.stride():
+        return memory_order_flat(a), memory_order_flat(b)
+    return a.reshape(-1), b.reshape(-1)
 
 
 @dataclass(eq=False)
@@ -174,8 +184,9 @@ class AffineConv:
     __call__ = forward
 
     def cast(self) -> tuple[Tensor, Tensor]:
-        """(weight, bias) cast to ``dtype``: new detached tensors (cached until
-        ``to_module`` takes them)."""
+        """(weight, bias) cast to ``dtype``: new detached tensors in the memory format of the
+        float64 ones (a module makes its own contiguous; cached until ``to_module`` takes
+        them)."""
         cached = self.__dict__.get("_cast")
         if cached is None:
             with torch.no_grad():
@@ -184,7 +195,7 @@ class AffineConv:
                     c = t.to(self.dtype)
                     if c.data_ptr() == t.data_ptr():
                         c = c.clone()
-                    out.append(c.contiguous())
+                    out.append(c)
             cached = self.__dict__["_cast"] = (out[0], out[1])
         return cached
 
@@ -196,7 +207,7 @@ class AffineConv:
             if self.dtype != WORK_DTYPE:
                 with torch.no_grad():
                     for t, c in zip((self.weight.detach(), self.bias.detach()), self.cast()):
-                        err = max(err, _max_abs_difference(t.reshape(-1), c.reshape(-1)))
+                        err = max(err, _max_abs_difference(*_paired_flat(t, c)))
             self.__dict__["_cast_error"] = err
         return err
 

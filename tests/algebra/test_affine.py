@@ -109,3 +109,20 @@ def test_modules_own_their_tensors():
     with torch.no_grad():
         m3.weight.zero_()
     assert half.cast_error() == err > 0
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_cast_error_and_module_of_a_channels_last_kernel(fmt):
+    """A float64 kernel in either memory format: the cast error is the largest difference
+    element by element, and the module's weight is contiguous with the cast values."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64) / 3
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    spec = ConvSpec(4, 6, (3, 3), padding=(1, 1, 1, 1))
+    ac = AffineConv(w.contiguous(memory_format=fmt), b, spec)
+    want = max(float((w - w.float().double()).abs().max()),
+               float((b - b.float().double()).abs().max()))
+    assert ac.cast_error() == want > 0
+    module = ac.to_module()
+    assert module.weight.is_contiguous()
+    assert torch.equal(module.weight, w.float()) and torch.equal(module.bias, b.float())
