@@ -247,14 +247,17 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     docstring: ``output[random]``, ``output[activation]`` (when an activation is
     given), ``grad input``, ``grad <param>`` for every ``region.parameters`` entry. It
     never raises for a wrong fusion, only reports it; neither ``expr``'s tensors nor
-    ``fused`` are modified. The caller's grad mode does not matter: the proof runs on
-    its own float64 copies, outside inference mode, with grad enabled.
+    ``fused`` are modified (but for its ``carried`` reduction, taken). The caller's grad
+    mode does not matter: the proof runs on its own float64 copies, outside inference
+    mode, with grad enabled. When ``fused`` carries its reduction (``reduce_for_proof``,
+    in the memory format the proof runs in), its float64 leaves are the proof's copies and
+    the adjoint differentiates that reduction; otherwise the proof makes both.
 
     Cost (one sample the size of ``probe_shape``): a forward and a backward of the
     training form and a forward / input gradient / weight gradient of the fused kernel
     with the core; on the activation's window a forward of each (separately and without
-    autograd: stacking the two samples into one batch measured slower); one float64
-    re-reduction and its adjoint.
+    autograd: stacking the two samples into one batch measured slower); the reduction's
+    adjoint (and, without a carried one, the float64 reduction itself).
     """
     t64 = tolerance(torch.float64, tol)
     report = VerifyReport(dtype="float64")
@@ -314,7 +317,7 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     if xf is not xl:   # the adjoint of merging positions into the batch
         (gx_fused,) = torch.autograd.grad(xf, xl, gx_fused)
     shape = weight.shape
-    del weight          # a copy of the kernel is freed before the adjoint's intermediates exist
+    del weight          # a float64 copy of the kernel, where one was made, is freed first
     # the mapping's adjoint first: its float64 intermediates (the size of the fused kernel)
     # are freed before the training form's parameter gradients exist (peak memory)
     adjoint = _adjoint(expr64, leaves, xf.detach(), grad_out, spec, shape, t64,
