@@ -64,11 +64,12 @@ def shape_refusal(expr: Node) -> Exception | None:
     ``check_growth`` would raise for a reason the shapes and the structure decide, found
     by a shape-only run (``reduce_shapes``: no kernel is computed); None when the shapes
     allow the region (its values may still refuse it: ``reduce`` decides)."""
-    return _shapes(expr)[1]
+    return shapes_or_refusal(expr)[1]
 
 
-def _shapes(expr: Node):
-    """(the shape-only reduction or None, ``shape_refusal``'s refusal or None)."""
+def shapes_or_refusal(expr: Node):
+    """(the shape-only reduction or None, ``shape_refusal``'s refusal or None): what
+    ``Attempts`` asks before it reduces a part with values."""
     try:
         shapes = reduce_shapes(expr)
         check_growth(expr, shapes)
@@ -103,7 +104,7 @@ class Attempts:
         return self.outcomes[key]
 
     def _try(self, expr: Node):
-        shapes, refusal = _shapes(expr)
+        shapes, refusal = shapes_or_refusal(expr)
         if refusal is not None:
             return refusal
         self.counts["reductions"] += 1

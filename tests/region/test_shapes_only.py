@@ -1,11 +1,11 @@
 """The shape-only run decides nothing that the values would decide otherwise.
 
-``region.Attempts`` asks ``region.shape_refusal`` (the reducers on ``meta`` tensors) before
-it reduces a region part with values. That run must refuse exactly the parts that the
-reduction with values would refuse for a reason of shapes, with the same reason, and
-nothing else: fusing random blocks with it and without it gives the same regions, the
-same outcomes and the same reasons, and every refusal it makes is one ``reduce`` and
-``check_growth`` make too.
+``region.Attempts`` asks ``region.worth.shapes_or_refusal`` (the reducers on ``meta``
+tensors, as ``region.shape_refusal``) before it reduces a region part with values. That
+run must refuse exactly the parts that the reduction with values would refuse for a
+reason of shapes, with the same reason, and nothing else: fusing random blocks with it and
+without it gives the same regions, the same outcomes and the same reasons, and every
+refusal it makes is one ``reduce`` and ``check_growth`` make too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from helpers.fuzz_blocks import block_specs
 from helpers.fuzz_layers import layer_block_specs
 from hypothesis import HealthCheck, given, settings
+from torch import nn
 
 import repfuse
 from repfuse import region as rg
@@ -35,18 +36,18 @@ def _fuse(spec):
 
 def _same_with_and_without_shapes(spec, monkeypatch):
     refused: list = []
-    real = worth.shape_refusal
+    real = worth.shapes_or_refusal
 
     def checked(expr):
-        err = real(expr)
+        shapes, err = real(expr)
         if err is not None:
             refused.append((expr, err))
-        return err
+        return shapes, err
     with monkeypatch.context() as m:
-        m.setattr(worth, "shape_refusal", checked)
+        m.setattr(worth, "shapes_or_refusal", checked)
         with_shapes = _fuse(spec)
     with monkeypatch.context() as m:
-        m.setattr(worth, "shape_refusal", lambda expr: None)
+        m.setattr(worth, "shapes_or_refusal", lambda expr: (None, None))
         without = _fuse(spec)
     # the same regions and outcomes; a reason differs only where a part has two (the
     # shapes decide growth before the values would find, say, a pad value that is not
@@ -85,3 +86,25 @@ def test_blocks_fuse_the_same_with_shape_only_refusals(spec, monkeypatch):
 @given(spec=layer_block_specs())
 def test_layer_blocks_fuse_the_same_with_shape_only_refusals(spec, monkeypatch):
     _same_with_and_without_shapes(spec, monkeypatch)
+
+
+def test_attempts_ask_the_shapes_first(monkeypatch):
+    """The function the tests above replace is the one ``Attempts`` asks: a depthwise 3x3
+    followed by a dense 1x1 would grow 5.8x as one conv, which its shapes refuse before
+    any kernel is computed; parts of it are then reduced with values."""
+    asked = []
+    real = worth.shapes_or_refusal
+
+    def recording(expr):
+        out = real(expr)
+        asked.append(out[1])
+        return out
+
+    monkeypatch.setattr(worth, "shapes_or_refusal", recording)
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16),
+                          nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16)).eval()
+    report = repfuse.fuse(block, torch.randn(1, 16, 8, 8), verify=False).report
+    assert any(err is not None and "multiply" in str(err) for err in asked)
+    assert report.search["reductions"] < report.search["attempts"] == len(asked)
+    assert report.fused     # a part of it fuses (the norms folded into the 1x1)
