@@ -76,11 +76,12 @@ def float64_leaves(expr: rg.Node, memory_format=torch.contiguous_format
     return rg.substitute(expr, mapping), leaves
 
 
-def _float64(t: Tensor, memory_format=torch.contiguous_format) -> Tensor:
-    """A float64 copy of ``t``, in ``memory_format`` if it is 4-D."""
+def _float64(t: Tensor, memory_format=torch.contiguous_format, copy: bool = True) -> Tensor:
+    """``t`` in float64, in ``memory_format`` if it is 4-D: a copy, or with ``copy=False``
+    ``t`` itself (detached) where it is float64 in that format already."""
     if t.dim() != 4:
         memory_format = torch.contiguous_format
-    return t.detach().to(torch.float64, copy=True, memory_format=memory_format)
+    return t.detach().to(torch.float64, copy=copy, memory_format=memory_format)
 
 
 def proof_memory_format(spec: ConvSpec, layout: str) -> torch.memory_format:
@@ -265,8 +266,7 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     layout = rg.region_input(expr).layout
     fmt = proof_memory_format(spec, layout)
     # no copy where the fused kernel is float64 in ``fmt`` already (nothing writes to it)
-    weight = fused.weight.detach().to(torch.float64, memory_format=fmt if
-                                      fused.weight.dim() == 4 else torch.contiguous_format)
+    weight = _float64(fused.weight, fmt, copy=False)
     bias = fused.bias.detach().to(torch.float64) if fused.bias is not None \
         else torch.zeros(spec.out_channels, dtype=torch.float64, device=weight.device)
     gen = torch.Generator().manual_seed(SEED)
