@@ -21,9 +21,14 @@ from repfuse.algebra.scaling import negate
 from repfuse.errors import NotFusable
 
 
-def add(*convs: AffineConv) -> AffineConv:
+def add(*convs: AffineConv, writable=None) -> AffineConv:
     """The sum of branches: kernels embedded into a common geometry (when their output grids
-    align), groups reduced to the largest common one (grouped + dense is dense)."""
+    align), groups reduced to the largest common one (grouped + dense is dense).
+
+    ``writable(tensor) -> bool`` says whether the caller lets the sum be written into a
+    branch's kernel (one nothing else reads; a reducer's intermediate): the base branch's
+    kernel is then not copied (a kernel-sized copy fewer per sum; with autograd, the
+    kernel's history moves to the sum). By default nothing is written."""
     if not convs:
         raise NotFusable("add: no branches")
     if len(convs) == 1:
@@ -56,24 +61,33 @@ def add(*convs: AffineConv) -> AffineConv:
         else:
             scattered.append(c)
         bias = bias if meta else bias + c.bias
-    weight = first.weight
+    weight, into = first.weight, False
     if not meta:
-        weight = _AddOnTaps.apply(weight, [t for _, t in placed], *(w for w, _ in placed))
+        into = writable is not None and writable(weight) and not _shares_memory(
+            weight, [t for c in convs for t in (c.weight, c.bias) if t is not weight])
+        weight = _AddOnTaps.apply(weight, into, [t for _, t in placed],
+                                  *(w for w, _ in placed))
     for c in scattered:
         if c.spec.transposed:
             embedded = regroup(embed_kernel(c, target), groups).weight
             weight = weight if meta else weight + embedded
         elif not meta:
             index = tuple(t.to(c.weight.device) for t in scatter_index(c.spec, target))
-            weight = weight.clone() if weight is first.weight else weight
+            weight = weight.clone() if weight is first.weight and not into else weight
             weight.index_put_(index, c.weight, accumulate=True)
     return first.replace(weight=weight, bias=bias,
                          dtype=promote_dtypes(*(c.dtype for c in convs)))
 
 
+def _shares_memory(t: torch.Tensor, others) -> bool:
+    memory = t.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == memory for o in others)
+
+
 class _AddOnTaps(torch.autograd.Function):
     """``big`` with each small kernel added on its taps (slices of the kernel axes), in one
-    copy of ``big`` (its memory format kept). The backward gives ``big`` the incoming
+    copy of ``big`` (its memory format kept), or in ``big`` itself where ``into`` says the
+    caller gave it up (``add``'s ``writable``). The backward gives ``big`` the incoming
     gradient itself and each small kernel its slice of it: no kernel-sized work. Autograd
     through the same sum written with ``F.pad`` (a padded copy of each small kernel, then an
     out-of-place add) or with slice adds into a clone copies and zero-fills the whole
@@ -81,19 +95,21 @@ class _AddOnTaps(torch.autograd.Function):
     forward alone (cProfile, 64x64, two threads)."""
 
     @staticmethod
-    def forward(ctx, big, taps, *smalls):
+    def forward(ctx, big, into, taps, *smalls):
         ctx.taps = taps
-        out = big.clone()
+        out = big if into else big.clone()
         for small, (rows, cols) in zip(smalls, taps):
             out[:, :, rows, cols] += small
+        if into:
+            ctx.mark_dirty(big)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         smalls = [grad[:, :, rows, cols].clone() if need else None
-                  for (rows, cols), need in zip(ctx.taps, ctx.needs_input_grad[2:])]
-        return (grad if ctx.needs_input_grad[0] else None), None, *smalls
+                  for (rows, cols), need in zip(ctx.taps, ctx.needs_input_grad[3:])]
+        return (grad if ctx.needs_input_grad[0] else None), None, None, *smalls
 
 
 def _tap_slices(src, target) -> tuple[slice, slice] | None:

@@ -9,6 +9,7 @@ row, a change of layout the identity; the result records the region's value layo
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,35 @@ class _Context:
     device: torch.device
     #: ids of the nodes whose value is globally pooled (read after the pool)
     pooled: set = field(default_factory=set)
+    #: ids of the tensors the expression holds (a reducer never writes into them); None:
+    #: a reducer writes into no tensor
+    held: set | None = None
+    #: the reduced values that nodes still to be reduced read, by the id of their node
+    waiting: dict = field(default_factory=dict)
+
+    def writable(self, t: torch.Tensor) -> bool:
+        """Whether a reducer may write into ``t``: a tensor this reduction made (not one the
+        expression holds, not a view, not a leaf) that no value still to be read shares (a
+        node read by several, as a region expression is a DAG). The memo of a reduction that
+        wrote in place no longer holds each node's own value (``reduce`` reduces again
+        without writing to find the node a non-finite kernel comes from)."""
+        if self.held is None or id(t) in self.held or t._base is not None \
+                or (t.is_leaf and t.requires_grad):
+            return False
+        memory = t.untyped_storage().data_ptr()
+        return all(memory not in _memories(v) for v in self.waiting.values())
+
+
+def _memories(value) -> set:
+    """The storages a reduced value's tensors lie in."""
+    if isinstance(value, _LazyConv):
+        held = [value.weight, value.bias] + ([] if value._conv is None else
+                                             [value._conv.weight, value._conv.bias])
+    elif isinstance(value, _Identity):
+        held = []
+    else:
+        held = [value.weight, value.bias]
+    return {t.untyped_storage().data_ptr() for t in held if t is not None}
 
 
 class _Identity:
@@ -81,7 +111,12 @@ class _LazyConv:
         dtype = w.dtype if w.is_floating_point() else torch.float32
         if A.shapes_only(w):
             return self.conv().replace(dtype=dtype)
-        weight = w * scale.reshape(-1, 1, 1, 1)  # promotes to float64
+        per_output = scale.reshape(-1, 1, 1, 1)
+        if w.dtype == torch.float64 or (torch.is_grad_enabled() and (
+                w.requires_grad or scale.requires_grad)):
+            weight = w * per_output     # (autograd would keep a copy of a cast scaled in place)
+        else:   # cast, then scaled in place: a product promoting float32 runs 3x slower
+            weight = w.to(torch.float64).mul_(per_output)
         bias = shift if self.bias is None else self.bias * scale + shift
         return A.AffineConv(weight, bias, self.spec, dtype, w.device)
 
@@ -251,7 +286,7 @@ def _shift(node: N.Shift, args: list, ctx: _Context):
 
 @reducer(N.Add)
 def _add(node: N.Add, args: list, ctx: _Context):
-    return A.add(*[_affine(a) for a in args])
+    return A.add(*[_affine(a) for a in args], writable=ctx.writable)
 
 
 @reducer(N.Sub)
@@ -308,8 +343,11 @@ def reduce(expr: N.Node):
     _check_materialized(expr)
     ctx = _Context(*dtype_device(expr))
     original, expr = expr, materialized(expr, exact=True)
-    out, memo = _reduce_nodes(expr, ctx)
+    ctx.held = {id(t) for t in node_tensors(expr)}
+    out = _reduce_nodes(expr, ctx)[0]
     if not _finite(out):
+        # each node's own value, from a reduction that writes into none of them
+        memo = _reduce_nodes(expr, _Context(ctx.dtype, ctx.device))[1]
         culprit = next((n for n in walk(expr) if not _finite(memo[id(n)])), expr)
         raise NotFusable(f"{label(culprit)}: gives NaN or infinite fused weights (NaN/Inf "
                          "parameters, running_var + eps <= 0, or a division by zero); fix "
@@ -340,8 +378,14 @@ def _reduce_nodes(expr: N.Node, ctx: _Context):
     """(the reduced output, memo of each node's reduced value by ``id``)."""
     memo: dict[int, object] = {}
     layouts: dict[int, str] = {}
-    for node in walk(expr):
+    order = walk(expr)
+    reads = Counter(id(c) for node in order for c in children(node))
+    for node in order:
         args = [memo[id(c)] for c in children(node)]
+        for c in children(node):
+            reads[id(c)] -= 1
+            if not reads[id(c)]:
+                ctx.waiting.pop(id(c), None)
         rule = REDUCERS.get(type(node))
         if rule is None:
             raise NotFusable(f"{type(node).__name__} is not a linear region node", node=node)
@@ -349,6 +393,8 @@ def _reduce_nodes(expr: N.Node, ctx: _Context):
             layouts[id(node)] = node.out_layout([layouts[id(c)] for c in children(node)])
             _track_pooling(node, ctx)
             memo[id(node)] = rule(node, args, ctx)
+            if reads[id(node)]:
+                ctx.waiting[id(node)] = memo[id(node)]
         except NotFusable as err:
             if err.node is not None:
                 raise
