@@ -90,8 +90,7 @@ def _blank(cls, *args, **kwargs) -> nn.Module:
 
 def _own(module: nn.Module, conv, weight_view) -> nn.Module:
     """Give ``module`` the cast weight (through ``weight_view``) and bias of ``conv``."""
-    conv.cast_error()  # measured before the module owns (and may change) the values
-    weight, bias = conv.cast()
+    weight, bias = conv.cast()  # contiguous; its cast error measured before the module owns it
     del conv.__dict__["_cast"]  # each module gets its own tensors
     module.weight = nn.Parameter(weight_view(weight).contiguous())
     module.bias = nn.Parameter(bias)

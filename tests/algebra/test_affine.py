@@ -126,3 +126,40 @@ def test_cast_error_and_module_of_a_channels_last_kernel(fmt):
     module = ac.to_module()
     assert module.weight.is_contiguous()
     assert torch.equal(module.weight, w.float()) and torch.equal(module.bias, b.float())
+
+
+@given(o=st.integers(1, 9), i=st.integers(1, 5), k=st.integers(1, 3),
+       order=st.permutations(range(4)), block=st.integers(1, 64),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_cast_in_blocks_is_the_cast_and_its_exact_error(o, i, k, order, block, dtype, seed):
+    """The cast is made in blocks of the first axis (any size, any memory order of the
+    float64 kernel): the module's tensors are the cast values, contiguous, and the cast
+    error is the largest difference element by element, wherever it lies."""
+    import repfuse.algebra.affine as affine
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, i, k, k, generator=gen, dtype=torch.float64) / 3
+    b = torch.randn(o, generator=gen, dtype=torch.float64) / 7
+    stored = w.permute(order).contiguous().permute([order.index(d) for d in range(4)])
+    assert torch.equal(stored, w)
+    ac = AffineConv(stored, b, ConvSpec(i, o, (k, k)), dtype=dtype)
+    want = max(float((w - w.to(dtype).double()).abs().max()),
+               float((b - b.to(dtype).double()).abs().max()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine, "_BLOCK", block)
+        assert ac.cast_error() == want
+        module = ac.to_module()
+    assert module.weight.is_contiguous() and module.weight.dtype == dtype
+    assert torch.equal(module.weight, w.to(dtype)) and torch.equal(module.bias, b.to(dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e300])
+def test_cast_error_reports_nan_and_overflow(bad):
+    """A NaN value makes the cast error NaN, a value beyond float32 infinite: neither is
+    lost in the maximum over the blocks."""
+    w = torch.ones(3, 2, 3, 3, dtype=torch.float64) / 3
+    w[2, 1, 2, 0] = bad
+    ac = AffineConv(w, torch.zeros(3, dtype=torch.float64), ConvSpec(2, 3, (3, 3)))
+    err = ac.cast_error()
+    assert (err != err) if bad != bad else err == float("inf")
