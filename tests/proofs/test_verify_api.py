@@ -1,10 +1,13 @@
 """repfuse.verify / repfuse.proofs.verify_models: whole-model outputs and input gradients."""
 
 import copy
+import importlib
 import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import repfuse
@@ -203,6 +206,36 @@ def test_compare_definitions():
             assert compare("m", big, off).max_abs == 0.5
             off[(i + 3) % 6] = float("nan")
             assert not compare("m", big, off).ok
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
+       block=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_compare_in_blocks_finds_the_largest_difference_and_value(shape, data, block, seed):
+    """The comparison reduces in blocks of the elements in memory order (any block size,
+    any memory order, the two tensors alike or not): its figures are the largest
+    difference and the largest reference value wherever they lie, and one NaN in any
+    block fails it."""
+    compare_module = importlib.import_module("repfuse.proofs.compare")
+
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.randn(shape, generator=gen, dtype=torch.float64)
+    cand = ref + 1e-3 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    order = data.draw(st.permutations(range(len(shape))))
+    back = [order.index(d) for d in range(len(shape))]
+    alike = data.draw(st.booleans())
+    ref_stored = ref.permute(order).contiguous().permute(back)
+    cand_stored = cand.permute(order).contiguous().permute(back) if alike else cand
+    where = data.draw(st.integers(0, ref.numel() - 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare_module, "_BLOCK", block)
+        c = compare("x", ref_stored, cand_stored, tol=(1.0, 0.0))
+        assert c.max_abs == float((ref - cand).abs().max())
+        assert c.max_rel == float((ref - cand).abs().max()) / float(ref.abs().max())
+        assert c.ok
+        broken = cand.clone()
+        broken.view(-1)[where] = float("nan")
+        broken = broken.permute(order).contiguous().permute(back) if alike else broken
+        assert not compare("x", ref_stored, broken, tol=(1.0, 0.0)).ok
 
 
 def test_tolerance_table_and_errors():
