@@ -13,7 +13,7 @@ from repfuse.algebra.combine import add, concat, subtract
 from repfuse.algebra.embed import align, common_geometry, embed_kernel, reads_padding, regroup
 from repfuse.algebra.identity import identity_conv
 from repfuse.algebra.pool import avg_pool_conv
-from repfuse.algebra.scaling import affine_channels, negate, scale, shift
+from repfuse.algebra.scaling import affine_channels, negate, scale, scale_rows, shift
 from repfuse.algebra.sequential import compose, crop_output, pad_output
 from repfuse.algebra.transposed import shift_passes as shift_passes_transposed
 
@@ -21,6 +21,7 @@ __all__ = [
     "AffineConv", "add", "affine_channels", "align", "avg_pool_conv", "bn_conv",
     "bn_module_conv", "bn_scale_shift", "common_geometry", "compose", "concat", "crop_output",
     "embed_kernel", "fold_bn", "fold_bn_module", "fold_preceding_bn", "holds",
-    "identity_conv", "negate", "pad_output", "reads_padding", "regroup", "scale", "shapes_only",
+    "identity_conv", "negate", "pad_output", "reads_padding", "regroup", "scale", "scale_rows",
+    "shapes_only",
     "shift", "shift_passes_transposed", "subtract",
 ]

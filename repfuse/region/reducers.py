@@ -111,12 +111,11 @@ class _LazyConv:
         dtype = w.dtype if w.is_floating_point() else torch.float32
         if A.shapes_only(w):
             return self.conv().replace(dtype=dtype)
-        per_output = scale.reshape(-1, 1, 1, 1)
         if w.dtype == torch.float64 or (torch.is_grad_enabled() and (
                 w.requires_grad or scale.requires_grad)):
-            weight = w * per_output     # (autograd would keep a copy of a cast scaled in place)
+            weight = A.scale_rows(w, scale)  # (with autograd, a cast scaled in place is copied)
         else:   # cast, then scaled in place: a product promoting float32 runs 3x slower
-            weight = w.to(torch.float64).mul_(per_output)
+            weight = w.to(torch.float64).mul_(scale.reshape(-1, 1, 1, 1))
         bias = shift if self.bias is None else self.bias * scale + shift
         return A.AffineConv(weight, bias, self.spec, dtype, w.device)
 
