@@ -3,10 +3,11 @@ allocated and freed over and over, and glibc's defaults return every large buffe
 OS on free and fault it back in on the next allocation.
 
 Measured with ``repfuse convert --timm repvgg_b3 --input-shape 1,3,224,224`` on a quiet
-2-core machine (the two settings alternately, twice, ``/usr/bin/time``): 18.9 s and 18.3 s
-instead of 21.9 s and 18.9 s, at a peak resident size of 3.29-3.54 GB instead of 2.61 GB
-(the session before, while each proof reduced its region again: 18.8 s and 19.5 s instead
-of 25.3 s and 22.2 s, 3.53-3.70 GB instead of 2.74 GB).
+2-core machine (the two settings alternately, twice, ``/usr/bin/time``): 13.8 s and 14.4 s
+instead of 15.9 s and 18.8 s, at a peak resident size of 3.26-3.28 GB instead of 2.53-2.54
+GB, after the reduction stopped copying kernels for its sums and the comparisons stopped
+allocating kernel-sized differences (before: 18.9 s and 18.3 s instead of 21.9 s and
+18.9 s, 3.29-3.54 GB instead of 2.61 GB).
 The cost is that memory a command has freed stays mapped until it exits, which suits a
 one-shot command. The
 library never calls this (it would change the allocator of the user's process); the

@@ -1,0 +1,68 @@
+"""Compare versions of repfuse: time one timm model's conversions in this process, and run
+this script alternately with ``PYTHONPATH`` set to each checkout.
+
+One warm-up call of each of timm's ``reparameterize_model``, ``repfuse.fuse(verify=False)``
+and ``repfuse.fuse(verify=True)``, then ``--rounds`` rounds of the three alternately;
+prints, for each, the minimum wall time and the minimum process CPU time (the minimum:
+the machine's noise only ever adds). Seeded model (random weights, calibrated batch-norm
+statistics, ``convert.calibrate``) and input, so the versions convert the same thing:
+
+    git worktree add /tmp/before <commit>
+    for i in 1 2 3; do for d in /tmp/before .; do
+      PYTHONPATH=$d MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
+        .venv/bin/python benchmarks/versions.py repvgg_b3 --size 64; done; done
+
+timm's call is timed in the process the conversions ran in: its new layers are allocated
+in whatever heap they left, so its time moves with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import timm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert  # noqa: E402
+
+import repfuse  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = (1, 3, args.size, args.size)
+    model = convert.calibrate(convert.randomize(timm.create_model(args.model)).eval(),
+                              (2, *shape[1:]))
+    x = torch.randn(shape)
+    calls = {"timm": lambda: timm.utils.reparameterize_model(model),
+             "fuse": lambda: repfuse.fuse(model, x, verify=False),
+             "verify": lambda: repfuse.fuse(model, x, verify=True)}
+    for call in calls.values():
+        call()
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(args.rounds):
+        for k, call in calls.items():
+            c, t = time.process_time(), time.perf_counter()
+            call()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(repfuse.__file__)))
+    print(f"{where}: {args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s), "
+          f"min of {args.rounds}: " + ", ".join(
+              f"{k} {min(wall[k]):.3f} s ({min(cpu[k]):.2f} s cpu)" for k in calls))
+
+
+if __name__ == "__main__":
+    main()
