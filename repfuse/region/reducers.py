@@ -50,10 +50,11 @@ class _Context:
 
     def writable(self, t: torch.Tensor) -> bool:
         """Whether a reducer may write into ``t``: a tensor this reduction made (not one the
-        expression holds, not a view, not a leaf) that no value still to be read shares (a
-        node read by several, as a region expression is a DAG). The memo of a reduction that
-        wrote in place no longer holds each node's own value (``reduce`` reduces again
-        without writing to find the node a non-finite kernel comes from)."""
+        expression holds, not a view, not a leaf that requires grad) that no value still to
+        be read shares (a node read by several, as a region expression is a DAG). The memo
+        of a reduction that wrote in place no longer holds each node's own value
+        (``reduce`` reduces again without writing to find the node a non-finite kernel
+        comes from)."""
         if self.held is None or id(t) in self.held or t._base is not None \
                 or (t.is_leaf and t.requires_grad):
             return False
