@@ -93,6 +93,16 @@ def calibrate(model: nn.Module, shape: tuple) -> nn.Module:
     return model.eval()
 
 
+def seeded_model(name: str, size: int) -> nn.Module:
+    """timm model ``name`` (or ultralytics ``yolov8n``) with seeded random weights and
+    batch-norm statistics calibrated at ``size`` (``calibrate``), in eval mode: what the
+    profiling scripts convert."""
+    torch.manual_seed(0)
+    model = ultralytics_model(name) if name.startswith("yolo") else \
+        randomize(timm.create_model(name, pretrained=False)).eval()
+    return calibrate(model, (2, 3, size, size))
+
+
 def median_time(fn, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):

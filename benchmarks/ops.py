@@ -20,7 +20,6 @@ import sys
 import time
 import traceback
 
-import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -63,12 +62,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    shape = (1, 3, args.size, args.size)
-    model = convert.ultralytics_model(args.model) if args.model == "yolov8n" \
-        else convert.randomize(timm.create_model(args.model)).eval()
-    model = convert.calibrate(model, (2, *shape[1:]))
-    x = torch.randn(shape)
+    model = convert.seeded_model(args.model, args.size)
+    x = torch.randn(1, 3, args.size, args.size)
     repfuse.fuse(model, x, verify=not args.no_verify)
     mode = _Charged(args.depth, args.min_ms / 1e3)
     start = time.perf_counter()

@@ -195,11 +195,8 @@ def _profile(name: str, size: int, threads: int):
     the timed conversion (one warm-up conversion first)."""
     torch.set_num_threads(threads)
     _instrument()
-    torch.manual_seed(0)
-    model = convert.ultralytics_model(name) if name.startswith("yolo") else \
-        convert.randomize(timm.create_model(name, pretrained=False)).eval()
+    model = convert.seeded_model(name, size)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    convert.calibrate(model, (2, 3, size, size))
     if name.startswith("yolo"):
         convert.training_step(model, x)
         step, _ = convert.median_time(lambda: convert.training_step(model, x), 5)

@@ -40,11 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    shape = (1, 3, args.size, args.size)
-    model = convert.calibrate(convert.randomize(timm.create_model(args.model)).eval(),
-                              (2, *shape[1:]))
-    x = torch.randn(shape)
+    model = convert.seeded_model(args.model, args.size)
+    x = torch.randn(1, 3, args.size, args.size)
     calls = {"timm": lambda: timm.utils.reparameterize_model(model),
              "fuse": lambda: repfuse.fuse(model, x, verify=False),
              "verify": lambda: repfuse.fuse(model, x, verify=True)}
