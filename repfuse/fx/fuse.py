@@ -145,6 +145,7 @@ def fuse_module(model: nn.Module, example_inputs, *, verify: bool = True,
     fuser = Fuser(work, found, verify, check, reducer)
     for unit in found.entries:
         fuser.rewrite(unit)
+    found.drop_captures()
     fused = work
     fused.eval()
     if original:

@@ -49,7 +49,15 @@ from repfuse.fx.rewrite import (
     unique_name,
 )
 from repfuse.fx.slicing import normalize
-from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, META, ModuleGraph, hook_reason, join
+from repfuse.fx.trace import (
+    CAPTURE,
+    CAPTURE_CHANNELS_LAST,
+    META,
+    ModuleGraph,
+    captured,
+    hook_reason,
+    join,
+)
 from repfuse.region.op import GEOMETRIC, OpKind
 from repfuse.region.worth import worthwhile
 from repfuse.report import RegionReport, RegionStatus, VerifyReport, proof_failed_reason
@@ -399,7 +407,7 @@ class Fuser:
             return True
         last = rg.region_input(expr).layout == "NHWC"
         proofs = self.check(expr, affine,
-                            r.input.meta.get(CAPTURE_CHANNELS_LAST if last else CAPTURE))
+                            captured(r.input, CAPTURE_CHANNELS_LAST if last else CAPTURE))
         if proofs.ok:
             self.proofs[key] = proofs
             return True

@@ -36,6 +36,7 @@ from repfuse.fx.trace import (
     CAPTURE,
     CAPTURE_CHANNELS_LAST,
     META,
+    Captured,
     ModuleGraph,
     _NestedTracer,
     capture_crop,
@@ -79,6 +80,15 @@ class Reach:
     #: per traced module id: a submodule that changed a container the graph handed it
     #: (the graph, traced before, may not see the change: the module is not rewritten)
     changed_args: dict[int, str] = field(default_factory=dict)
+    #: every capture made (``node.meta``'s boxes), for ``drop_captures``
+    captured: list[Captured] = field(default_factory=list)
+
+    def drop_captures(self) -> None:
+        """Free the activations captured for the proofs (once the regions are proven), at
+        every node that holds one (``fx.trace.Captured``)."""
+        for box in self.captured:
+            box.value = None
+        self.captured.clear()
 
     def uses(self, m: nn.Module) -> int:
         """Call sites of ``m``: graph nodes that called it, plus one for all calls from
@@ -125,15 +135,19 @@ def _changed(made: list) -> bool:
 
 
 def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
-            crop: int) -> None:
+            crop: int, boxes: list[Captured]) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
+        copies = {}
         if capture is not None and capture(node) and value.dim() == 4:
             c = crop   # the window in either layout (see ``fx.trace.CAPTURE``)
-            node.meta[CAPTURE] = value[:1, :, :c, :c].detach().clone()
-            node.meta[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :].detach().clone()
+            copies[CAPTURE] = value[:1, :, :c, :c]
+            copies[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :]
         elif capture is not None and capture(node) and value.dim() in (2, 3):
-            node.meta[CAPTURE] = value[:2].detach().clone()  # vectors, tokens, sequences
+            copies[CAPTURE] = value[:2]   # vectors, tokens, sequences
+        for key, window in copies.items():
+            boxes.append(Captured(window.detach().clone()))
+            node.meta[key] = boxes[-1]
 
 
 class _GraphRunner(fx.Interpreter):
@@ -149,7 +163,7 @@ class _GraphRunner(fx.Interpreter):
     def run_node(self, n: fx.Node):
         self.node = n
         out = super().run_node(n)
-        _record(n, out, self.session.capture, self.session.crop)
+        _record(n, out, self.session.capture, self.session.crop, self.session.found.captured)
         return out
 
     def call_module(self, target, args, kwargs):

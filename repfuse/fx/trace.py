@@ -33,9 +33,9 @@ _CONTAINERS = (nn.Sequential,)
 
 #: Key of the recorded (shape, dtype) of a node's value in ``node.meta``.
 META = "repfuse_value"
-#: Key of a captured copy of a node's value in ``node.meta``: the first two samples of a
-#: vector, token or sequence value; of a 4-D value, the first sample's top-left window
-#: read as (N, C, H, W) (dims 2 and 3 cropped).
+#: Key of a captured copy of a node's value in ``node.meta`` (in a ``Captured`` box, read
+#: with ``captured``): the first two samples of a vector, token or sequence value; of a 4-D
+#: value, the first sample's top-left window read as (N, C, H, W) (dims 2 and 3 cropped).
 CAPTURE = "repfuse_capture"
 #: Key of the same window of a 4-D value read as channels-last (N, H, W, C): dims 1 and 2
 #: cropped, every channel kept (the region's layout, known only later, picks one).
@@ -44,6 +44,24 @@ CAPTURE_CHANNELS_LAST = "repfuse_capture_nhwc"
 CAPTURE_CROP = 40
 #: Smallest spatial size of the captured copies.
 CAPTURE_CROP_MIN = 8
+
+
+class Captured:
+    """A captured copy in ``node.meta`` (under ``CAPTURE`` or ``CAPTURE_CHANNELS_LAST``),
+    boxed: a node copied by inlining shares the box, so emptying it (``Reach.drop_captures``)
+    frees the copy for every node, erased ones included (a traced graph and its nodes are
+    reference cycles, which would otherwise keep it until the cyclic collector runs)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def captured(node, key: str = CAPTURE):
+    """The copy captured at ``node`` under ``key`` (None when there is none)."""
+    box = node.meta.get(key)
+    return None if box is None else box.value
 
 
 def capture_crop(root: nn.Module) -> int:

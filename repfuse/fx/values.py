@@ -296,13 +296,15 @@ def pair(v) -> tuple[int, int]:
 
 def literal(*values) -> bool:
     """No fx node among the values (geometry must be known when fusing)."""
-    def has_node(v):
-        if isinstance(v, fx.Node):
-            return True
-        if isinstance(v, (list, tuple)):
-            return any(has_node(x) for x in v)
-        return False
-    return not any(has_node(v) for v in values)
+    return not any(_has_node(v) for v in values)
+
+
+def _has_node(v) -> bool:
+    if isinstance(v, fx.Node):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_has_node(x) for x in v)
+    return False
 
 
 def same_shape(node: fx.Node, *inputs) -> bool:

@@ -154,28 +154,28 @@ def dtype_device(expr: Node) -> tuple[torch.dtype, torch.device]:
 def substitute(expr: Node, tensors: dict[int, Tensor]) -> Node:
     """A copy of ``expr`` in which every tensor ``t`` with ``id(t)`` in ``tensors`` is
     replaced by ``tensors[id(t)]``; shared nodes stay shared. ``expr`` is unchanged."""
-    memo: dict[int, Node] = {}
+    return _substituted(expr, tensors, {})
 
-    def conv(v):
-        if isinstance(v, Node):
-            return copy(v)
-        if isinstance(v, Tensor):
-            return tensors.get(id(v), v)
-        if isinstance(v, Computed):
-            return v.with_sources(tuple(tensors.get(id(t), t) for t in v.sources))
-        if isinstance(v, tuple):
-            return tuple(conv(c) for c in v)
-        if isinstance(v, list):
-            return [conv(c) for c in v]
-        return v
 
-    def copy(node: Node) -> Node:
-        if id(node) not in memo:
-            changes = {f.name: conv(getattr(node, f.name)) for f in dataclasses.fields(node)}
-            memo[id(node)] = dataclasses.replace(node, **changes)
-        return memo[id(node)]
-
-    return copy(expr)
+def _substituted(v, tensors: dict[int, Tensor], memo: dict[int, Node]):
+    # (module-level recursion: a nested recursive function is a reference cycle that
+    # would keep its memo, every copied node and their tensors, until the cyclic collector
+    # runs; the proofs' float64 leaves of a whole model waited there)
+    if isinstance(v, Node):
+        if id(v) not in memo:
+            memo[id(v)] = dataclasses.replace(v, **{
+                f.name: _substituted(getattr(v, f.name), tensors, memo)
+                for f in dataclasses.fields(v)})
+        return memo[id(v)]
+    if isinstance(v, Tensor):
+        return tensors.get(id(v), v)
+    if isinstance(v, Computed):
+        return v.with_sources(tuple(tensors.get(id(t), t) for t in v.sources))
+    if isinstance(v, tuple):
+        return tuple(_substituted(c, tensors, memo) for c in v)
+    if isinstance(v, list):
+        return [_substituted(c, tensors, memo) for c in v]
+    return v
 
 
 def materialized(expr: Node, exact: bool = False) -> Node:
@@ -185,23 +185,23 @@ def materialized(expr: Node, exact: bool = False) -> Node:
     if not any(isinstance(getattr(n, f.name), Computed) for n in walk(expr)
                for f in dataclasses.fields(n)):
         return expr
-    memo: dict[int, Node] = {}
+    return _materialized(expr, exact, {})
 
-    def copy(node: Node) -> Node:
-        if id(node) not in memo:
-            changes = {}
-            for f in dataclasses.fields(node):
-                v = getattr(node, f.name)
-                if isinstance(v, Computed):
-                    changes[f.name] = v.value(exact)
-                elif isinstance(v, Node):
-                    changes[f.name] = copy(v)
-                elif isinstance(v, tuple) and any(isinstance(c, Node) for c in v):
-                    changes[f.name] = tuple(copy(c) for c in v)
-            memo[id(node)] = dataclasses.replace(node, **changes) if changes else node
-        return memo[id(node)]
 
-    return copy(expr)
+def _materialized(node: Node, exact: bool, memo: dict[int, Node]) -> Node:
+    # (module-level recursion, as ``_substituted``)
+    if id(node) not in memo:
+        changes = {}
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if isinstance(v, Computed):
+                changes[f.name] = v.value(exact)
+            elif isinstance(v, Node):
+                changes[f.name] = _materialized(v, exact, memo)
+            elif isinstance(v, tuple) and any(isinstance(c, Node) for c in v):
+                changes[f.name] = tuple(_materialized(c, exact, memo) for c in v)
+        memo[id(node)] = dataclasses.replace(node, **changes) if changes else node
+    return memo[id(node)]
 
 
 def value_layouts(expr: Node) -> dict[int, str]:

@@ -12,7 +12,7 @@ import repfuse
 import repfuse.fx.pipeline as pipeline
 from repfuse.fx import fuse as fx_fuse
 from repfuse.fx.reach import reach
-from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, CAPTURE_CROP, capture_crop
+from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, CAPTURE_CROP, capture_crop, captured
 from repfuse.proofs.region import probe_shape
 
 
@@ -47,8 +47,8 @@ def test_captured_windows_are_the_real_values():
     with torch.no_grad():
         value = model[1](model[0](x))
     c = capture_crop(model)
-    assert torch.equal(relu.meta[CAPTURE], value[:1, :, :c, :c])
-    assert torch.equal(relu.meta[CAPTURE_CHANNELS_LAST], value[:1, :c, :c, :])
+    assert torch.equal(captured(relu, CAPTURE), value[:1, :, :c, :c])
+    assert torch.equal(captured(relu, CAPTURE_CHANNELS_LAST), value[:1, :c, :c, :])
 
 
 @pytest.mark.parametrize("k", [3, 7])
