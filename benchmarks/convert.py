@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -103,12 +105,29 @@ def seeded_model(name: str, size: int) -> nn.Module:
     return calibrate(model, (2, 3, size, size))
 
 
+def timed(fn) -> tuple[float, object, int]:
+    """(wall seconds, result, minor page faults) of one call of ``fn``, made after the
+    garbage of earlier calls is collected (not timed). A fused model, a traced graph and
+    what the proofs leave hold reference cycles, which only the cyclic collector frees, at
+    a moment set by its allocation counts: left to it, a call runs in whatever heap the
+    earlier ones left, and on this machine each page it first touches costs 1-14 us, so
+    the same call moved between 0.5 and 2 s (timm's reparameterize_model: 308k faults
+    on the first call into a grown heap, 0 on the next). Callers drop their reference to
+    the previous result before the next call."""
+    gc.collect()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    out = fn()
+    spent = time.perf_counter() - start
+    return spent, out, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
 def median_time(fn, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
+        out = None
+        spent, out, _ = timed(fn)
+        times.append(spent)
     return statistics.median(times), out
 
 
@@ -136,6 +155,7 @@ def bench(name: str, args) -> str:
     out = {k: f() for k, f in calls.items()}    # warm-up: first-call setup is not timed
     for _ in range(args.repeats):                # alternately: the machine's drift is shared
         for k, f in calls.items():
+            out[k] = None
             t, out[k] = median_time(f, 1)
             times[k].append(t)
     t_timm, t_fuse, t_verify = (statistics.median(times[k]) for k in calls)

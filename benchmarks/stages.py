@@ -2,8 +2,9 @@
 
 Wraps the pipeline's stages with wall-clock timers (inclusive: ``fuse_module`` contains the
 region proofs, ``verify_models`` contains ``judge`` and the float64 runs), converts once to
-warm up, then once timed, and prints each stage's total, in seconds and in training steps
-(forward and backward of the training form at the same input).
+warm up, then once timed (in a settled heap: ``convert.timed``), and prints each stage's
+total, in seconds and in training steps (forward and backward of the training form at the
+same input).
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/stages.py repvgg_a0 [--size 224] [--threads 1]
@@ -206,9 +207,8 @@ def _profile(name: str, size: int, threads: int):
     TOTAL.clear()
     CALLS.clear()
     REGIONS.clear()
-    start = time.perf_counter()
-    result = repfuse.fuse(model, x, verify=True)
-    return step, time.perf_counter() - start, result, model
+    total, result, _ = convert.timed(lambda: repfuse.fuse(model, x, verify=True))
+    return step, total, result, model
 
 
 HEADER = (f"{'model':22} {'step s':>6} {'verify':>7} {'reach':>6} {'trace':>6} "

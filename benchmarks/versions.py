@@ -12,8 +12,8 @@ statistics, ``convert.calibrate``) and input, so the versions convert the same t
       PYTHONPATH=$d MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/versions.py repvgg_b3 --size 64; done; done
 
-timm's call is timed in the process the conversions ran in: its new layers are allocated
-in whatever heap they left, so its time moves with them.
+Each call is made after the garbage of the earlier ones is collected (``convert.timed``),
+so every call runs in a settled heap; the page faults it takes are printed beside it.
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ def main() -> None:
         call()
     wall: dict[str, list[float]] = {k: [] for k in calls}
     cpu: dict[str, list[float]] = {k: [] for k in calls}
+    faults: dict[str, list[int]] = {k: [] for k in calls}
     for _ in range(args.rounds):
         for k, call in calls.items():
-            c, t = time.process_time(), time.perf_counter()
-            call()
-            wall[k].append(time.perf_counter() - t)
+            c = time.process_time()
+            spent, out, n = convert.timed(call)   # (garbage collected first, not timed)
             cpu[k].append(time.process_time() - c)
+            wall[k].append(spent)
+            faults[k].append(n)
+            del out
     where = os.path.dirname(os.path.dirname(os.path.abspath(repfuse.__file__)))
     print(f"{where}: {args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s), "
           f"min of {args.rounds}: " + ", ".join(
-              f"{k} {min(wall[k]):.3f} s ({min(cpu[k]):.2f} s cpu)" for k in calls))
+              f"{k} {min(wall[k]):.3f} s ({min(cpu[k]):.2f} s cpu, {min(faults[k])} faults)"
+              for k in calls))
 
 
 if __name__ == "__main__":
