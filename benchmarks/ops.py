@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = convert.seeded_model(args.model, args.size)
-    x = torch.randn(1, 3, args.size, args.size)
+    x = convert.example(args.size)
     repfuse.fuse(model, x, verify=not args.no_verify)
     mode = _Charged(args.depth, args.min_ms / 1e3)
 

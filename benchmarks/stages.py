@@ -197,7 +197,7 @@ def _profile(name: str, size: int, threads: int):
     torch.set_num_threads(threads)
     _instrument()
     model = convert.seeded_model(name, size)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = convert.example(size)
     if name.startswith("yolo"):
         convert.training_step(model, x)
         step, _ = convert.median_time(lambda: convert.training_step(model, x), 5)

@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = convert.seeded_model(args.model, args.size)
-    x = torch.randn(1, 3, args.size, args.size)
+    x = convert.example(args.size)
     calls = {"timm": lambda: timm.utils.reparameterize_model(model),
              "fuse": lambda: repfuse.fuse(model, x, verify=False),
              "verify": lambda: repfuse.fuse(model, x, verify=True)}
