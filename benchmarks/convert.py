@@ -110,13 +110,13 @@ def seeded_model(name: str, size: int) -> nn.Module:
 
 def timed(fn) -> tuple[float, object, int]:
     """(wall seconds, result, minor page faults) of one call of ``fn``, made after the
-    garbage of earlier calls is collected (not timed). A fused model, a traced graph and
-    what the proofs leave hold reference cycles, which only the cyclic collector frees, at
-    a moment set by its allocation counts: left to it, a call runs in whatever heap the
-    earlier ones left, and on this machine each page it first touches costs 1-14 us, so
-    the same call moved between 0.5 and 2 s (timm's reparameterize_model: 308k faults
-    on the first call into a grown heap, 0 on the next). Callers drop their reference to
-    the previous result before the next call."""
+    garbage of earlier calls is collected (not timed). A fused model and a traced graph
+    hold reference cycles, which only the cyclic collector frees, at a moment set by its
+    allocation counts: left to it, a call runs in whatever heap the earlier ones left, and
+    on this machine each page it first touches costs 1-14 us, so the same call moved
+    between 0.5 and 2 s (timm's reparameterize_model at 224: 0.92 s and 308k faults on its
+    first call into a heap the conversions had grown, 0.52 s on the next two). Callers
+    drop their reference to the previous result before the next call."""
     gc.collect()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
