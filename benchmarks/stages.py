@@ -74,7 +74,19 @@ from repfuse.region import layout as L  # noqa: E402
 
 TOTAL: dict[str, float] = collections.defaultdict(float)
 CALLS: collections.Counter = collections.Counter()
-REGIONS: list = []      # (expr, fused, activation) of every region proven, with --floor
+REGIONS: list = []      # (expr, _Shape of fused, activation) of every region proven
+
+
+class _Shape:
+    """What ``proof_runs`` needs of a fused kernel: its geometry, not its values (a float64
+    run takes as long on any values), so the conversion timed does not hold every fused
+    kernel until it ends (a gigabyte on repvgg_b3 that its heap could not reuse)."""
+
+    def __init__(self, fused) -> None:
+        self.spec, self.shape = fused.spec, tuple(fused.weight.shape)
+        self.input_layout = getattr(fused, "input_layout", "")
+        self.value_layout = fused.value_layout
+        self.pooled = getattr(fused, "pooled", False)
 
 
 def _timed(module, name: str) -> None:
@@ -126,24 +138,24 @@ def _capture_regions() -> None:
 
     @functools.wraps(real)
     def wrapper(expr, fused, activation=None, **kwargs):
-        REGIONS.append((expr, fused, activation))
+        REGIONS.append((expr, _Shape(fused), activation))
         return real(expr, fused, activation, **kwargs)
 
     pipeline.prove_region = wrapper
 
 
-def proof_runs(expr, fused, activation) -> float:
+def proof_runs(expr, fused: _Shape, activation) -> float:
     """Seconds of the float64 runs that ``prove_region``'s checks of one region need, timed
-    without the rest of the proof (see ``--floor``); the inputs are built untimed."""
+    without the rest of the proof (see ``--floor``), the fused kernel drawn at random in its
+    shape; the inputs are built untimed."""
     spec = fused.spec
     layout = rg.region_input(expr).layout
     fmt = region.proof_memory_format(spec, layout)
-    weight = region._float64(fused.weight, fmt)
-    bias = fused.bias.detach().to(torch.float64)
+    weight = torch.randn(fused.shape, dtype=torch.float64).to(memory_format=fmt)
+    bias = torch.randn(spec.out_channels, dtype=torch.float64)
     expr64, leaves = region.float64_leaves(expr, fmt)
     out_layout = rg.value_layouts(expr)[id(expr)]
-    merge = region._merger(layout, getattr(fused, "input_layout", ""), fused.value_layout,
-                           getattr(fused, "pooled", False))
+    merge = region._merger(layout, fused.input_layout, fused.value_layout, fused.pooled)
     x = torch.randn(region.probe_shape(spec, layout, expr), dtype=torch.float64).to(
         memory_format=fmt)
     window = None if activation is None else region._activation_window(activation, x, layout)
