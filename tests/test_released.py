@@ -18,6 +18,7 @@ from torch import nn
 import repfuse
 from repfuse.core.spec import ConvSpec
 from repfuse.fx.trace import CAPTURE, CAPTURE_CHANNELS_LAST, captured
+from repfuse.models.repvgg import RepVGGBlock
 from repfuse.region import Add, BatchNorm, Conv, Input, substitute
 from repfuse.region.computed import Computed
 from repfuse.region.tree import materialized
@@ -63,20 +64,9 @@ def test_materialized_leaves_no_cycle(no_collector):
     assert ref() is None
 
 
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
-        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
-        self.id = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(self.k3(x) + self.k1(x) + self.id(x))
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Block(8), _Block(8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RepVGGBlock(8, 8), RepVGGBlock(8, 8))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
