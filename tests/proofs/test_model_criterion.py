@@ -57,8 +57,8 @@ def test_repvgg_a0_fused_verifies_and_planted_faults_fail(repvgg, dtype):
 
 
 def _ill_conditioned_stack(depth: int = 40, c: int = 6) -> nn.Module:
-    """conv + BN + SiLU, ``depth`` times; every BN's running mean is 1000x the spread of
-    its input, so that the training form computes (x - mean) with catastrophic
+    """conv + BN + SiLU, ``depth`` times; every BN's running mean is 10,000x the spread
+    of its input, so that the training form computes (x - mean) with catastrophic
     cancellation: in float32 it is certainly further from its float64 result than the
     table's tolerance; the fused conv computes the same function without the cancellation.
     SiLU is smooth, so input gradients have no kinks for rounding to flip."""
@@ -69,8 +69,8 @@ def _ill_conditioned_stack(depth: int = 40, c: int = 6) -> nn.Module:
         bn = nn.BatchNorm2d(c)
         with torch.no_grad():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / (3 * c ** 0.5))
-            conv.bias.fill_(1000.0)
-            bn.running_mean.fill_(1000.0)
+            conv.bias.fill_(1e4)
+            bn.running_mean.fill_(1e4)
             bn.running_mean.add_(0.05 * torch.randn(c, generator=gen))
             bn.running_var.copy_(torch.rand(c, generator=gen) * 0.5 + 0.5)
             bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
