@@ -13,6 +13,11 @@ handled here:
   decoder input projections, LeViT's stem. An eval-mode
   batch norm is an affine map per channel; in the float64 runs it is computed as one
   (``exact_norms``), so the truth does not share the kernel with the runs it judges.
+
+The same context computes float64 depthwise convolutions on the CPU with the core's kernels
+(``repfuse.core``): aten has no float64 grouped kernel there and runs one convolution per
+channel, which made the depthwise layers most of a truth's cost (mobileone_s0 at
+1x3x224x224, one thread: 18,726 per-channel convolutions in one truth run).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from repfuse.algebra.bn import bn_scale_shift
+from repfuse.core import autograd as core_autograd
 from repfuse.pristine import copy_model
 
 
@@ -45,14 +51,20 @@ def float64_copy(model: nn.Module) -> nn.Module:
         return copy_model(model, memo)
 
 
-class _AffineNorms(TorchFunctionMode):
+class _Float64Kernels(TorchFunctionMode):
     """``F.batch_norm`` with running statistics and ``training=False`` as
-    ``x * scale + shift`` per channel (plain elementwise kernels, also in backward)."""
+    ``x * scale + shift`` per channel (plain elementwise kernels, also in backward), and
+    ``F.conv2d`` in float64 on the CPU with one input channel per group on the core's
+    kernels (``_depthwise``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             out = _affine_batch_norm(*args, **kwargs)
+            if out is not None:
+                return out
+        elif func is F.conv2d:
+            out = _depthwise(*args, **kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -67,10 +79,35 @@ def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None,
     return input * scale.to(input.dtype).reshape(shape) + shift.to(input.dtype).reshape(shape)
 
 
+def _depthwise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` of a float64 depthwise convolution on the CPU (one input channel per
+    group, any channel multiplier, a batched 4-D input, numeric padding) computed by
+    ``repfuse.core.autograd.conv2d``, or None for any other call (aten computes it).
+
+    The core's reference kernels apply the input's unfolded view tap by tap: measured, one
+    thread, a 3x3 kernel, forward and input gradient, 1024 channels on 7x7 1.9-2.8 ms
+    against aten's 9.4-9.8 ms, 512 on 14x14 1.9-3.1 against 6.2-6.7 ms, 64 on 112x112
+    about the same (12-24 ms). The weight gradient is made only for a weight that requires
+    grad (the truth's weights are casts that do not), and there the reference kernels are
+    slower than aten's on large grids, so such a call takes the core's ``"auto"`` choice
+    (the reference kernels up to ``REFERENCE_DEPTHWISE_POSITIONS`` output positions)."""
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and input.dim() == 4 and weight.dim() == 4 and isinstance(groups, int)
+            and groups > 1 and weight.shape[1] == 1 and not isinstance(padding, str)
+            and input.dtype == weight.dtype == torch.float64
+            and input.device.type == weight.device.type == "cpu"
+            and (bias is None or bias.dtype == torch.float64)):
+        return None
+    algorithm = "auto" if weight.requires_grad else "reference"
+    return core_autograd.conv2d(input, weight, bias, stride, padding, dilation, groups,
+                                algorithm=algorithm)
+
+
 @contextlib.contextmanager
 def exact_norms() -> Iterator[None]:
-    """Eval-mode batch norms computed as per-channel affine maps (see the docstring)."""
-    with _AffineNorms():
+    """Eval-mode batch norms computed as per-channel affine maps, float64 depthwise
+    convolutions on the core's kernels (see the docstring)."""
+    with _Float64Kernels():
         yield
 
 
