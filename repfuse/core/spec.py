@@ -30,6 +30,9 @@ LAYOUTS = ("NCHW", "NHWC")
 
 
 def _pair(value, name: str) -> Pair:
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int:
+        return value   # already a pair (every spec made from another spec)
     if isinstance(value, bool):
         raise GeometryError(f"{name}={value!r} must be an int or a pair of ints")
     if isinstance(value, int):
@@ -45,6 +48,8 @@ def normalize_padding(padding, kernel_size: Pair = (1, 1), dilation: Pair = (1, 
                       stride: Pair = (1, 1)) -> Pad4:
     """Padding as (top, bottom, left, right) from an int, a pair (ph, pw), a 4-tuple,
     or the strings ``"valid"`` / ``"same"`` (as torch.nn.functional.conv2d)."""
+    if type(padding) is tuple and len(padding) == 4 and all(type(p) is int for p in padding):
+        return padding   # already (top, bottom, left, right)
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0, 0, 0)
@@ -193,7 +198,17 @@ class ConvSpec:
         raise GeometryError(f"{type(module).__name__} is not an nn.Conv2d or nn.ConvTranspose2d")
 
     def replace(self, **changes) -> ConvSpec:
-        return dataclasses.replace(self, **changes)
+        """``dataclasses.replace``: a copy with ``changes``, normalised and validated as a
+        new spec is (without re-running the generated ``__init__``: reductions make
+        thousands of these)."""
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"ConvSpec has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(ConvSpec)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        new.__post_init__()
+        return new
 
     # ------------------------------------------------------------------ derived
     @property
@@ -376,6 +391,9 @@ class ConvSpec:
             parts.append("dw" if self.groups == self.in_channels == self.out_channels
                          else f"g{self.groups}")
         return " ".join(parts)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ConvSpec))
 
 
 def window_after(window: tuple[Pair, Pair], kernel: Pair, stride: Pair) -> tuple[Pair, Pair]:

@@ -79,3 +79,29 @@ def test_alignment_and_taps():
     assert ConvSpec(4, 4, 3, padding=2, dilation=2).tap_offsets(1) == (-2, 0, 2)
     assert big.reads(2, 3, 0, 2) == (1, 4)
     assert ConvSpec(4, 8, 3, stride=2, groups=4, dilation=2).describe() == "conv3x3/s2 d2 g4"
+
+
+@given(k=st.integers(1, 5), s=st.integers(1, 3), p=st.one_of(st.integers(0, 3), st.tuples(
+    *[st.integers(0, 3)] * 4), st.just("valid")), d=st.integers(1, 2),
+       groups=st.sampled_from([1, 2, 4]), layout=st.sampled_from(["NCHW", "NHWC"]))
+def test_replace_normalises_and_validates_as_construction(k, s, p, d, groups, layout):
+    base = ConvSpec(8, 8, 3, 1, 1)
+    changes = dict(kernel_size=[k, k], stride=s, padding=p, dilation=(d, d), groups=groups,
+                   layout=layout)
+    made = ConvSpec(8, 8, [k, k], s, p, (d, d), groups, layout=layout)
+    replaced = base.replace(**changes)
+    assert replaced == made and hash(replaced) == hash(made)
+    assert type(replaced.kernel_size) is tuple and type(replaced.padding) is tuple
+    assert base == ConvSpec(8, 8, 3, 1, 1)   # the original is not changed
+
+
+def test_replace_rejects_what_construction_rejects():
+    base = ConvSpec(8, 8, 3)
+    with pytest.raises(GeometryError, match="groups=3"):
+        base.replace(groups=3)
+    with pytest.raises(GeometryError, match="stride"):
+        base.replace(stride=True)
+    with pytest.raises(GeometryError, match="padding"):
+        base.replace(padding=(1, -1, 0, 0))
+    with pytest.raises(TypeError, match="no field 'strides'"):
+        base.replace(strides=2)
