@@ -115,7 +115,7 @@ def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
     if a.numel() == 0:
         return Check(name, 0.0, 0.0, t.atol, t.rtol, True, "empty")
     detail = ""
-    max_abs, scale = (float(v) for v in _extremes(a, b))    # NaN if any value is NaN
+    max_abs, scale = _extremes(a, b)    # NaN if any value is NaN
     if not (math.isfinite(max_abs) and math.isfinite(scale)):   # rare: inspect non-finites
         finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
         same_nonfinite = (a == b) | (torch.isnan(a) & torch.isnan(b))
@@ -146,21 +146,28 @@ def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
 _BLOCK = 1 << 18    # elements per block of ``_extremes`` (2 MB of float64: in cache)
 
 
-def _extremes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(max |a - b|, max |a|) of two float64 tensors of one shape, as scalar tensors (NaN
-    where a value is NaN), over the elements in memory order where both lie alike
+def _extremes(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """(max |a - b|, max |a|) of two float64 tensors of one shape (NaN where a value is
+    NaN). Up to one block: one pass of each reduction, read back together (the proofs
+    compare hundreds of small tensors; 64 elements took 96 us through the blocked path,
+    24 us so). Larger: over the elements in memory order where both lie alike
     (channels-last gradients: 3.6x faster than on the 4-D view), in blocks through one
     reused buffer: no difference the size of a kernel is allocated. (In repvgg_b3's proofs
     at 64x64 the one comparison of its 2560x768x3x3 kernel, whose whole difference was a
     new 141 MB tensor, took 298 ms of its 3.7 s; 35-65 ms on its own.) A min-and-max
     reduction (on CPU cheaper than vector_norm's inf-norm) per block, for each."""
+    if a.numel() <= _BLOCK:
+        lo, hi = torch.aminmax(a - b)
+        a_lo, a_hi = torch.aminmax(a)
+        lo, hi, a_lo, a_hi = torch.stack((lo, hi, a_lo, a_hi)).tolist()
+        return _magnitude(lo, hi), _magnitude(a_lo, a_hi)
     if a.stride() == b.stride():
         a, b = memory_order_flat(a), memory_order_flat(b)
     else:
         a, b = a.reshape(-1), b.reshape(-1)
     worst = torch.zeros((), dtype=a.dtype, device=a.device)
     scale = torch.zeros((), dtype=a.dtype, device=a.device)
-    buf = torch.empty(min(_BLOCK, a.numel()), dtype=a.dtype, device=a.device)
+    buf = torch.empty(_BLOCK, dtype=a.dtype, device=a.device)
     for start in range(0, a.numel(), _BLOCK):
         part = buf[:min(_BLOCK, a.numel() - start)]
         torch.sub(a[start:start + part.numel()], b[start:start + part.numel()], out=part)
@@ -168,7 +175,13 @@ def _extremes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         worst = torch.maximum(worst, torch.maximum(-lo, hi))
         lo, hi = torch.aminmax(a[start:start + part.numel()])
         scale = torch.maximum(scale, torch.maximum(-lo, hi))
-    return worst, scale
+    return float(worst), float(scale)
+
+
+def _magnitude(lo: float, hi: float) -> float:
+    """max(|lo|, |hi|) of a minimum and a maximum; NaN if either is (Python's ``max`` would
+    keep or drop a NaN by argument order)."""
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
 
 
 def failed(name: str, detail: str, tol: Tolerance | None = None) -> Check:
