@@ -66,7 +66,9 @@ def snapshot(*models: nn.Module) -> list[tuple[nn.Module, dict, dict, list]]:
             if id(m) in seen:
                 continue
             seen.add(id(m))
-            attrs = {k: v for k, v in vars(m).items() if k not in _REGISTERED}
+            attrs = vars(m).copy()
+            for k in _REGISTERED:
+                attrs.pop(k, None)
             held, empty = {}, []
             for k, v in attrs.items():
                 if isinstance(v, _CONTAINERS):

@@ -138,12 +138,14 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
             crop: int, boxes: list[Captured]) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
+        if capture is None or not capture(node):
+            return
         copies = {}
-        if capture is not None and capture(node) and value.dim() == 4:
+        if value.dim() == 4:
             c = crop   # the window in either layout (see ``fx.trace.CAPTURE``)
             copies[CAPTURE] = value[:1, :, :c, :c]
             copies[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :]
-        elif capture is not None and capture(node) and value.dim() in (2, 3):
+        elif value.dim() in (2, 3):
             copies[CAPTURE] = value[:2]   # vectors, tokens, sequences
         for key, window in copies.items():
             boxes.append(Captured(window.detach().clone()))
