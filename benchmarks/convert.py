@@ -98,14 +98,20 @@ def calibrate(model: nn.Module, shape: tuple) -> nn.Module:
     return model.eval()
 
 
-def seeded_model(name: str, size: int) -> nn.Module:
-    """timm model ``name`` (or ultralytics ``yolov8n``) with seeded random weights and
-    batch-norm statistics calibrated at ``size`` (``calibrate``), in eval mode: what the
-    profiling scripts convert."""
+def fresh_model(name: str) -> nn.Module:
+    """timm model ``name`` (or ultralytics ``yolov*``) with seeded random weights, in eval
+    mode: the same model in every process (whether the whole-model check needs the float64
+    truth depends on the weights as much as on the example)."""
     torch.manual_seed(0)
-    model = ultralytics_model(name) if name.startswith("yolo") else \
-        randomize(timm.create_model(name, pretrained=False)).eval()
-    return calibrate(model, (2, 3, size, size))
+    if name.startswith("yolo"):
+        return ultralytics_model(name)
+    return randomize(timm.create_model(name, pretrained=False)).eval()
+
+
+def seeded_model(name: str, size: int) -> nn.Module:
+    """``fresh_model`` with batch-norm statistics calibrated at ``size`` (``calibrate``):
+    what the profiling scripts convert."""
+    return calibrate(fresh_model(name), (2, 3, size, size))
 
 
 def timed(fn) -> tuple[float, object, int]:
@@ -161,7 +167,7 @@ def inference_ratio(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, repeats
 
 def bench(name: str, args) -> str:
     """One table row for timm model ``name``."""
-    model = randomize(timm.create_model(name, pretrained=False)).eval()
+    model = fresh_model(name)
     x = example(args.size, args.seed)
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
@@ -211,8 +217,7 @@ def differentiable_outputs(out) -> list[torch.Tensor]:
 
 def step_row(name: str, args) -> str:
     """fuse(verify=True) against one training step, alternately, medians."""
-    model = ultralytics_model(name) if name.startswith("yolo") else \
-        randomize(timm.create_model(name, pretrained=False)).eval()
+    model = fresh_model(name)
     x = example(args.size, args.seed)
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
@@ -400,7 +405,7 @@ def sweep_row(name: str, args) -> str:
     """One sweep row for timm model ``name`` (seconds, ratios, attempts per region). Each
     call is made once before it is timed (first-call setup and imports are not counted,
     for timm's conversion and the training step either)."""
-    model = randomize(timm.create_model(name, pretrained=False)).eval()
+    model = fresh_model(name)
     x = torch.randn(1, 3, args.size, args.size)
     if args.calibrate:
         calibrate(model, (2, 3, args.size, args.size))
