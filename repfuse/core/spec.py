@@ -204,7 +204,7 @@ class ConvSpec:
         unknown = changes.keys() - _FIELD_NAMES
         if unknown:
             raise TypeError(f"ConvSpec has no field {sorted(unknown)[0]!r}")
-        new = object.__new__(ConvSpec)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
         new.__post_init__()
