@@ -9,6 +9,7 @@ row, a change of layout the identity; the result records the region's value layo
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -429,7 +430,7 @@ def _finite(value) -> bool:
         tensors = (value.weight, value.bias)
     with torch.no_grad():
         # a NaN or Inf entry makes the sum non-finite (float64 sums of weights do not overflow)
-        return all(bool(torch.isfinite(t.sum())) for t in tensors if t is not None)
+        return all(math.isfinite(t.sum().item()) for t in tensors if t is not None)
 
 
 __all__ = ["REDUCERS", "reduce", "reduce_shapes", "refuse_bias_through_padding"]
