@@ -4,8 +4,9 @@
 dispatcher installed on every module (an instance-level ``forward``, removed afterwards):
 
 * a module is traced (``repfuse.fx.trace``) at its first call, with the submodules it
-  calls as leaves; a traced module runs through its graph (``fx.Interpreter``), whose
-  ``call_module`` nodes call the submodules, so their dispatchers run too;
+  calls as leaves; a traced module runs through its graph (``_GraphRunner``: the loop of
+  ``fx.Interpreter``), whose ``call_module`` nodes call the submodules, so their
+  dispatchers run too;
 * a module that cannot be traced (or is called with arguments its trace does not take)
   runs its own Python on real values, and the modules it calls are dispatched in turn:
   reach descends through loops over ModuleLists and iterated Sequentials, list
@@ -152,24 +153,76 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
             node.meta[key] = boxes[-1]
 
 
-class _GraphRunner(fx.Interpreter):
-    """Runs one unit's graph on real values; submodules are called (their dispatchers
-    decide how they run)."""
+class _GraphRunner:
+    """Runs one unit's graph on real values, node by node; submodules are called (their
+    dispatchers decide how they run). What ``fx.Interpreter.run`` does (inputs and
+    outputs through the graph's codegen, placeholders' defaults, each value freed after
+    its last use), without what reach has no use for and paid for at every call: the
+    interpreter's dict of every submodule below the unit (the root's run listed all 469
+    modules of timm mobileone_s0, and every unit below it its own), a progress bar per run
+    and a context manager per node."""
 
     def __init__(self, session: _Session, frame: _Call) -> None:
-        super().__init__(frame.unit.module, garbage_collect_values=True,
-                         graph=frame.unit.graph)
         self.session = session
         self.frame = frame
+        self.node: fx.Node | None = None
 
-    def run_node(self, n: fx.Node):
-        self.node = n
-        out = super().run_node(n)
-        _record(n, out, self.session.capture, self.session.crop, self.session.found.captured)
-        return out
+    def run(self, *args):
+        graph = self.frame.unit.graph
+        last: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            for n in node.all_input_nodes:
+                last[n] = node
+        frees: dict[fx.Node, list[fx.Node]] = {}
+        for n, user in last.items():
+            frees.setdefault(user, []).append(n)
+        env: dict[fx.Node, object] = {}
+        inputs = iter(graph.process_inputs(*args))
+        session = self.session
+        for node in graph.nodes:
+            self.node = node
+            try:
+                out = self._run_node(node, env, inputs)
+            except Exception as err:
+                if hasattr(err, "add_note"):   # Python >= 3.11
+                    err.add_note(f"while running {node.format_node()} of "
+                                 f"{self.frame.unit.path or '(root)'}")
+                raise
+            _record(node, out, session.capture, session.crop, session.found.captured)
+            if node.op == "output":
+                return graph.process_outputs(out)
+            env[node] = out
+            for n in frees.get(node, ()):
+                del env[n]
+        raise RuntimeError(f"the graph of {self.frame.unit.path or '(root)'} has no output")
+
+    def _run_node(self, node: fx.Node, env: dict, inputs):
+        op, target = node.op, node.target
+        if op == "placeholder":
+            if target.startswith("*"):
+                return list(inputs)
+            value = next(inputs, _MISSING)
+            if value is not _MISSING:
+                return value
+            if node.args:
+                return node.args[0]     # the parameter's default
+            raise RuntimeError(f"no value passed for parameter {target}")
+        if op == "get_attr":
+            return _fetch(self.frame.unit.module, target)
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        if op == "output":
+            return args[0]
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if op == "call_function":
+            return target(*args, **kwargs)
+        if op == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if op == "call_module":
+            return self.call_module(target, args, kwargs)
+        raise RuntimeError(f"unknown graph node kind {op!r} ({node.format_node()})")
 
     def call_module(self, target, args, kwargs):
-        sub = self.fetch_attr(target)
+        sub = _fetch(self.frame.unit.module, target)
         self.frame.node, self.frame.target = self.node, sub
         made: list = []
         try:
@@ -178,6 +231,20 @@ class _GraphRunner(fx.Interpreter):
             self.frame.node = self.frame.target = None
             if _changed(made):  # the graph may read the container after the call
                 self.session.found.changed_args[id(self.frame.unit.module)] = target
+
+
+_MISSING = object()
+
+
+def _fetch(module: nn.Module, target: str):
+    """The attribute at dotted path ``target`` below ``module``."""
+    value = module
+    for i, atom in enumerate(target.split(".")):
+        if not hasattr(value, atom):
+            raise RuntimeError(f"the graph reads {target}, which does not exist "
+                               f"({'.'.join(target.split('.')[:i + 1])} is missing)")
+        value = getattr(value, atom)
+    return value
 
 
 class _Session:

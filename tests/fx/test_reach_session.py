@@ -14,6 +14,7 @@ from torch import nn
 import repfuse
 from repfuse.fx import fuse as fx_fuse
 from repfuse.fx.reach import reach
+from repfuse.fx.trace import META
 
 
 class _Unit(nn.Module):
@@ -152,3 +153,80 @@ def test_the_tracing_flag_on_torch_versions_without_a_thread_local_one(monkeypat
     monkeypatch.delattr(fx_symbolic, "_is_fx_tracing_flag")
     with trace._fx_tracing(False):      # no flag at all: nothing to set, no error
         pass
+
+
+# ---------------------------------------------------------------------- the graph runner
+class _Star(nn.Module):
+    """A forward of variable arguments."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, *xs):
+        return self.conv(xs[0]) + xs[1]
+
+
+class _Optional(nn.Module):
+    """A parameter with a default, left out by one caller and passed by another."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x, scale: float = 2.0):
+        return self.bn(self.conv(x)) * scale
+
+
+class _Callers(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.star, self.plain, self.scaled = _Star(c), _Optional(c), _Optional(c)
+
+    def forward(self, x):
+        y = self.star(x, x)
+        return (self.plain(y) + self.scaled(y, 3.0)).flatten(1).sum(1)
+
+
+def test_graphs_run_with_their_defaults_and_record_their_values():
+    """Every traced unit runs through its graph on the real values (the model's output is
+    reproduced exactly), the others run their own Python, and every module call and output
+    of every graph that ran has the shape of its value recorded."""
+    torch.manual_seed(0)
+    model = _Callers().eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    out: list = []
+    model.register_forward_hook(lambda m, a, o: out.append(o))
+    found = reach(model, (x,))
+    assert torch.equal(out[-1], want)
+    graphs = {u.path: u.graph for k, u in found.units.items()
+              if u.graph is not None and k not in found.unplain}
+    # (``star`` has no placeholder for ``*xs`` and ``scaled`` was traced with its default:
+    # called with two arguments, each runs its own Python, and its layers are reached so)
+    assert {"", "plain"} <= graphs.keys()
+    assert {id(model.star), id(model.scaled)} <= found.unplain
+    assert {id(model.star.conv), id(model.scaled.bn)} <= found.ran
+    for path, graph in graphs.items():
+        for n in graph.nodes:
+            if n.op in ("call_module", "output"):     # (tensors here; guards are not)
+                assert META in n.meta, (path, n.name)
+
+
+def test_a_failing_graph_node_is_named():
+    """An error raised while a graph runs says which node of which unit raised it."""
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) + x       # shapes differ at run time, not while tracing
+
+    with pytest.raises(RuntimeError) as err:
+        reach(nn.Sequential(Bad()), (torch.randn(1, 4, 5, 5),))
+    if hasattr(err.value, "add_note"):
+        assert "while running" in " ".join(getattr(err.value, "__notes__", []))
+        assert "of 0" in " ".join(err.value.__notes__)
