@@ -82,10 +82,23 @@ def _pad_module(table: dict, mode: str, pads: tuple):
     return cls(pads)
 
 
+#: per torch layer class: a subclass whose ``reset_parameters`` does nothing
+_UNINITIALIZED: dict[type, type] = {}
+
+
 def _blank(cls, *args, **kwargs) -> nn.Module:
-    """A ``cls`` layer without storage (on "meta"): ``_own`` replaces both of its
-    parameters (cheaper than ``skip_init``, whose ``to_empty`` is slow for meta tensors)."""
-    return cls(*args, **kwargs, device="meta")
+    """A ``cls`` layer without storage (on "meta") and without its random initialisation:
+    ``_own`` replaces both of its parameters. Built as a subclass whose
+    ``reset_parameters`` does nothing, then given ``cls`` as its class: the object is a
+    plain ``cls`` layer (an ``nn.Conv2d`` built on meta spent 150 of its 255 us drawing
+    initial values there; ``skip_init``'s ``to_empty`` is slower still)."""
+    sub = _UNINITIALIZED.get(cls)
+    if sub is None:
+        sub = _UNINITIALIZED[cls] = type(cls.__name__, (cls,), {
+            "reset_parameters": lambda self: None, "__module__": __name__})
+    layer = sub(*args, **kwargs, device="meta")
+    layer.__class__ = cls
+    return layer
 
 
 def _own(module: nn.Module, conv, weight_view) -> nn.Module:

@@ -163,3 +163,50 @@ def test_cast_error_reports_nan_and_overflow(bad):
     ac = AffineConv(w, torch.zeros(3, dtype=torch.float64), ConvSpec(2, 3, (3, 3)))
     err = ac.cast_error()
     assert (err != err) if bad != bad else err == float("inf")
+
+
+@pytest.mark.parametrize("layout, transposed, cls", [
+    ("NCHW", False, nn.Conv2d), ("NCHW", True, nn.ConvTranspose2d),
+    ("NCL", False, nn.Conv1d), ("NC", False, nn.Linear)])
+def test_modules_are_plain_torch_layers(layout, transposed, cls):
+    """The layers ``to_module`` builds (without drawing initial values) are of the torch
+    class itself: they pickle, copy and re-initialise as any such layer, and hold the
+    kernel's values."""
+    import copy
+    import io
+
+    gen = torch.Generator().manual_seed(5)
+    k = (1, 1) if layout == "NC" else (1, 3) if layout == "NCL" else (3, 3)
+    shape = (4, 6, *k) if transposed else (6, 4, *k)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    padding = (0, 0, 1, 1) if layout == "NCL" else (0, 0, 0, 0) if layout == "NC" else 1
+    spec = ConvSpec(4, 6, k, padding=padding, transposed=transposed)
+    module = AffineConv(w, b, spec, value_layout=layout).to_module()
+    assert type(module) is cls
+    view = w[:, :, 0, 0] if layout == "NC" else w[:, :, 0] if layout == "NCL" else w
+    assert torch.equal(module.weight, view.float()) and torch.equal(module.bias, b.float())
+    for other in (copy.deepcopy(module), _pickled(module, io)):
+        assert type(other) is cls and torch.equal(other.weight, module.weight)
+    before = module.weight.detach().clone()
+    module.reset_parameters()     # the class's own initialisation
+    assert not torch.equal(module.weight, before)
+
+
+def _pickled(module, io):
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_modules_draw_no_initial_values(monkeypatch):
+    """``to_module`` does not run the layer's random initialisation (its values are
+    replaced at once)."""
+    calls = []
+    monkeypatch.setattr(nn.Conv2d, "reset_parameters", lambda self: calls.append(self))
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    module = AffineConv(w, torch.zeros(6, dtype=torch.float64),
+                        ConvSpec(4, 6, (3, 3), padding=1)).to_module()
+    assert type(module) is nn.Conv2d and not calls
+    assert torch.equal(module.weight, w.float())
