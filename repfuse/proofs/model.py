@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from repfuse.errors import InputError
 from repfuse.pristine import untouched
-from repfuse.proofs.compare import SEED, compare, failed, least_precise
+from repfuse.proofs.compare import SEED, compare, draw, failed, least_precise
 from repfuse.proofs.exact import Float64Weights, exact_norms, float64_copy
 from repfuse.proofs.modes import ordinary, own_mode
 from repfuse.proofs.truth import judge
@@ -106,10 +106,10 @@ def grad_names(args: tuple) -> list[str]:
 
 
 def upstream_for(flat: list[tuple[str, Any]]) -> dict[str, Tensor]:
-    """The seeded random upstream gradient of every floating output, drawn in float64 and
-    rounded to the output's dtype (the float64 run of the reference uses the same values)."""
+    """The seeded random upstream gradient of every floating output (``compare.draw``), in
+    the output's dtype (the float64 run of the reference uses the same values)."""
     gen = torch.Generator().manual_seed(SEED)
-    return {name: torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.dtype)
+    return {name: draw(r.shape, gen, r.dtype)
             for name, r in flat if isinstance(r, Tensor) and r.is_floating_point()}
 
 

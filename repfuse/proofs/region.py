@@ -47,7 +47,7 @@ from torch import Tensor
 from repfuse import core
 from repfuse import region as rg
 from repfuse.core.spec import ConvSpec
-from repfuse.proofs.compare import SEED, compare, failed, tolerance
+from repfuse.proofs.compare import SEED, compare, draw, failed, tolerance
 from repfuse.proofs.modes import in_differentiable_mode
 from repfuse.region import layout as L
 from repfuse.report import VerifyReport
@@ -285,8 +285,7 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         return report
     merge = _merger(layout, getattr(fused, "input_layout", ""), fused.value_layout,
                     getattr(fused, "pooled", False))
-    x = torch.randn(probe_shape(spec, layout, expr), generator=gen,
-                    dtype=torch.float64).to(weight.device, memory_format=fmt)
+    x = draw(probe_shape(spec, layout, expr), gen, memory_format=fmt).to(weight.device)
     probes = {"random": x}
     if example_activation is not None:
         probes["activation"] = _activation_window(example_activation, x, layout)
@@ -309,8 +308,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
         return report       # shapes differ: gradients cannot be compared
     y_ref = refs["random"]
     del refs
-    grad_out = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(
-        x.device, memory_format=fmt if y_ref.dim() == 4 else torch.contiguous_format)
+    grad_out = draw(y_ref.shape, gen, memory_format=fmt if y_ref.dim() == 4
+                    else torch.contiguous_format).to(x.device)
     xl = x.detach().requires_grad_(True)
     xf = merge(xl)
     gx_fused = fused_input_grad(xf.detach(), weight, grad_out, spec)
