@@ -155,6 +155,11 @@ def compare(name: str, reference: Tensor, candidate: Tensor, tol=None) -> Check:
 
 
 _BLOCK = 1 << 18    # elements per block of ``_extremes`` (2 MB of float64: in cache)
+#: From this size a one-block comparison of channels-last tensors runs on their memory-order
+#: views: a whole-tensor reduction over a channels-last 4-D view took twice as long (a
+#: 128x128x3x3 float64 gradient: 930 against 498 us for both reductions; below 2^14
+#: elements the view costs more than it saves)
+_FLAT = 1 << 14
 
 
 def _extremes(a: Tensor, b: Tensor) -> tuple[float, float]:
@@ -168,6 +173,8 @@ def _extremes(a: Tensor, b: Tensor) -> tuple[float, float]:
     new 141 MB tensor, took 298 ms of its 3.7 s; 35-65 ms on its own.) A min-and-max
     reduction (on CPU cheaper than vector_norm's inf-norm) per block, for each."""
     if a.numel() <= _BLOCK:
+        if a.numel() >= _FLAT and a.stride() == b.stride() and not a.is_contiguous():
+            a, b = memory_order_flat(a), memory_order_flat(b)
         lo, hi = torch.aminmax(a - b)
         a_lo, a_hi = torch.aminmax(a)
         lo, hi, a_lo, a_hi = torch.stack((lo, hi, a_lo, a_hi)).tolist()

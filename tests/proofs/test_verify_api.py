@@ -209,12 +209,13 @@ def test_compare_definitions():
 
 
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
-       block=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_compare_in_blocks_finds_the_largest_difference_and_value(shape, data, block, seed):
+       block=st.integers(1, 40), flat=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_compare_in_blocks_finds_the_largest_difference_and_value(shape, data, block, flat,
+                                                                   seed):
     """The comparison reduces in blocks of the elements in memory order (any block size,
-    any memory order, the two tensors alike or not): its figures are the largest
-    difference and the largest reference value wherever they lie, and one NaN in any
-    block fails it."""
+    any memory order, the two tensors alike or not; one block on the tensors or on their
+    memory-order views, from any size): its figures are the largest difference and the
+    largest reference value wherever they lie, and one NaN in any block fails it."""
     compare_module = importlib.import_module("repfuse.proofs.compare")
 
     gen = torch.Generator().manual_seed(seed)
@@ -228,6 +229,7 @@ def test_compare_in_blocks_finds_the_largest_difference_and_value(shape, data, b
     where = data.draw(st.integers(0, ref.numel() - 1))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compare_module, "_BLOCK", block)
+        patch.setattr(compare_module, "_FLAT", flat)
         c = compare("x", ref_stored, cand_stored, tol=(1.0, 0.0))
         assert c.max_abs == float((ref - cand).abs().max())
         assert c.max_rel == float((ref - cand).abs().max()) / float(ref.abs().max())
