@@ -130,10 +130,46 @@ def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
     result, without ``copy.deepcopy``'s generic reconstruction of each one, which took most
     of the copy (timm mobileone_s0, 469 modules: 0.83 s -> 0.18 s)."""
     memo = {} if memo is None else memo
+    storages: dict[int, set[int]] = collections.defaultdict(set)
+    buffers = []
     for m in model.modules():
         for k, v in vars(m).items():
             if type(v) in _EMPTY and not v:
                 memo.setdefault(id(v), type(v)())
             elif k not in _REGISTERED:
                 _with_history(v, memo)
+                _count_storages(v, storages)
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            _count_storages(t, storages)
+        buffers += m._buffers.values()
+    with torch.no_grad():
+        for b in buffers:
+            if id(b) not in memo and _clone_is_copy(b, storages):
+                memo[id(b)] = b.clone()
     return copy.deepcopy(model, memo)
+
+
+def _count_storages(value: Any, counts: dict[int, set[int]], depth: int = 0) -> None:
+    """Add the tensors of ``value`` (nested up to three containers deep) to the ids of the
+    tensors on each storage."""
+    if isinstance(value, torch.Tensor):
+        if value.layout == torch.strided and value.device.type != "meta":
+            counts[value.untyped_storage().data_ptr()].add(id(value))
+    elif depth < 3 and isinstance(value, dict):
+        for v in value.values():
+            _count_storages(v, counts, depth + 1)
+    elif depth < 3 and isinstance(value, (list, tuple, set)):
+        for v in value:
+            _count_storages(v, counts, depth + 1)
+
+
+def _clone_is_copy(t: Any, storages: dict[int, set[int]]) -> bool:
+    """Whether ``t.clone()`` is what ``copy.deepcopy`` would make of buffer ``t`` (a plain
+    dense tensor, without grad or attributes, alone on a storage it fills exactly); a clone
+    costs 3 us where the generic copy took 40 (a model's batch-norm statistics)."""
+    return (type(t) is torch.Tensor and t.layout == torch.strided
+            and t.device.type != "meta" and not t.requires_grad and t.grad is None
+            and not t.is_quantized and not t.is_conj() and not t.is_neg()
+            and t.storage_offset() == 0 and t.is_contiguous() and not vars(t)
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            and len(storages[t.untyped_storage().data_ptr()]) == 1)

@@ -51,3 +51,34 @@ def test_same_as_deepcopy_and_independent_of_the_original():
     assert not model[0]._forward_hooks and model[0].shared == [] and not model[0].seen
     for p, q in zip(model.parameters(), copied.parameters()):
         assert p is not q and torch.equal(p, q)
+
+
+class Buffers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        base = torch.arange(8.0)
+        self.register_buffer("whole", base)
+        self.register_buffer("part", base[2:6])           # a view of ``whole``'s storage
+        self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())
+        self.alias = self.bn.running_mean                  # a plain attribute, same tensor
+        self.register_buffer("tagged", torch.ones(2))
+        self.tagged.note = "kept"                          # a tensor attribute
+
+
+def test_buffers_are_copied_as_deepcopy_copies_them():
+    model = Buffers()
+    copied, plain = copy_model(model), copy.deepcopy(model)
+    for (name, a), (_, b), (_, o) in zip(copied.named_buffers(), plain.named_buffers(),
+                                         model.named_buffers()):
+        assert torch.equal(a, b) and a.dtype == b.dtype, name
+        assert a.stride() == b.stride() and a.storage_offset() == b.storage_offset(), name
+        assert a.untyped_storage().data_ptr() != o.untyped_storage().data_ptr(), name
+    # storage sharing, aliases and tensor attributes survive as in deepcopy
+    assert copied.part.untyped_storage().data_ptr() == copied.whole.untyped_storage().data_ptr()
+    copied.whole[3] = -1.0
+    assert copied.part[1] == -1.0 and model.whole[3] == 3.0
+    assert copied.alias is copied.bn.running_mean
+    assert copied.tagged.note == "kept"
+    copied.bn.running_var.add_(1.0)                    # the copy's buffers are its own
+    assert torch.equal(model.bn.running_var, torch.ones(3))
