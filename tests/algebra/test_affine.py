@@ -130,11 +130,13 @@ def test_cast_error_and_module_of_a_channels_last_kernel(fmt):
 
 @given(o=st.integers(1, 9), i=st.integers(1, 5), k=st.integers(1, 3),
        order=st.permutations(range(4)), block=st.integers(1, 64),
+       own_order=st.integers(1, 200),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**16))
-def test_cast_in_blocks_is_the_cast_and_its_exact_error(o, i, k, order, block, dtype, seed):
-    """The cast is made in blocks of the first axis (any size, any memory order of the
-    float64 kernel): the module's tensors are the cast values, contiguous, and the cast
+def test_cast_in_blocks_is_the_cast_and_its_exact_error(o, i, k, order, block, own_order,
+                                                         dtype, seed):
+    """The cast is made in blocks (any size, any memory order of the float64 kernel: of
+    the first axis, or of the memory-order views): the module's tensors are the cast values, contiguous, and the cast
     error is the largest difference element by element, wherever it lies."""
     import repfuse.algebra.affine as affine
 
@@ -148,18 +150,29 @@ def test_cast_in_blocks_is_the_cast_and_its_exact_error(o, i, k, order, block, d
                float((b - b.to(dtype).double()).abs().max()))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(affine, "_BLOCK", block)
+        patch.setattr(affine, "_OWN_ORDER", own_order)
         assert ac.cast_error() == want
         module = ac.to_module()
     assert module.weight.is_contiguous() and module.weight.dtype == dtype
     assert torch.equal(module.weight, w.to(dtype)) and torch.equal(module.bias, b.to(dtype))
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("bad", [float("nan"), 1e300])
-def test_cast_error_reports_nan_and_overflow(bad):
+def test_cast_error_reports_nan_and_overflow(bad, fmt):
     """A NaN value makes the cast error NaN, a value beyond float32 infinite: neither is
-    lost in the maximum over the blocks."""
+    lost in the maximum over the blocks (of either memory order)."""
     w = torch.ones(3, 2, 3, 3, dtype=torch.float64) / 3
     w[2, 1, 2, 0] = bad
+    w = w.contiguous(memory_format=fmt)
+    import repfuse.algebra.affine as affine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine, "_BLOCK", 7)
+        patch.setattr(affine, "_OWN_ORDER", 1)
+        ac = AffineConv(w, torch.zeros(3, dtype=torch.float64), ConvSpec(2, 3, (3, 3)))
+        err = ac.cast_error()
+        assert (err != err) if bad != bad else err == float("inf")
     ac = AffineConv(w, torch.zeros(3, dtype=torch.float64), ConvSpec(2, 3, (3, 3)))
     err = ac.cast_error()
     assert (err != err) if bad != bad else err == float("inf")
