@@ -1,8 +1,10 @@
-"""Compare versions of repfuse: time one timm model's conversions in this process, and run
+"""Compare versions of repfuse: time one model's conversions in this process, and run
 this script alternately with ``PYTHONPATH`` set to each checkout.
 
-One warm-up call of each of timm's ``reparameterize_model``, ``repfuse.fuse(verify=False)``
-and ``repfuse.fuse(verify=True)``, then ``--rounds`` rounds of the three alternately;
+One warm-up call of each of one training step (``convert.training_step``), timm's
+``reparameterize_model`` (timm models; not for ultralytics ``yolov8n``),
+``repfuse.fuse(verify=False)`` and ``repfuse.fuse(verify=True)``, then ``--rounds`` rounds
+of them alternately;
 prints, for each, the minimum wall time and the minimum process CPU time (the minimum:
 the machine's noise only ever adds). Seeded model (random weights, calibrated batch-norm
 statistics, ``convert.calibrate``) and input, so the versions convert the same thing:
@@ -42,9 +44,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = convert.seeded_model(args.model, args.size)
     x = convert.example(args.size)
-    calls = {"timm": lambda: timm.utils.reparameterize_model(model),
-             "fuse": lambda: repfuse.fuse(model, x, verify=False),
-             "verify": lambda: repfuse.fuse(model, x, verify=True)}
+    calls = {"step": lambda: convert.training_step(model, x)}
+    if not args.model.startswith("yolo"):
+        calls["timm"] = lambda: timm.utils.reparameterize_model(model)
+    calls.update(fuse=lambda: repfuse.fuse(model, x, verify=False),
+                 verify=lambda: repfuse.fuse(model, x, verify=True))
     for call in calls.values():
         call()
     wall: dict[str, list[float]] = {k: [] for k in calls}
