@@ -136,8 +136,9 @@ def test_cast_error_and_module_of_a_channels_last_kernel(fmt):
 def test_cast_in_blocks_is_the_cast_and_its_exact_error(o, i, k, order, block, own_order,
                                                          dtype, seed):
     """The cast is made in blocks (any size, any memory order of the float64 kernel: of
-    the first axis, or of the memory-order views): the module's tensors are the cast values, contiguous, and the cast
-    error is the largest difference element by element, wherever it lies."""
+    the first axis, or of the memory-order views): the module's tensors are the cast
+    values, contiguous, and the cast error is the largest difference element by element,
+    wherever it lies."""
     import repfuse.algebra.affine as affine
 
     gen = torch.Generator().manual_seed(seed)
