@@ -115,15 +115,26 @@ def reduce_for_proof(expr: rg.Node, shapes):
     ``carried`` holds the differentiable reduction until ``prove_region`` takes it. The
     values are those of ``reduce(expr)``: every step of a reduction is in float64, and the
     leaves are exact float64 copies. A region its values refuse raises what
-    ``reduce(expr)`` raises (naming ``expr``'s nodes, as a front end's cuts need)."""
-    fmt = proof_memory_format(shapes.spec, rg.region_input(expr).layout)
+    ``reduce(expr)`` raises (naming ``expr``'s nodes, as a front end's cuts need). Without
+    ``shapes`` (a part ``region.worth.direct`` reduces at once: at most one conv, whose
+    spec the fused kernel keeps), the memory format is that conv's and the dtype the
+    region's (``region.dtype_device``); the proof re-makes leaves it finds in another
+    format."""
+    if shapes is not None:
+        spec, dtype = shapes.spec, shapes.dtype
+    else:
+        spec = next((n.spec for n in rg.walk(expr)
+                     if n.kind is rg.OpKind.CONV and hasattr(n, "spec")), None)
+        dtype = rg.dtype_device(expr)[0]
+    fmt = torch.contiguous_format if spec is None else \
+        proof_memory_format(spec, rg.region_input(expr).layout)
     expr64, leaves = float64_leaves(expr, fmt)
     try:
         full = rg.reduce(expr64)
     except Exception:  # noqa: BLE001 - refused: the same reduction on expr says why
         with torch.no_grad():
             return rg.reduce(expr)
-    affine = full.replace(weight=full.weight.detach(), dtype=shapes.dtype,
+    affine = full.replace(weight=full.weight.detach(), dtype=dtype,
                           bias=None if full.bias is None else full.bias.detach())
     affine.carried = _Reduction(expr64, leaves, full, fmt)
     return affine
@@ -273,7 +284,8 @@ def prove_region(expr: rg.Node, fused, example_activation: Tensor | None = None,
     reduced = getattr(fused, "carried", None)
     if reduced is not None:
         fused.carried = None        # taken: its graph is freed by the adjoint below
-    if isinstance(reduced, _Reduction) and reduced.memory_format == fmt:
+    if isinstance(reduced, _Reduction) and (reduced.memory_format == fmt or all(
+            t.dim() != 4 for t in reduced.leaves.values())):   # (a format is of 4-D leaves)
         expr64, leaves = reduced.expr64, reduced.leaves    # the fuser's reduction (same values)
     else:
         reduced = None

@@ -28,6 +28,7 @@ from repfuse.region.reference import evaluate
 from repfuse.region.tree import (
     children,
     count_params,
+    dtype_device,
     input_channels,
     label,
     materialized,
@@ -51,8 +52,8 @@ from repfuse.region.worth import (
 
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "Attempts", "Computed", "LinearOp", "OpKind", "check_growth",
-    "children", "count_params", "describe", "evaluate", "input_channels", "is_region_value",
-    "label", "layout", "materialized", "node_tensors", "parameters", "read_window", "reduce",
-    "reduce_shapes", "reference", "region_input", "shape_refusal", "sources", "substitute",
-    "value_layouts", "walk", "with_input", "worthwhile",
+    "children", "count_params", "describe", "dtype_device", "evaluate", "input_channels",
+    "is_region_value", "label", "layout", "materialized", "node_tensors", "parameters",
+    "read_window", "reduce", "reduce_shapes", "reference", "region_input", "shape_refusal",
+    "sources", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
 ]

@@ -102,3 +102,61 @@ def test_a_carried_reduction_lives_until_its_proof_only(monkeypatch):
     assert any(fallbacks) and not all(fallbacks)    # the design has a cut search
     gc.collect()
     assert leaves and all(r() is None for r in leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_parts_are_reduced_once_without_a_shape_only_run(dtype, monkeypatch):
+    """Parts with one conv (dense, depthwise, transposed, a Linear after a global pool) and
+    their norms are reduced with values at once (``region.worth.direct``): no shape-only
+    run is made for them, the proof finds its leaves in the format it runs in (it reduces
+    none again), and the model is the one the unverified fusion gives, in its dtype."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 2, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))).eval()
+    model, x = model.to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
+    shape_runs, reductions = [], []
+    real_shapes, real_reduce = rg.worth.shapes_or_refusal, rg.reduce
+    monkeypatch.setattr(rg.worth, "shapes_or_refusal",
+                        lambda expr: (shape_runs.append(expr), real_shapes(expr))[1])
+    monkeypatch.setattr(rg, "reduce", lambda expr: (reductions.append(expr),
+                                                    real_reduce(expr))[1])
+    proven = repfuse.fuse(model, x, verify=True)
+    assert proven.report.ok and len(proven.report.fused) == 4, proven.report.to_dict()
+    assert not shape_runs
+    assert len(reductions) == proven.report.search["reductions"] == 4
+    plain = repfuse.fuse(model, x, verify=False).model.state_dict()
+    for key, value in proven.model.state_dict().items():
+        assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
+
+
+def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
+    """``direct`` holds for one conv with norms and scales up to ``DIRECT_LIMIT`` parameter
+    elements, not for two convs (their composition may grow), a pool, or a larger conv."""
+    def expr(*layers, shape=(1, 4, 8, 8)):
+        torch.manual_seed(0)
+        block = randomize_bn(nn.Sequential(*layers)).eval()
+        found = repfuse.fuse(block, torch.randn(shape), verify=False)
+        return found
+
+    from repfuse.fx.fuser import Fuser
+    seen = []
+    real = Fuser._decide
+
+    def recording(self, mg, an):
+        chosen = real(self, mg, an)
+        seen.extend(rg.worth.direct(e) for _, e, _ in chosen)
+        return chosen
+
+    cases = [((nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), True),
+             ((nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)), False),
+             ((nn.AvgPool2d(2), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), False),
+             ((nn.Conv2d(4, 1 << 16, 4), nn.BatchNorm2d(1 << 16)), False)]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Fuser, "_decide", recording)
+        for layers, want in cases:
+            seen.clear()
+            expr(*layers)
+            assert seen == [want], (layers, seen)
