@@ -60,60 +60,51 @@ _OWN_ORDER = 1 << 14  # from this size a kernel not contiguous is cast in its me
 def _cast_measured(exact: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``exact`` (float64, any memory format) cast to ``dtype`` as a new contiguous tensor,
     and the largest absolute rounding error of the cast (a float64 scalar tensor; NaN where
-    a value is NaN, infinite where one overflows). The error is exact: the rounding error
-    of a cast from float64 is representable in float64. A contiguous ``exact`` is measured
-    in one pass over blocks of its first axis: each block is read from memory once, cast
-    into the result, cast back into a reused buffer and subtracted while it is in cache. (A
-    cast followed by a second pass subtracting the float32 result from the float64 kernel
-    read both from memory again, and torch runs a subtraction that promotes float32 about
-    3x slower than one in a single dtype: 5.7 against 3.8 ms for a 768x768x3x3 kernel, 9.8
-    against 3.8 with glibc's default allocator, which maps a fresh temporary anew.) Any
-    other (a channels-last kernel of a proof's reduction) is cast in its own memory order,
-    measured over blocks of the memory-order views, and the cast alone made contiguous:
-    element-wise work across two memory orders ran at half the speed (a channels-last
-    256x256x3x3 kernel: 3.2-3.4 against 5.1 ms; below ``_OWN_ORDER`` elements the views
-    cost more than they save: 78 against 61 us for 32x16x3x3)."""
+    a value is NaN, infinite where one overflows), in one pass over blocks of the first
+    axis: each block is read from memory once, cast into the result, cast back into a
+    reused buffer and subtracted while it is in cache. The error is exact: the rounding
+    error of a cast from float64 is representable in float64. (A cast followed by a second
+    pass subtracting the float32 result from the float64 kernel read both from memory
+    again, and torch runs a subtraction that promotes float32 about 3x slower than one in a
+    single dtype: 5.7 against 3.8 ms for a 768x768x3x3 kernel, 9.8 against 3.8 with glibc's
+    default allocator, which maps a fresh temporary anew.) A block of a kernel that is not
+    contiguous (a channels-last kernel of a proof's reduction) from ``_OWN_ORDER`` elements
+    is cast and measured in its own memory order and only its cast copied into the
+    contiguous result: element-wise work across two memory orders runs slower (a
+    channels-last 256x256x3x3 kernel: 3.5 against 4.3 ms, 128x128x3x3: 0.66 against 0.93;
+    casting the whole kernel in its order first took 3.0 ms, but held a second cast of it;
+    below ``_OWN_ORDER`` the views cost more than they save)."""
+    out = torch.empty(exact.shape, dtype=dtype, device=exact.device)
     if exact.numel() == 0 or dtype == WORK_DTYPE:
-        out = torch.empty(exact.shape, dtype=dtype, device=exact.device)
         out.copy_(exact)
         return out, torch.zeros((), dtype=WORK_DTYPE, device=exact.device)
-    if exact.numel() >= _OWN_ORDER and not exact.is_contiguous():
-        cast = exact.to(dtype)      # in exact's memory order where it is dense in one
-        return cast.contiguous(), _worst_difference(memory_order_flat(cast),
-                                                    memory_order_flat(exact))
-    out = torch.empty(exact.shape, dtype=dtype, device=exact.device)
-    if exact.numel() <= _BLOCK:     # one block: a third of the operations of the loop below
+    own = exact.numel() >= _OWN_ORDER and not exact.is_contiguous()
+    if exact.numel() <= _BLOCK and not own:   # one block: a third of the operations below
         out.copy_(exact)
         lo, hi = torch.aminmax(out.to(WORK_DTYPE).sub_(exact))
         return out, torch.maximum(-lo, hi)
     worst = torch.zeros((), dtype=WORK_DTYPE, device=exact.device)
     rows = exact.shape[0]
     step = max(1, _BLOCK // max(1, exact[0].numel()))
-    buf = torch.empty((min(step, rows), *exact.shape[1:]), dtype=WORK_DTYPE,
+    buf = torch.empty(min(step, rows) * exact[0].numel(), dtype=WORK_DTYPE,
                       device=exact.device)
     for start in range(0, rows, step):
         src, dst = exact[start:start + step], out[start:start + step]
-        dst.copy_(src)
-        part = buf[:src.shape[0]]
-        part.copy_(dst)
-        part.sub_(src)
+        part = buf[:src.numel()]
+        if own:
+            cast = src.to(dtype)        # in src's memory order, where it is dense in one
+            flat = memory_order_flat if cast.stride() == src.stride() else torch.ravel
+            part.copy_(flat(cast))
+            part.sub_(flat(src))
+            dst.copy_(cast)
+        else:
+            part = part.view(src.shape)
+            dst.copy_(src)
+            part.copy_(dst)
+            part.sub_(src)
         lo, hi = torch.aminmax(part)
         worst = torch.maximum(worst, torch.maximum(-lo, hi))
     return out, worst
-
-
-def _worst_difference(cast: Tensor, exact: Tensor) -> Tensor:
-    """max |cast - exact| of two 1-D tensors (``cast`` below float64), over blocks through
-    one reused float64 buffer."""
-    worst = torch.zeros((), dtype=WORK_DTYPE, device=exact.device)
-    buf = torch.empty(min(_BLOCK, exact.numel()), dtype=WORK_DTYPE, device=exact.device)
-    for start in range(0, exact.numel(), _BLOCK):
-        part = buf[:min(_BLOCK, exact.numel() - start)]
-        part.copy_(cast[start:start + part.numel()])
-        part.sub_(exact[start:start + part.numel()])
-        lo, hi = torch.aminmax(part)
-        worst = torch.maximum(worst, torch.maximum(-lo, hi))
-    return worst
 
 
 @dataclass(eq=False)
