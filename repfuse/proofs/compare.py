@@ -55,9 +55,9 @@ def draw(shape, generator: torch.Generator, dtype: torch.dtype = torch.float64,
          memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
     """Standard normal values of ``shape`` from ``generator``, drawn in float32 and given in
     ``dtype``: torch draws float32 normals vectorised, float64 ones one by one (4.5x slower
-    on CPU: 4.3 against 0.95 ms for a 144x28x28 upstream gradient with the cast). A probe or
-    upstream gradient only needs to be generic; values with a float32 mantissa are, and the
-    checks run on them in float64 as before. On the generator's device (the CPU)."""
+    on CPU: 4.3 against 0.95 ms for 144x28x28 values with the cast). A region proof's probe
+    and upstream gradient only need to be generic (the region is linear, the proof runs in
+    float64); values with a float32 mantissa are. On the generator's device (the CPU)."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(
         dtype, memory_format=memory_format)
 
