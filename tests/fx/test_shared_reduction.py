@@ -135,11 +135,10 @@ def test_direct_parts_are_reduced_once_without_a_shape_only_run(dtype, monkeypat
 def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
     """``direct`` holds for one conv with norms and scales up to ``DIRECT_LIMIT`` parameter
     elements, not for two convs (their composition may grow), a pool, or a larger conv."""
-    def expr(*layers, shape=(1, 4, 8, 8)):
+    def fuse_block(*layers):
         torch.manual_seed(0)
         block = randomize_bn(nn.Sequential(*layers)).eval()
-        found = repfuse.fuse(block, torch.randn(shape), verify=False)
-        return found
+        repfuse.fuse(block, torch.randn(1, 4, 8, 8), verify=False)
 
     from repfuse.fx.fuser import Fuser
     seen = []
@@ -158,5 +157,5 @@ def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
         m.setattr(Fuser, "_decide", recording)
         for layers, want in cases:
             seen.clear()
-            expr(*layers)
+            fuse_block(*layers)
             assert seen == [want], (layers, seen)
