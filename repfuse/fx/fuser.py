@@ -103,14 +103,15 @@ def _like_branches(module: nn.Module, expr: rg.Node) -> nn.Module:
 
 #: ``reducer(expression, shape-only reduction or None) -> AffineConv``: computes
 #: ``region.reduce`` in a way a check can reuse (the proofs: differentiably, on float64
-#: leaves of their own; ``repfuse.proofs.region.reduce_for_proof``); without one,
-#: ``region.reduce`` runs without grad.
+#: leaves of their own; ``repfuse.proofs.region.reduce_for_proof``), given the shape-only
+#: reduction or, for a ``region.direct`` part, None; without one (or without the shapes of
+#: a part that needs them), ``region.reduce`` runs without grad.
 Reducer = Callable[[rg.Node, object], object]
 
 
 def _reduce(expr: rg.Node, shapes=None, reducer: Reducer | None = None):
     """``(AffineConv, module)`` for a region expression; raises ``NotFusable``."""
-    if reducer is not None:
+    if reducer is not None and (shapes is not None or rg.direct(expr)):
         affine = reducer(expr, shapes)
     else:
         with torch.no_grad():

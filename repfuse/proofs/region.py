@@ -116,10 +116,10 @@ def reduce_for_proof(expr: rg.Node, shapes):
     values are those of ``reduce(expr)``: every step of a reduction is in float64, and the
     leaves are exact float64 copies. A region its values refuse raises what
     ``reduce(expr)`` raises (naming ``expr``'s nodes, as a front end's cuts need). Without
-    ``shapes`` (a part ``region.worth.direct`` reduces at once: at most one conv, whose
+    ``shapes`` (only for a ``region.direct`` part, reduced at once: at most one conv, whose
     spec the fused kernel keeps), the memory format is that conv's and the dtype the
-    region's (``region.dtype_device``); the proof re-makes leaves it finds in another
-    format."""
+    region's (``region.dtype_device``, what ``reduce`` gives such a part); the proof
+    re-makes leaves it finds in another format."""
     if shapes is not None:
         spec, dtype = shapes.spec, shapes.dtype
     else:

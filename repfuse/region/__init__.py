@@ -46,14 +46,16 @@ from repfuse.region.worth import (
     GROWTH_LIMIT,
     Attempts,
     check_growth,
+    direct,
     shape_refusal,
     worthwhile,
 )
 
 __all__ = [
     *_node_names, "GROWTH_LIMIT", "Attempts", "Computed", "LinearOp", "OpKind", "check_growth",
-    "children", "count_params", "describe", "dtype_device", "evaluate", "input_channels",
-    "is_region_value", "label", "layout", "materialized", "node_tensors", "parameters",
-    "read_window", "reduce", "reduce_shapes", "reference", "region_input", "shape_refusal",
-    "sources", "substitute", "value_layouts", "walk", "with_input", "worthwhile",
+    "children", "count_params", "describe", "direct", "dtype_device", "evaluate",
+    "input_channels", "is_region_value", "label", "layout", "materialized", "node_tensors",
+    "parameters", "read_window", "reduce", "reduce_shapes", "reference", "region_input",
+    "shape_refusal", "sources", "substitute", "value_layouts", "walk", "with_input",
+    "worthwhile",
 ]

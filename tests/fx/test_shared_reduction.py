@@ -146,7 +146,7 @@ def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
 
     def recording(self, mg, an):
         chosen = real(self, mg, an)
-        seen.extend(rg.worth.direct(e) for _, e, _ in chosen)
+        seen.extend(rg.direct(e) for _, e, _ in chosen)
         return chosen
 
     cases = [((nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), True),
