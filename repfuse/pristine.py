@@ -106,17 +106,23 @@ def untouched(*models: nn.Module) -> Iterator[None]:
         restore(saved)
 
 
-def _with_history(value: Any, found: dict[int, torch.Tensor], depth: int = 0) -> None:
+def _nested_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors of ``value``, itself or nested up to three containers deep."""
     if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None:
-            with torch.no_grad():
-                found[id(value)] = value.detach().clone()
+        yield value
     elif depth < 3 and isinstance(value, dict):
         for v in value.values():
-            _with_history(v, found, depth + 1)
+            yield from _nested_tensors(v, depth + 1)
     elif depth < 3 and isinstance(value, (list, tuple, set)):
         for v in value:
-            _with_history(v, found, depth + 1)
+            yield from _nested_tensors(v, depth + 1)
+
+
+def _with_history(value: Any, found: dict[int, torch.Tensor]) -> None:
+    for t in _nested_tensors(value):
+        if t.grad_fn is not None:
+            with torch.no_grad():
+                found[id(t)] = t.detach().clone()
 
 
 #: Container types whose empty instances ``copy_model`` copies without ``copy.deepcopy``.
@@ -149,18 +155,12 @@ def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _count_storages(value: Any, counts: dict[int, set[int]], depth: int = 0) -> None:
-    """Add the tensors of ``value`` (nested up to three containers deep) to the ids of the
-    tensors on each storage."""
-    if isinstance(value, torch.Tensor):
-        if value.layout == torch.strided and value.device.type != "meta":
-            counts[value.untyped_storage().data_ptr()].add(id(value))
-    elif depth < 3 and isinstance(value, dict):
-        for v in value.values():
-            _count_storages(v, counts, depth + 1)
-    elif depth < 3 and isinstance(value, (list, tuple, set)):
-        for v in value:
-            _count_storages(v, counts, depth + 1)
+def _count_storages(value: Any, counts: dict[int, set[int]]) -> None:
+    """Add the tensors of ``value`` (``_nested_tensors``) to the ids of the tensors on each
+    storage."""
+    for t in _nested_tensors(value):
+        if t.layout == torch.strided and t.device.type != "meta":
+            counts[t.untyped_storage().data_ptr()].add(id(t))
 
 
 def _clone_is_copy(t: Any, storages: dict[int, set[int]]) -> bool:
