@@ -16,6 +16,11 @@ repfuse proved in the timed conversion, and prints the ``--floor`` bounds with i
 (the lean regions include their float64 runs, which replace the floor's). What is still left
 out is the graph pass: finding the regions, copying the model's structure, rewriting and
 installing the graphs. The lean code is a measure, not a proof that nothing leaner exists.
+Only one-conv regions are covered: the same straight-line code for RepVGG's and MobileOne's
+multi-branch regions (the 1x1 padded, the identity as a kernel, the branches added, autograd's
+own adjoint) took longer than repfuse's algebra, which adds branches in place and keeps
+kernel-sized temporaries out of the adjoint (repvgg_b3 at 224: 6.25 s against its proofs'
+float64 runs of 2.49 s, a "bound" above the conversion), so it would bound nothing there.
 
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/lean.py yolov8n [--size 224] [--threads 1]
@@ -167,7 +172,7 @@ def main() -> None:
     floor = check + truth + trace + proofs + forward + peer
     bound = floor - proofs + lean
     print(f"{args.model} 1x3x{args.size}x{args.size}, {args.threads} thread(s): training step "
-          f"{step:.3f} s, fuse(verify=True) {total:.3f} s = {total / step:.2f} steps")
+          f"{step:.3f} s, fuse(verify=True) {total:.3f} s = {total / step:.2f} steps (one run)")
     print(f"  {len(regions)} conv+BN regions as straight-line code: {lean:.3f} s (their "
           f"float64 runs alone {proofs:.3f} s), {passed} of {6 * len(regions)} checks pass")
     print(f"  floor with the forward and {label}: {floor:.3f} s = {floor / step:.2f} steps")
