@@ -75,10 +75,11 @@ def _passes(reference: torch.Tensor, candidate: torch.Tensor) -> bool:
 
 
 def _cast(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """``exact`` cast to ``dtype`` and the largest rounding error of the cast."""
+    """``exact`` cast to ``dtype`` and the largest rounding error of the cast (NaN where a
+    value is NaN, infinite where one overflows)."""
     out = exact.to(dtype, memory_format=torch.contiguous_format)
     lo, hi = torch.aminmax(out.to(F64).sub_(exact))
-    return out, max(-float(lo), float(hi))
+    return out, float(torch.maximum(-lo, hi))
 
 
 def lean_region(conv: Conv, bn: BatchNorm, expr, activation, gen) -> tuple[nn.Module, int]:
