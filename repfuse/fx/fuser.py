@@ -268,6 +268,8 @@ class Fuser:
                         self._summary(sub_mg) is None or after_concat_of_convs(n, mg.module)) \
                         or single and sub_mg is not None and sub_mg.graph is not None and \
                         opens_for_readers(n, mg.module, sub_mg.graph, sub, self.shared):
+                    mg.constants.update({f"{n.target}.{k}": t      # read under their path
+                                         for k, t in sub_mg.constants.items()})
                     inline_call(graph, n, sub_mg.graph)
                     self.inlined.add(id(sub))
         normalize(graph)
@@ -282,7 +284,7 @@ class Fuser:
                 if sub_mg is not None and sub_mg.graph is not None and id(sub) not in summaries:
                     summaries[id(sub)] = self._summary(sub_mg)
         summaries = {k: v for k, v in summaries.items() if v is not None}
-        ctx = Context(mg.module, mg.path, summaries, self.shared, const)
+        ctx = Context(mg.module, mg.path, summaries, self.shared, const, mg.constants)
         ops = {}
         for n in graph.nodes:
             if n in const:
@@ -478,7 +480,7 @@ class Fuser:
             self._record(join(mg.path, name), r, expr, affine)
         drop_noops(graph, module)
         drop_dead(graph, module)
-        install(module, before, graph, new_modules)
+        install(module, before, graph, new_modules, mg.constants)
 
     def _module_layers(self, r: Region) -> set[str]:
         """Paths of the conv and norm modules a region's ops are or hold."""

@@ -22,7 +22,7 @@ import sys
 import types
 
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from repfuse.fx.values import PASS_MODULES
 
@@ -133,17 +133,25 @@ def _dissolve(module: nn.Module, prefixes: set[str], keep: set[str]) -> None:
             continue
         husk = nn.Module()
         husk.training = sub.training
-        for store in ("_modules", "_parameters", "_buffers"):
+        for store in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             getattr(husk, store).update(getattr(sub, store))
         owner._modules[name] = husk
 
 
 def install(module: nn.Module, before: set[str], graph: fx.Graph,
-            new_modules: dict[str, nn.Module]) -> None:
+            new_modules: dict[str, nn.Module],
+            constants: dict[str, Tensor] | None = None) -> None:
     """Make ``module`` run ``graph`` (see the module docstring). ``before``: the targets
-    the module's graph read before the rewrite; ``new_modules``: target -> fused conv."""
+    the module's graph read before the rewrite; ``new_modules``: target -> fused conv;
+    ``constants``: tensors the forward made while traced, by target (``ModuleGraph``),
+    given to the module where the graph reads them, as buffers that are not saved (they
+    follow the model's ``.to()``; its state dict stays the user's)."""
     graph.lint()
     after = _targets(graph)
+    for target in sorted(after & set(constants or ())):
+        owner, name = _parent(module, target)
+        if name not in owner._buffers and not hasattr(owner, name):
+            owner.register_buffer(name, constants[target], persistent=False)
     lost = before - after - set(new_modules)
     emptied = {p for t in lost if "." in t for p in _ancestors(t.rpartition(".")[0])}
     for target in sorted(lost, key=lambda t: -t.count(".")):

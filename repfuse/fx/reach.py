@@ -4,7 +4,8 @@
 dispatcher installed on every module (an instance-level ``forward``, removed afterwards):
 
 * a module is traced (``repfuse.fx.trace``) at its first call, with the submodules it
-  calls as leaves; a traced module runs through its graph (``_GraphRunner``: the loop of
+  calls as leaves (or given a copy of the graph of a module traced before that reads
+  the same: ``fx.structure``); a traced module runs through its graph (``_GraphRunner``: the loop of
   ``fx.Interpreter``), whose ``call_module`` nodes call the submodules, so their
   dispatchers run too;
 * a module that cannot be traced (or is called with arguments its trace does not take)
@@ -83,6 +84,8 @@ class Reach:
     changed_args: dict[int, str] = field(default_factory=dict)
     #: every capture made (``node.meta``'s boxes), for ``drop_captures``
     captured: list[Captured] = field(default_factory=list)
+    #: units whose graph is a copy of another module's trace (``fx.structure``)
+    copied: int = 0
 
     def drop_captures(self) -> None:
         """Free the activations captured for the proofs (once the regions are proven), at
@@ -208,7 +211,9 @@ class _GraphRunner:
                 return node.args[0]     # the parameter's default
             raise RuntimeError(f"no value passed for parameter {target}")
         if op == "get_attr":
-            return _fetch(self.frame.unit.module, target)
+            unit = self.frame.unit
+            return unit.constants[target] if target in unit.constants \
+                else _fetch(unit.module, target)
         args = fx.node.map_arg(node.args, env.__getitem__)
         if op == "output":
             return args[0]
@@ -344,6 +349,7 @@ def reach(root: nn.Module, args: tuple,
     session = _Session(root, len(args), capture)
     session.run(args)
     found = session.found
+    found.copied = session.tracer.copied
     if found.graph(root) is not None and found.plain(root):
         found.entries.insert(0, found.units[id(root)])
     return found

@@ -7,6 +7,12 @@ forward cannot be traced is opaque: it keeps running its own Python on real valu
 and the modules it calls are traced as units of their own when they are called
 (``repfuse.fx.reach``).
 
+Modules that read the same (same class and forward, the same plain values in their
+subtrees: ``fx.structure``) trace to the same graph: within a run the first is traced and
+the others get copies of its graph (timm mobileone_s0: 45 traces for 468 units). A tensor
+the forward makes while traced is kept with the graph (``ModuleGraph.constants``) instead
+of being stored on the module.
+
 A traced submodule that returns a tuple, list or dict gives its caller a container of
 its items (indexing proxies), so a caller that unpacks, iterates or extends with the
 result still traces. ``x[i] = v`` on a traced value is recorded as ``operator.setitem``
@@ -16,6 +22,7 @@ result still traces. ``x[i] = v`` on a traced value is recorded as ``operator.se
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import operator
 import threading
@@ -27,6 +34,7 @@ import torch.fx._symbolic_trace as fx_symbolic
 from torch import Tensor, nn
 
 from repfuse.errors import first_line
+from repfuse.fx.structure import structure_key
 
 #: Modules that are never traced: torch.nn's own layers (not its containers).
 _CONTAINERS = (nn.Sequential,)
@@ -40,6 +48,8 @@ CAPTURE = "repfuse_capture"
 #: Key of the same window of a 4-D value read as channels-last (N, H, W, C): dims 1 and 2
 #: cropped, every channel kept (the region's layout, known only later, picks one).
 CAPTURE_CHANNELS_LAST = "repfuse_capture_nhwc"
+#: The keys of ``node.meta`` a run fills (``fx.reach``): not part of a trace.
+_RECORDED = frozenset((META, CAPTURE, CAPTURE_CHANNELS_LAST))
 #: Largest spatial size of the captured copies (the top-left window); see ``capture_crop``.
 CAPTURE_CROP = 40
 #: Smallest spatial size of the captured copies.
@@ -122,6 +132,10 @@ class ModuleGraph:
     graph: fx.Graph | None
     reason: str = ""
     n_inputs: int = 0
+    #: tensors the forward made while traced (``torch.tensor(...)`` in forward), by the
+    #: name its ``get_attr`` nodes read: fx would store them on the module, which the
+    #: trace leaves as it was (a rewrite installs those its graph reads: ``fx.install``)
+    constants: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _Lookup:
@@ -245,6 +259,16 @@ class _NestedTracer(fx.Tracer):
         self.forwards = forwards
         self.stack: list[_Frame] = []
         self.thread = threading.get_ident()   # the one whose calls a trace records
+        self.constants: dict[str, Tensor] = {}  # of the trace open
+        #: the graphs traced, by ``structure_key`` and arguments (a run records values in
+        #: their ``node.meta``, which a copy leaves out: ``_copy``)
+        self.known: dict[tuple, tuple[fx.Graph, int, dict]] = {}
+        self.copied = 0     # units given a copy of a known graph instead of a trace
+        #: structure keys by module id, made since the outermost ``nested`` call began
+        #: (no real code runs until it returns; a trace that changes a module drops them)
+        self.keys: dict[int, tuple | None] = {}
+        self.depth = 0
+        self.changed = False    # whether a module was changed while a trace was open
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -279,28 +303,88 @@ class _NestedTracer(fx.Tracer):
         sub = self.graphs.get(id(m))
         return proxy if sub is None or sub.graph is None else _structured(proxy, sub.graph)
 
+    def forward_of(self, m: nn.Module):
+        """The function ``m``'s calls run, as a function of ``self`` (None if none)."""
+        return forward_function(m, self.forwards.get(id(m), type(m).forward))
+
     def nested(self, m: nn.Module, path: str, n_inputs: int | None = None) -> ModuleGraph:
-        saved = (self.graph, self.root, self.tensor_attrs)
-        fn = forward_function(m, self.forwards.get(id(m), type(m).forward))
+        """``m``'s graph: traced, or copied from a module traced before whose trace read
+        the same (``fx.structure``)."""
+        fn = self.forward_of(m)
         if fn is None:
             return ModuleGraph(m, path, None, reason="its forward is replaced on the "
                                "instance by a function that is not one of its methods")
+        self.depth += 1
+        try:
+            key = structure_key(m, self.forward_of, self.keys)
+            if key is not None:
+                key = (key, n_inputs)
+                if key in self.known:
+                    return self._copy(m, path, *self.known[key])
+            changed, self.changed = self.changed, False
+            unit = self._trace(m, fn, path, n_inputs)
+            if self.changed:    # the trace set a module's attribute: not a graph to copy
+                self.keys.clear()
+            elif key is not None and unit.graph is not None:
+                self.known[key] = (unit.graph, unit.n_inputs, unit.constants)
+            self.changed = self.changed or changed
+            return unit
+        finally:
+            self.depth -= 1
+            if not self.depth:  # real code runs next and may change any module
+                self.keys.clear()
+
+    def _copy(self, m: nn.Module, path: str, graph: fx.Graph, n_inputs: int,
+              constants: dict[str, Tensor]) -> ModuleGraph:
+        """``m``'s unit with a copy of ``graph`` (``m``'s trace would record it), and the
+        graphs of the submodules it calls, in the order a trace would make them."""
+        self.copied += 1
+        graph = copy.deepcopy(graph)
+        for node in graph.nodes:
+            if _RECORDED & node.meta.keys():    # what ``fx.reach`` recorded of a run
+                node.meta = {k: v for k, v in node.meta.items() if k not in _RECORDED}
+            if node.op != "call_module":
+                continue
+            sub = m
+            for atom in node.target.split("."):
+                sub = sub._modules[atom]
+            if not is_torch_leaf(sub) and id(sub) not in self.graphs:
+                self.graphs[id(sub)] = self.nested(
+                    sub, self.paths.get(id(sub), join(path, node.target)))
+        return ModuleGraph(m, path, graph, n_inputs=n_inputs, constants=dict(constants))
+
+    def _trace(self, m: nn.Module, fn, path: str, n_inputs: int | None) -> ModuleGraph:
+        saved = (self.graph, self.root, self.tensor_attrs, self.constants)
         self.graph = fx.Graph()  # a plain Graph: fused modules pickle with fx.Tracer
         self.root = m
         self.tensor_attrs = _TensorAttrs(m)
+        self.constants = constants = {}
         self.stack.append(_frame(m, path))
         try:
             concrete, required = _concrete_args(fn, n_inputs)
             with _fx_tracing(True):
                 fn_, args = self.create_args_for_root(fn, True, concrete or None)
                 self.create_node("output", "output", (self.create_arg(fn_(*args)),), {})
-            return ModuleGraph(m, path, self.graph, n_inputs=required)
+            return ModuleGraph(m, path, self.graph, n_inputs=required, constants=constants)
         except Exception as err:  # noqa: BLE001 - any failure: not traceable
             first = first_line(err) if str(err).strip() else ""
             return ModuleGraph(m, path, None, reason=f"{type(err).__name__}: {first}")
         finally:
             self.stack.pop()
-            self.graph, self.root, self.tensor_attrs = saved
+            self.graph, self.root, self.tensor_attrs, self.constants = saved
+
+    def create_arg(self, a):
+        """fx's, but a tensor the forward made (not a parameter, buffer or attribute of
+        the module) is kept in the unit's ``constants``, not stored on the module."""
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and self._tracing() \
+                and self.tensor_attrs.get(a) is None:
+            i = len(self.constants)
+            while hasattr(self.root, f"_tensor_constant{i}"):
+                i += 1
+            name = self.tensor_attrs[a] = f"_tensor_constant{i}"
+            self.constants[name] = a
+            return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def session(self, run: Callable[[], object]):
         """``run()`` (real code: the model's forward) inside one fx patching session, and
@@ -319,8 +403,35 @@ class _NestedTracer(fx.Tracer):
                     result.append(run())
                 return None
 
-        super().trace(_Entry())
+        with self._watching():
+            super().trace(_Entry())
         return result[0]
+
+    @contextlib.contextmanager
+    def _watching(self) -> Iterator[None]:
+        """``changed`` set when a trace sets, deletes or registers an attribute of any
+        module (a forward that sets a flag on itself or below; fx storing a constant other
+        than a tensor on the module traced): such a trace does the same for every module,
+        so its graph is not copied for another one (``nested``). One patch of each method
+        for the session, as fx's own; a class whose own ``__setattr__`` does not call
+        ``nn.Module``'s is not seen (the whole-model check still judges the result)."""
+        names = ("__setattr__", "__delattr__", "register_buffer", "register_parameter",
+                 "add_module", "register_module")
+        real = {name: getattr(nn.Module, name) for name in names}
+
+        def watched(method):
+            def call(module, *args, **kwargs):
+                if self._tracing():
+                    self.changed = True
+                return method(module, *args, **kwargs)
+            return call
+        try:
+            for name, method in real.items():
+                setattr(nn.Module, name, watched(method))
+            yield
+        finally:
+            for name, method in real.items():
+                setattr(nn.Module, name, method)
 
 
 def join(path: str, name: str) -> str:

@@ -39,6 +39,8 @@ class Context:
     shared: Callable[[nn.Module], str]
     #: nodes computed from parameters, buffers and literals only
     const: set[fx.Node] = field(default_factory=set)
+    #: tensors the forward made while traced (``ModuleGraph.constants``)
+    constants: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- values
@@ -74,6 +76,9 @@ def _owner(module: nn.Module, target: str) -> tuple[nn.Module, str]:
 
 def resolve_attr(ctx: Context, node: fx.Node) -> tuple[Tensor | None, str]:
     """The tensor of a ``get_attr`` node and "" if it is a parameter or buffer, else why not."""
+    if node.target in ctx.constants:
+        return ctx.constants[node.target], f"{join(ctx.path, node.target)} is a tensor " \
+            "made in forward, not a parameter or buffer"
     try:
         owner, name = _owner(ctx.module, node.target)
     except AttributeError:

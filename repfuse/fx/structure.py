@@ -1,0 +1,105 @@
+"""Whether two modules trace alike: a key of everything a module's trace can read.
+
+fx traces a forward by running its Python on proxies, so the graph it records depends
+only on the forward's code and on the plain values that Python reads: the module's own
+attributes and those of the modules below it (flags, sizes, strides, ``None`` in place
+of a layer), their classes, names and forwards, and which parameters and buffers exist.
+Tensors are read through ``get_attr`` proxies, so their values are not in the graph
+(their shapes and dtypes are in the key all the same: Python that reads a tensor past
+the patched attribute access would bake them). The submodules a trace calls are traced
+on their own, and what the caller sees of them (the container a call returns) depends
+on their subtrees, which are in the key.
+
+``structure_key(module, forward_of)`` gathers all of that for a module and its whole
+subtree, or gives None where any of it is not a plain immutable value (a list, a dict,
+a tensor held as a plain attribute, a hook, an object of another kind): two modules with
+one key trace to one graph. ``fx.trace`` traces the first module of a key and copies
+its graph for the others (timm mobileone_s0: 45 traces for its 468 units).
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["structure_key"]
+
+#: nn.Module's own bookkeeping attributes (hooks, flags), present on every module.
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+#: Read by the key item by item (below).
+_SKIPPED = frozenset(("_modules", "_parameters", "_buffers"))
+_SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device)
+#: Objects a forward may hold and call (an activation function, a layer class), keyed by
+#: identity: the module keeps them alive while the key is in use.
+_BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
+
+
+class _NoKey(Exception):
+    """A value the key cannot stand for."""
+
+
+def structure_key(module: nn.Module, forward_of: Callable[[nn.Module], object],
+                  made: dict | None = None) -> tuple | None:
+    """A hashable key of what a trace of ``module`` can depend on (module docstring), or
+    None. ``forward_of(m)``: the function ``m``'s calls run (its class's ``forward`` or
+    one set on the instance), or None when there is none to trace. ``made``: keys made
+    before by module id (None: none), filled with those made now; valid while no module
+    below changes (the caller drops it when code that may change one has run)."""
+    try:
+        return _key(module, forward_of, {} if made is None else made)
+    except _NoKey:
+        return None
+
+
+def _key(m: nn.Module, forward_of, made: dict) -> tuple:
+    """``m``'s key; ``made``: the keys made so far by module id (a module shared by two
+    parents is keyed once; None for a module without one, or in progress: one that
+    contains itself has none)."""
+    if id(m) in made:
+        if made[id(m)] is None:
+            raise _NoKey
+        return made[id(m)]
+    made[id(m)] = None
+    fn = forward_of(m)
+    if fn is None:
+        raise _NoKey
+    attrs = []
+    for name, v in m.__dict__.items():
+        if name in _MODULE_STATE:
+            if type(v) is bool or v is None:    # training, _is_full_backward_hook
+                attrs.append((name, v))
+            elif isinstance(v, set):            # non-persistent buffers' names
+                if v:
+                    attrs.append((name, frozenset(v)))
+            elif v and name not in _SKIPPED:    # a hook or a state-dict hook
+                raise _NoKey
+            continue
+        if name != "forward":   # fx.reach's dispatcher: ``forward_of`` gives what runs
+            attrs.append((name, _value(v)))
+    tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype, type(t)))
+                    for store in (m._parameters, m._buffers) for k, t in store.items())
+    children = tuple((k, None if c is None else _key(c, forward_of, made))
+                     for k, c in m._modules.items())
+    made[id(m)] = key = (type(m), id(fn), tuple(attrs), tensors, children)
+    return key
+
+
+def _value(v) -> tuple:
+    """A hashable stand-in for a plain value that tells apart what a trace would: its type
+    with it (``True`` is not ``1``), a float by its bits (``-0.0`` is not ``0.0``)."""
+    t = type(v)
+    if t in _SCALARS:
+        return t, v
+    if t is float:
+        return t, v.hex()
+    if t is tuple:
+        return t, tuple(_value(e) for e in v)
+    if isinstance(v, enum.Enum):
+        return t, v.name
+    if isinstance(v, _BY_IDENTITY):
+        return t, id(v)
+    raise _NoKey
