@@ -30,9 +30,10 @@ __all__ = ["structure_key"]
 
 #: nn.Module's own bookkeeping attributes (hooks, flags), present on every module.
 _MODULE_STATE = frozenset(nn.Module().__dict__)
-#: Read by the key item by item (below).
-_SKIPPED = frozenset(("_modules", "_parameters", "_buffers"))
-_SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device)
+#: Those of them that hold hooks: a module with one is not keyed (fx runs no hooks).
+_HOOKS = _MODULE_STATE - {"training", "_is_full_backward_hook", "_non_persistent_buffers_set",
+                          "_modules", "_parameters", "_buffers"}
+_SCALARS = frozenset((type(None), bool, int, str, bytes, torch.dtype, torch.device))
 #: Objects a forward may hold and call (an activation function, a layer class), keyed by
 #: identity: the module keeps them alive while the key is in use.
 _BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
@@ -59,28 +60,24 @@ def _key(m: nn.Module, forward_of, made: dict) -> tuple:
     """``m``'s key; ``made``: the keys made so far by module id (a module shared by two
     parents is keyed once; None for a module without one, or in progress: one that
     contains itself has none)."""
-    if id(m) in made:
-        if made[id(m)] is None:
+    key = made.get(id(m), made)
+    if key is not made:
+        if key is None:
             raise _NoKey
-        return made[id(m)]
+        return key
     made[id(m)] = None
     fn = forward_of(m)
     if fn is None:
         raise _NoKey
-    attrs = []
+    attrs = [m.training, frozenset(m._non_persistent_buffers_set)]
     for name, v in m.__dict__.items():
         if name in _MODULE_STATE:
-            if type(v) is bool or v is None:    # training, _is_full_backward_hook
-                attrs.append((name, v))
-            elif isinstance(v, set):            # non-persistent buffers' names
-                if v:
-                    attrs.append((name, frozenset(v)))
-            elif v and name not in _SKIPPED:    # a hook or a state-dict hook
+            if v and name in _HOOKS:
                 raise _NoKey
-            continue
-        if name != "forward":   # fx.reach's dispatcher: ``forward_of`` gives what runs
-            attrs.append((name, _value(v)))
-    tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype, type(t)))
+        elif name != "forward":   # fx.reach's dispatcher: ``forward_of`` gives what runs
+            t = type(v)
+            attrs.append((name, t, v) if t in _SCALARS else (name, _value(v)))
+    tensors = tuple((k, None if t is None else (t.shape, t.dtype, type(t)))
                     for store in (m._parameters, m._buffers) for k, t in store.items())
     children = tuple((k, None if c is None else _key(c, forward_of, made))
                      for k, c in m._modules.items())
@@ -97,6 +94,8 @@ def _value(v) -> tuple:
     if t is float:
         return t, v.hex()
     if t is tuple:
+        if all(type(e) is int for e in v):    # sizes, strides, paddings
+            return t, v
         return t, tuple(_value(e) for e in v)
     if isinstance(v, enum.Enum):
         return t, v.name
