@@ -5,9 +5,9 @@ dispatcher installed on every module (an instance-level ``forward``, removed aft
 
 * a module is traced (``repfuse.fx.trace``) at its first call, with the submodules it
   calls as leaves (or given a copy of the graph of a module traced before that reads
-  the same: ``fx.structure``); a traced module runs through its graph (``_GraphRunner``: the loop of
-  ``fx.Interpreter``), whose ``call_module`` nodes call the submodules, so their
-  dispatchers run too;
+  the same: ``fx.structure``); a traced module runs through its graph
+  (``_GraphRunner``: the loop of ``fx.Interpreter``), whose ``call_module`` nodes call
+  the submodules, so their dispatchers run too;
 * a module that cannot be traced (or is called with arguments its trace does not take)
   runs its own Python on real values, and the modules it calls are dispatched in turn:
   reach descends through loops over ModuleLists and iterated Sequentials, list
