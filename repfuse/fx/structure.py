@@ -19,14 +19,15 @@ its graph for the others (timm mobileone_s0: 45 traces for its 468 units).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["structure_key"]
+__all__ = ["structure_key", "watch_writes"]
 
 #: nn.Module's own bookkeeping attributes (hooks, flags), present on every module.
 _MODULE_STATE = frozenset(nn.Module().__dict__)
@@ -102,3 +103,33 @@ def _value(v) -> tuple:
     if isinstance(v, _BY_IDENTITY):
         return t, id(v)
     raise _NoKey
+
+
+#: The ways a module's attributes are written: a trace that uses one is not copied.
+_WRITES = ("__setattr__", "__delattr__", "register_buffer", "register_parameter",
+           "add_module", "register_module")
+
+
+@contextlib.contextmanager
+def watch_writes(wrote: Callable[[], None]) -> Iterator[None]:
+    """``wrote()`` called before every write of a module's attribute (set, delete,
+    register) in the body: a forward that sets a flag on itself or below while traced, fx
+    storing a constant other than a tensor on the module traced. Such a trace does the same
+    for every module it is run for, so its graph is not copied to another (``fx.trace``).
+    ``nn.Module``'s methods are patched once for the body, as fx patches its ``__call__``;
+    a class whose own ``__setattr__`` does not call ``nn.Module``'s is not seen (the
+    whole-model check still judges the result)."""
+    real = {name: getattr(nn.Module, name) for name in _WRITES}
+
+    def watched(method):
+        def call(module, *args, **kwargs):
+            wrote()
+            return method(module, *args, **kwargs)
+        return call
+    try:
+        for name, method in real.items():
+            setattr(nn.Module, name, watched(method))
+        yield
+    finally:
+        for name, method in real.items():
+            setattr(nn.Module, name, method)

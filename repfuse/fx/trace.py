@@ -34,7 +34,7 @@ import torch.fx._symbolic_trace as fx_symbolic
 from torch import Tensor, nn
 
 from repfuse.errors import first_line
-from repfuse.fx.structure import structure_key
+from repfuse.fx.structure import structure_key, watch_writes
 
 #: Modules that are never traced: torch.nn's own layers (not its containers).
 _CONTAINERS = (nn.Sequential,)
@@ -403,35 +403,15 @@ class _NestedTracer(fx.Tracer):
                     result.append(run())
                 return None
 
-        with self._watching():
+        with watch_writes(self._wrote):   # a trace that writes is not copied (``nested``)
             super().trace(_Entry())
         return result[0]
 
-    @contextlib.contextmanager
-    def _watching(self) -> Iterator[None]:
-        """``changed`` set when a trace sets, deletes or registers an attribute of any
-        module (a forward that sets a flag on itself or below; fx storing a constant other
-        than a tensor on the module traced): such a trace does the same for every module,
-        so its graph is not copied for another one (``nested``). One patch of each method
-        for the session, as fx's own; a class whose own ``__setattr__`` does not call
-        ``nn.Module``'s is not seen (the whole-model check still judges the result)."""
-        names = ("__setattr__", "__delattr__", "register_buffer", "register_parameter",
-                 "add_module", "register_module")
-        real = {name: getattr(nn.Module, name) for name in names}
-
-        def watched(method):
-            def call(module, *args, **kwargs):
-                if self._tracing():
-                    self.changed = True
-                return method(module, *args, **kwargs)
-            return call
-        try:
-            for name, method in real.items():
-                setattr(nn.Module, name, watched(method))
-            yield
-        finally:
-            for name, method in real.items():
-                setattr(nn.Module, name, method)
+    def _wrote(self) -> None:
+        """A module attribute was written (``structure.watch_writes``): by a trace, if one is
+        open on this thread."""
+        if self._tracing():
+            self.changed = True
 
 
 def join(path: str, name: str) -> str:
