@@ -345,9 +345,7 @@ class _NestedTracer(fx.Tracer):
                 node.meta = {k: v for k, v in node.meta.items() if k not in _RECORDED}
             if node.op != "call_module":
                 continue
-            sub = m
-            for atom in node.target.split("."):
-                sub = sub._modules[atom]
+            sub = m.get_submodule(node.target)
             if not is_torch_leaf(sub) and id(sub) not in self.graphs:
                 self.graphs[id(sub)] = self.nested(
                     sub, self.paths.get(id(sub), join(path, node.target)))
