@@ -366,7 +366,11 @@ SWEEP = ("resnet18,resnet50,res2net50_14w_8s,regnetx_002,xception41,mobilenetv3_
 
 def train_mode_step(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
     """Median time of forward + backward of the training form (a copy in train mode), and
-    "*" when a batch of one cannot train (a BatchNorm1d head): then a batch of two."""
+    "*" when a batch of one cannot train (a BatchNorm1d head): then a batch of two. The
+    gradients are dropped after each step (``zero_grad(set_to_none=True)``, what an
+    optimizer's ``zero_grad`` does), so each backward writes fresh ones, as in a training
+    loop, instead of adding into the previous step's (repvgg_b3 at 224, one thread,
+    alternated: 3.06 against 3.11 s)."""
     train = copy.deepcopy(model).train()
     batch = [x]
 
@@ -374,6 +378,7 @@ def train_mode_step(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
         out = train(batch[0])
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().sum().backward()
+        train.zero_grad(set_to_none=True)
     try:
         step()                                          # warm-up
     except ValueError:
