@@ -53,7 +53,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
 
 class _Float64Kernels(TorchFunctionMode):
     """``F.batch_norm`` with running statistics and ``training=False`` as
-    ``x * scale + shift`` per channel (plain elementwise kernels, also in backward), and
+    ``shift + x * scale`` per channel (plain elementwise kernels, also in backward), and
     ``F.conv2d`` in float64 on the CPU with one input channel per group on the core's
     kernels (``_depthwise``)."""
 
@@ -76,7 +76,10 @@ def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None,
         return None
     scale, shift = bn_scale_shift(running_mean, running_var, weight, bias, eps)
     shape = (1, -1) + (1,) * (input.dim() - 2)
-    return input * scale.to(input.dtype).reshape(shape) + shift.to(input.dtype).reshape(shape)
+    # one pass (``input * scale + shift`` made a product the input's size, then the sum):
+    # mobileone_s0's truth at 1x3x224x224, one thread, 0.906 against 0.944 s
+    return torch.addcmul(shift.to(input.dtype).reshape(shape), input,
+                         scale.to(input.dtype).reshape(shape))
 
 
 def _depthwise(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
