@@ -145,10 +145,20 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
         if capture is None or not capture(node):
             return
         copies = {}
-        if value.dim() == 4:
-            c = crop   # the window in either layout (see ``fx.trace.CAPTURE``)
-            copies[CAPTURE] = value[:1, :, :c, :c]
-            copies[CAPTURE_CHANNELS_LAST] = value[:1, :c, :c, :]
+        if value.dim() == 4 and type(value) is Tensor and value.layout == torch.strided \
+                and not value.is_quantized:
+            # the window in either layout (see ``fx.trace.CAPTURE``), each one view made
+            # with ``as_strided`` (a slice per axis cost 12 us more a node: 1,680 nodes of
+            # timm mobileone_s0)
+            n, ch, h, w = value.shape
+            strides = value.stride()
+            copies[CAPTURE] = value.as_strided((min(n, 1), ch, min(h, crop), min(w, crop)),
+                                               strides)
+            copies[CAPTURE_CHANNELS_LAST] = value.as_strided(
+                (min(n, 1), min(ch, crop), min(h, crop), w), strides)
+        elif value.dim() == 4:
+            copies[CAPTURE] = value[:1, :, :crop, :crop]
+            copies[CAPTURE_CHANNELS_LAST] = value[:1, :crop, :crop, :]
         elif value.dim() in (2, 3):
             copies[CAPTURE] = value[:2]   # vectors, tokens, sequences
         for key, window in copies.items():

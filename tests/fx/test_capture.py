@@ -37,10 +37,18 @@ def test_crop_is_the_probe_of_the_widest_kernel(model, crop):
     assert capture_crop(model) == crop
 
 
-def test_captured_windows_are_the_real_values():
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((2, 3, 20, 21), False),
+    ((2, 3, 20, 21), True),     # strides of a channels-last value
+    ((3, 3, 5, 4), False),      # a map smaller than the window
+])
+def test_captured_windows_are_the_real_values(shape, channels_last):
     torch.manual_seed(0)
     model = _block(3).eval()
-    x = torch.randn(2, 3, 20, 21)
+    x = torch.randn(shape)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     found = reach(model, (x,), fx_fuse._capture)
     graph = found.units[id(model)].graph
     relu = next(n for n in graph.nodes if n.target == "1")    # the first ReLU's output
