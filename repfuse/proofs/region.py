@@ -116,10 +116,11 @@ def reduce_for_proof(expr: rg.Node, shapes):
     values are those of ``reduce(expr)``: every step of a reduction is in float64, and the
     leaves are exact float64 copies. A region its values refuse raises what
     ``reduce(expr)`` raises (naming ``expr``'s nodes, as a front end's cuts need). Without
-    ``shapes`` (only for a ``region.direct`` part, reduced at once: at most one conv, whose
-    spec the fused kernel keeps), the memory format is that conv's and the dtype the
-    region's (``region.dtype_device``, what ``reduce`` gives such a part); the proof
-    re-makes leaves it finds in another format."""
+    ``shapes`` (only for a ``region.direct`` part, reduced at once: one conv, or branches
+    summed whose convs share the input, the group count and so whether they are
+    depthwise, which is all the format depends on besides the layout), the memory format
+    is its first conv's and the dtype the region's (``region.dtype_device``, what
+    ``reduce`` gives such a part); the proof re-makes leaves it finds in another format."""
     if shapes is not None:
         spec, dtype = shapes.spec, shapes.dtype
     else:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Hashable, Iterable
 
 from repfuse.errors import NotFusable
 from repfuse.region.kinds import OpKind
-from repfuse.region.nodes import Add, Concat, Node
+from repfuse.region.nodes import Add, Concat, Conv, Node, Sub
 from repfuse.region.reducers import reduce_shapes
-from repfuse.region.tree import count_params, walk
+from repfuse.region.tree import children, count_params, walk
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +82,55 @@ def shapes_or_refusal(expr: Node):
     return shapes, None
 
 
-#: A part with at most this many parameter elements, at most one conv and otherwise only
-#: norms, constant scales and shifts and pass-throughs (``direct``) is reduced with values
-#: without a shape-only run first: its fused kernel is its conv's (or a per-channel one),
-#: so it cannot grow, and refusing it with values costs about what the shape-only run
-#: costs (8 MB in float64; yolov8n's 57 conv-and-norm parts spent 30 ms of 0.81 s in
-#: shape-only runs)
+#: A part with at most this many parameter elements (``direct``) is reduced with values
+#: without a shape-only run first when it is one conv with norms, constant scales and
+#: shifts and pass-throughs (its fused kernel is its conv's, or a per-channel one: it
+#: cannot grow), or a sum or difference of such branches on one input whose convs have one
+#: group count and one of which reads a window that holds the others' (RepVGG's,
+#: MobileOne's and ACNet's blocks: the fused kernel is that conv's size; ``check_growth``
+#: still judges it after the reduction). Refusing such a part with values costs about
+#: what the shape-only run costs (8 MB in float64; yolov8n's 57 conv-and-norm parts spent
+#: 30 ms of 0.81 s in shape-only runs, timm mobileone_s0's 43 six-branch blocks 0.11 of
+#: 1.29 s)
 DIRECT_LIMIT = 1 << 20
 _DIRECT_KINDS = frozenset({OpKind.CONV, OpKind.NORM, OpKind.AFFINE, OpKind.PASS})
+_BRANCH_KINDS = _DIRECT_KINDS | {OpKind.COMBINE}
 
 
 def direct(expr: Node) -> bool:
     """Whether ``Attempts`` reduces ``expr`` with values at once (``DIRECT_LIMIT``)."""
-    kinds = [kind_of(n) for n in walk(expr)]
-    return kinds.count(OpKind.CONV) <= 1 and set(kinds) <= _DIRECT_KINDS \
-        and count_params(expr) <= DIRECT_LIMIT
+    order = walk(expr)
+    kinds = [kind_of(n) for n in order]
+    if not set(kinds) <= _BRANCH_KINDS:
+        return False
+    if kinds.count(OpKind.CONV) > 1 or OpKind.COMBINE in kinds:
+        if not _parallel_branches(order):
+            return False
+    return count_params(expr) <= DIRECT_LIMIT
+
+
+def _parallel_branches(order: list[Node]) -> bool:
+    """Whether the nodes (in post-order) are branches summed (``Add``, ``Sub``) whose convs
+    (``Conv``: no transposed conv, no Linear) all have one group count, none of which
+    reads another conv's output, and one of which reads a window of the input that holds
+    the others' (3x3 with 1x1, 1x3 and 3x1): the fused kernel is then that conv's size."""
+    below: dict[int, bool] = {}       # a conv at or below the node
+    groups, windows = set(), []
+    for node in order:
+        under = any(below[id(c)] for c in children(node))
+        if node.kind is OpKind.CONV:
+            if type(node) is not Conv or under:
+                return False
+            spec = node.spec
+            groups.add(spec.groups)
+            (eh, ew), (t, _, left, _) = spec.effective_kernel, spec.padding
+            windows.append((-t, -left, eh - t, ew - left))   # rows and columns read
+        elif kind_of(node) is OpKind.COMBINE and not isinstance(node, (Add, Sub)):
+            return False
+        below[id(node)] = under or node.kind is OpKind.CONV
+    return len(groups) <= 1 and (not windows or any(
+        all(w[0] <= o[0] and w[1] <= o[1] and o[2] <= w[2] and o[3] <= w[3] for o in windows)
+        for w in windows))
 
 
 class Attempts:

@@ -132,9 +132,62 @@ def test_direct_parts_are_reduced_once_without_a_shape_only_run(dtype, monkeypat
         assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
 
 
+class _Branches(nn.Module):
+    """Branches on one input, summed (a RepVGG / MobileOne block without its activation)
+    or concatenated."""
+
+    def __init__(self, *branches, cat=False):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.cat = cat
+
+    def forward(self, x):
+        outs = [b(x) for b in self.branches]
+        return torch.cat(outs, 1) if self.cat else sum(outs[1:], outs[0])
+
+
+def _bn_conv(cin, cout, k, groups=1):
+    k = k if isinstance(k, tuple) else (k, k)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=(k[0] // 2, k[1] // 2),
+                                   groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summed_branches_are_reduced_once_without_a_shape_only_run(dtype, monkeypatch):
+    """RepVGG's and MobileOne's blocks (branches of one conv each with their norms, and a
+    norm, on one input, summed, the convs of one group count) are ``direct``: reduced with
+    values at once, no shape-only run, the proof finds its leaves in the format it runs in
+    (dense: channels-last, depthwise: contiguous; it reduces none again), and the model
+    is the one the unverified fusion gives."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        _bn_conv(3, 8, 3), nn.ReLU(),
+        _Branches(_bn_conv(8, 8, 3), _bn_conv(8, 8, 1), nn.BatchNorm2d(8)), nn.ReLU(),
+        _Branches(_bn_conv(8, 8, 3, 8), _bn_conv(8, 8, 3, 8), _bn_conv(8, 8, 1, 8),
+                  nn.BatchNorm2d(8)), nn.ReLU())).eval()
+    model, x = model.to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
+    shape_runs, reductions = [], []
+    real_shapes, real_reduce = rg.worth.shapes_or_refusal, rg.reduce
+    monkeypatch.setattr(rg.worth, "shapes_or_refusal",
+                        lambda expr: (shape_runs.append(expr), real_shapes(expr))[1])
+    monkeypatch.setattr(rg, "reduce", lambda expr: (reductions.append(expr),
+                                                    real_reduce(expr))[1])
+    proven = repfuse.fuse(model, x, verify=True)
+    assert proven.report.ok and len(proven.report.fused) == 3, proven.report.to_dict()
+    assert sorted(len(r.branches) for r in proven.report.fused) == [1, 3, 4]
+    assert not shape_runs
+    assert len(reductions) == proven.report.search["reductions"] == 3
+    plain = repfuse.fuse(model, x, verify=False).model.state_dict()
+    for key, value in proven.model.state_dict().items():
+        assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
+
+
 def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
     """``direct`` holds for one conv with norms and scales up to ``DIRECT_LIMIT`` parameter
-    elements, not for two convs (their composition may grow), a pool, or a larger conv."""
+    elements, and for such branches summed whose convs have one group count; not for a
+    conv reading another (their composition may grow), convs of different group counts
+    summed (a depthwise kernel becomes dense), convs none of whose windows holds the
+    others' (1x3 and 3x1 make a 3x3), branches concatenated, a pool, or a larger conv."""
     def fuse_block(*layers):
         torch.manual_seed(0)
         block = randomize_bn(nn.Sequential(*layers)).eval()
@@ -152,7 +205,15 @@ def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
     cases = [((nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), True),
              ((nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)), False),
              ((nn.AvgPool2d(2), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), False),
-             ((nn.Conv2d(4, 1 << 16, 4), nn.BatchNorm2d(1 << 16)), False)]
+             ((nn.Conv2d(4, 1 << 16, 4), nn.BatchNorm2d(1 << 16)), False),
+             ((_Branches(_bn_conv(4, 4, 3), _bn_conv(4, 4, 1), nn.BatchNorm2d(4)),), True),
+             ((_Branches(_bn_conv(4, 4, 3, 4), _bn_conv(4, 4, 1)),), False),
+             ((_Branches(nn.Sequential(_bn_conv(4, 4, 3), _bn_conv(4, 4, 1)),
+                         _bn_conv(4, 4, 3)),), False),
+             ((_Branches(_bn_conv(4, 4, 3), _bn_conv(4, 4, 1), cat=True),), False),
+             ((_Branches(_bn_conv(4, 4, 3), _bn_conv(4, 4, (1, 3)), _bn_conv(4, 4, (3, 1))),),
+              True),            # ACNet: the 3x3 window holds the others
+             ((_Branches(_bn_conv(4, 4, (1, 3)), _bn_conv(4, 4, (3, 1))),), False)]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(Fuser, "_decide", recording)
         for layers, want in cases:
