@@ -12,8 +12,9 @@ on their subtrees, which are in the key.
 
 ``structure_key(module, forward_of)`` gathers all of that for a module and its whole
 subtree, or gives None where any of it is not a plain immutable value (a list, a dict,
-a tensor held as a plain attribute, a hook, an object of another kind): two modules with
-one key trace to one graph. ``fx.trace`` traces the first module of a key and copies
+a tensor held as a plain attribute, a hook, an object of another kind) or where a class
+of its own ``__setattr__`` could write past ``watch_writes``: two modules with one key
+trace to one graph. ``fx.trace`` traces the first module of a key and copies
 its graph for the others (timm mobileone_s0: 45 traces for its 468 units).
 """
 
@@ -44,6 +45,22 @@ class _NoKey(Exception):
     """A value the key cannot stand for."""
 
 
+#: By class: whether its attribute writes may bypass ``nn.Module``'s methods, which
+#: ``watch_writes`` patches (a ``__setattr__`` or ``__delattr__`` of its own, outside
+#: torch, that need not call them: ``object.__setattr__``).
+_OWN_WRITES: dict[type, bool] = {}
+
+
+def _writes_unseen(cls: type) -> bool:
+    found = _OWN_WRITES.get(cls)
+    if found is None:
+        found = _OWN_WRITES[cls] = any(
+            ("__setattr__" in vars(c) or "__delattr__" in vars(c))
+            and not c.__module__.startswith("torch.")
+            for c in cls.__mro__ if c is not nn.Module and issubclass(c, nn.Module))
+    return found
+
+
 def structure_key(module: nn.Module, forward_of: Callable[[nn.Module], object],
                   made: dict | None = None) -> tuple | None:
     """A hashable key of what a trace of ``module`` can depend on (module docstring), or
@@ -68,7 +85,7 @@ def _key(m: nn.Module, forward_of, made: dict) -> tuple:
         return key
     made[id(m)] = None
     fn = forward_of(m)
-    if fn is None:
+    if fn is None or _writes_unseen(type(m)):
         raise _NoKey
     attrs = [m.training, frozenset(m._non_persistent_buffers_set)]
     for name, v in m.__dict__.items():
@@ -117,8 +134,8 @@ def watch_writes(wrote: Callable[[], None]) -> Iterator[None]:
     storing a constant other than a tensor on the module traced. Such a trace does the same
     for every module it is run for, so its graph is not copied to another (``fx.trace``).
     ``nn.Module``'s methods are patched once for the body, as fx patches its ``__call__``;
-    a class whose own ``__setattr__`` does not call ``nn.Module``'s is not seen (the
-    whole-model check still judges the result)."""
+    a class with a ``__setattr__`` or ``__delattr__`` of its own might not call them, so a
+    module of one, or one with such a module below it, has no key (always traced)."""
     real = {name: getattr(nn.Module, name) for name in _WRITES}
 
     def watched(method):

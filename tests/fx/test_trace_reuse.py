@@ -21,6 +21,7 @@ import repfuse
 from repfuse.fx import fuse as fx_fuse
 from repfuse.fx import trace as fx_trace
 from repfuse.fx.reach import reach
+from repfuse.fx import structure as fx_structure
 from repfuse.fx.structure import structure_key
 from repfuse.fx.trace import CAPTURE, META, captured, forward_function
 from repfuse.pristine import untouched
@@ -268,6 +269,37 @@ def test_a_trace_that_changes_a_module_is_not_copied(monkeypatch):
     # traced without it: another graph); the flagged _Inner of the later two are copies
     assert _same_as_traced(model, x, monkeypatch) == 2
     _fuses(model, x)
+
+
+class _PlainWrites(_Inner):
+    """A class whose own ``__setattr__`` writes plain values past ``nn.Module``'s."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            super().__setattr__(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+class _PlainSetter(_Setter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _PlainWrites()
+
+
+def test_a_class_that_writes_past_the_watch_is_always_traced(monkeypatch):
+    """The watch sees writes through ``nn.Module``'s methods only: a module whose class has
+    a ``__setattr__`` of its own (here one that sets the flag with ``object.__setattr__``),
+    and every module above it, has no key, so each is traced (the watch's rule for a trace
+    that writes, kept where the watch cannot see the write), and gets its own graph."""
+    torch.manual_seed(0)
+    model = reach_idioms.randomize(_Seq(_PlainSetter(), _PlainSetter(), _PlainSetter())).eval()
+    x = torch.randn(1, 4, 8, 8)
+    assert _same_as_traced(model, x, monkeypatch) == 0
+    _fuses(model, x)
+    assert structure_key(model.blocks[0].inner, lambda m: type(m).forward) is None
+    assert structure_key(model.blocks[0], lambda m: type(m).forward) is None
+    assert not fx_structure._writes_unseen(nn.LSTM)     # torch's own calls nn.Module's
 
 
 def test_a_copy_records_its_own_run():
