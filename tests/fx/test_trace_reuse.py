@@ -19,9 +19,9 @@ from torch import nn
 
 import repfuse
 from repfuse.fx import fuse as fx_fuse
+from repfuse.fx import structure as fx_structure
 from repfuse.fx import trace as fx_trace
 from repfuse.fx.reach import reach
-from repfuse.fx import structure as fx_structure
 from repfuse.fx.structure import structure_key
 from repfuse.fx.trace import CAPTURE, META, captured, forward_function
 from repfuse.pristine import untouched
