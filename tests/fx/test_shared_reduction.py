@@ -104,6 +104,26 @@ def test_a_carried_reduction_lives_until_its_proof_only(monkeypatch):
     assert leaves and all(r() is None for r in leaves)
 
 
+def _reduced_at_once(model, x, dtype, n: int, monkeypatch):
+    """``fuse(verify=True)`` of ``model``, checked: ``n`` regions fused and proven, no
+    shape-only run, each reduced once (the proofs found their leaves in the format they
+    run in), and the model bit-equal, in ``dtype``, to the unverified fusion's."""
+    shape_runs, reductions = [], []
+    real_shapes, real_reduce = rg.worth.shapes_or_refusal, rg.reduce
+    monkeypatch.setattr(rg.worth, "shapes_or_refusal",
+                        lambda expr: (shape_runs.append(expr), real_shapes(expr))[1])
+    monkeypatch.setattr(rg, "reduce", lambda expr: (reductions.append(expr),
+                                                    real_reduce(expr))[1])
+    proven = repfuse.fuse(model, x, verify=True)
+    assert proven.report.ok and len(proven.report.fused) == n, proven.report.to_dict()
+    assert not shape_runs
+    assert len(reductions) == proven.report.search["reductions"] == n
+    plain = repfuse.fuse(model, x, verify=False).model.state_dict()
+    for key, value in proven.model.state_dict().items():
+        assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
+    return proven
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_parts_are_reduced_once_without_a_shape_only_run(dtype, monkeypatch):
     """Parts with one conv (dense, depthwise, transposed, a Linear after a global pool) and
@@ -117,19 +137,7 @@ def test_direct_parts_are_reduced_once_without_a_shape_only_run(dtype, monkeypat
         nn.ConvTranspose2d(8, 8, 2, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))).eval()
     model, x = model.to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
-    shape_runs, reductions = [], []
-    real_shapes, real_reduce = rg.worth.shapes_or_refusal, rg.reduce
-    monkeypatch.setattr(rg.worth, "shapes_or_refusal",
-                        lambda expr: (shape_runs.append(expr), real_shapes(expr))[1])
-    monkeypatch.setattr(rg, "reduce", lambda expr: (reductions.append(expr),
-                                                    real_reduce(expr))[1])
-    proven = repfuse.fuse(model, x, verify=True)
-    assert proven.report.ok and len(proven.report.fused) == 4, proven.report.to_dict()
-    assert not shape_runs
-    assert len(reductions) == proven.report.search["reductions"] == 4
-    plain = repfuse.fuse(model, x, verify=False).model.state_dict()
-    for key, value in proven.model.state_dict().items():
-        assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
+    _reduced_at_once(model, x, dtype, 4, monkeypatch)
 
 
 class _Branches(nn.Module):
@@ -166,20 +174,8 @@ def test_summed_branches_are_reduced_once_without_a_shape_only_run(dtype, monkey
         _Branches(_bn_conv(8, 8, 3, 8), _bn_conv(8, 8, 3, 8), _bn_conv(8, 8, 1, 8),
                   nn.BatchNorm2d(8)), nn.ReLU())).eval()
     model, x = model.to(dtype), torch.randn(2, 3, 8, 8, dtype=dtype)
-    shape_runs, reductions = [], []
-    real_shapes, real_reduce = rg.worth.shapes_or_refusal, rg.reduce
-    monkeypatch.setattr(rg.worth, "shapes_or_refusal",
-                        lambda expr: (shape_runs.append(expr), real_shapes(expr))[1])
-    monkeypatch.setattr(rg, "reduce", lambda expr: (reductions.append(expr),
-                                                    real_reduce(expr))[1])
-    proven = repfuse.fuse(model, x, verify=True)
-    assert proven.report.ok and len(proven.report.fused) == 3, proven.report.to_dict()
+    proven = _reduced_at_once(model, x, dtype, 3, monkeypatch)
     assert sorted(len(r.branches) for r in proven.report.fused) == [1, 3, 4]
-    assert not shape_runs
-    assert len(reductions) == proven.report.search["reductions"] == 3
-    plain = repfuse.fuse(model, x, verify=False).model.state_dict()
-    for key, value in proven.model.state_dict().items():
-        assert value.dtype == plain[key].dtype == dtype and torch.equal(value, plain[key]), key
 
 
 def test_parts_of_two_convs_or_large_ones_ask_their_shapes_first():
