@@ -121,10 +121,9 @@ def _parallel_branches(order: list[Node]) -> bool:
         if node.kind is OpKind.CONV:
             if type(node) is not Conv or under:
                 return False
-            spec = node.spec
-            groups.add(spec.groups)
-            (eh, ew), (t, _, left, _) = spec.effective_kernel, spec.padding
-            windows.append((-t, -left, eh - t, ew - left))   # rows and columns read
+            groups.add(node.spec.groups)
+            rows, cols = node.spec.tap_offsets(0), node.spec.tap_offsets(1)
+            windows.append((rows[0], cols[0], rows[-1], cols[-1]))   # first and last read
         elif kind_of(node) is OpKind.COMBINE and not isinstance(node, (Add, Sub)):
             return False
         below[id(node)] = under or node.kind is OpKind.CONV
