@@ -127,6 +127,8 @@ def _with_history(value: Any, found: dict[int, torch.Tensor]) -> None:
 
 #: Container types whose empty instances ``copy_model`` copies without ``copy.deepcopy``.
 _EMPTY = (dict, collections.OrderedDict, set, list)
+#: Types whose values hold no tensor (``copy_model`` looks no further into them).
+_ATOMIC = frozenset({bool, int, float, complex, str, bytes, type(None)})
 
 
 def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
@@ -134,14 +136,18 @@ def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
     attributes copied as detached clones. Empty plain containers held by modules (a
     module's dozen hook dictionaries) are given their fresh empty copies up front: the same
     result, without ``copy.deepcopy``'s generic reconstruction of each one, which took most
-    of the copy (timm mobileone_s0, 469 modules: 0.83 s -> 0.18 s)."""
+    of the copy (timm mobileone_s0, 469 modules: 0.83 s -> 0.18 s). Attributes of plain
+    types (numbers, strings, tuples of them) are not searched for tensors (0.12 -> 0.06 s)."""
     memo = {} if memo is None else memo
     storages: dict[int, set[int]] = collections.defaultdict(set)
     buffers = []
     for m in model.modules():
         for k, v in vars(m).items():
-            if type(v) in _EMPTY and not v:
-                memo.setdefault(id(v), type(v)())
+            kind = type(v)
+            if kind in _ATOMIC or kind is tuple and all(type(e) in _ATOMIC for e in v):
+                continue    # most of a module's attributes: no tensor inside
+            if kind in _EMPTY and not v:
+                memo.setdefault(id(v), kind())
             elif k not in _REGISTERED:
                 _with_history(v, memo)
                 _count_storages(v, storages)

@@ -17,9 +17,11 @@ class Holder(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3)
         self.shared, self.cache, self.seen = shared, {}, set()
+        self.pair, self.sizes = None, (3, 4.0, "x", None)
 
     def forward(self, x):
         self.cache["y"] = self.conv(x)
+        self.pair = (self.cache["y"] * 2, 2)    # in a tuple too (not all items plain)
         return self.cache["y"]
 
 
@@ -36,13 +38,14 @@ def test_same_as_deepcopy_and_independent_of_the_original():
     for a, b in zip(copied.modules(), plain.modules()):
         assert type(a) is type(b) and vars(a).keys() == vars(b).keys()
         for k, v in vars(a).items():
-            assert type(v) is type(getattr(b, k)), k
+            assert type(v) is type(getattr(b, k)) or k == "pair", k    # set by the run
     for m, c in zip(model.modules(), copied.modules()):
         for k, v in vars(m).items():
             if isinstance(v, (dict, list, set)):
                 assert vars(c)[k] is not v, k      # every container is a fresh copy
     assert copied[0].shared is copied[1].shared    # aliasing kept, as deepcopy keeps it
     assert copied[0].cache["y"].grad_fn is None    # a cached tensor with history: detached
+    assert copied[0].pair[0].grad_fn is None and copied[0].pair[1] == 2
     torch.testing.assert_close(copied[0].cache["y"], model[0].cache["y"].detach())
     # hooks and attributes added to the copy do not reach the original
     copied[0].register_forward_hook(lambda *a: None)

@@ -339,7 +339,7 @@ class _NestedTracer(fx.Tracer):
         """``m``'s unit with a copy of ``graph`` (``m``'s trace would record it), and the
         graphs of the submodules it calls, in the order a trace would make them."""
         self.copied += 1
-        graph = copy.deepcopy(graph)
+        graph = _graph_copy(graph)
         for node in graph.nodes:
             if _RECORDED & node.meta.keys():    # what ``fx.reach`` recorded of a run
                 node.meta = {k: v for k, v in node.meta.items() if k not in _RECORDED}
@@ -410,6 +410,21 @@ class _NestedTracer(fx.Tracer):
         open on this thread."""
         if self._tracing():
             self.changed = True
+
+
+def _graph_copy(graph: fx.Graph) -> fx.Graph:
+    """What ``copy.deepcopy(graph)`` makes (fx's ``Graph.__deepcopy__``: new nodes, each
+    with a shallow copy of its ``meta``), with a shallow copy of the graph's code generator
+    instead of a deep one: it holds no state a graph changes (only its pytree specs, which
+    are not written). The deep copy was a third of the time of timm mobileone_s0's 423
+    copies (90 against 61 ms)."""
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    copied = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = copy.copy(graph._codegen)
+    if copied is not None:
+        value, old = copied
+        new.output(value, type_expr=getattr(old, "type", None)).meta = copy.copy(old.meta)
+    return new
 
 
 def join(path: str, name: str) -> str:

@@ -6,12 +6,14 @@ flag) is not copied; a copy holds none of the values recorded of another module'
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
 import pytest
 import timm
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from helpers import reach_idioms
 from helpers.zoo import ZOO, make
@@ -325,3 +327,32 @@ def test_a_copy_records_its_own_run():
                                    rtol=0, atol=0)
         boxes.append(first.meta[CAPTURE])
     assert len({id(b) for b in boxes}) == len(boxes)
+
+
+class _Keyed(nn.Module):
+    """A forward whose input is a dict: its graph's code generator holds pytree specs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, inputs):
+        return {"y": self.conv(inputs["x"]) + 1}
+
+
+def test_a_graph_copy_is_what_a_deep_copy_makes():
+    graph = fx.symbolic_trace(_Keyed()).graph
+    for node in graph.nodes:
+        node.meta["mark"] = [node.name]
+    copied, deep = fx_trace._graph_copy(graph), copy.deepcopy(graph)
+    assert copied.python_code("self").src == deep.python_code("self").src
+    assert type(copied._codegen) is type(graph._codegen) \
+        and copied._codegen is not graph._codegen
+    for old, new in zip(graph.nodes, copied.nodes):
+        assert new is not old and new.graph is copied and new.name == old.name
+        assert new.meta is not old.meta and new.meta == old.meta
+        assert all(a.graph is copied for a in new.all_input_nodes)
+    last = next(n for n in copied.nodes if n.op == "call_function")
+    last.args = (last.args[0], 2)           # the copy changes alone
+    assert copied.python_code("self").src != graph.python_code("self").src
+    assert graph.python_code("self").src == deep.python_code("self").src
