@@ -54,3 +54,18 @@ def test_a_filled_then_rebound_empty_container_is_emptied():
         cache["late"] = 1
         m.cache = {"other": 2}
     assert m.cache is cache and cache == {}
+
+
+def test_an_attribute_swapped_for_another_is_put_back():
+    """One attribute deleted and another added (the same number of them), one rebound to
+    an equal but new object: each is put back as the very object it was."""
+    m = _Stateful()
+    m.gone = None
+    pair = (1, 2)
+    m.pair = pair
+    with untouched(m):
+        del m.gone
+        m.added = None
+        m.pair = tuple(list(pair))                  # equal, another object
+    assert m.gone is None and not hasattr(m, "added")
+    assert m.pair is pair
