@@ -246,8 +246,10 @@ def _reader(node: fx.Node, value: fx.Node, axis: int, root: nn.Module,
 def _own_norm(node: fx.Node, root: nn.Module, usable: Usable) -> EvalNorm | None:
     """The eval-mode norm ``node`` is, unless it is a module called elsewhere too."""
     norm = eval_norm(node, root, _NORMS)
+    if norm is None:        # most nodes: no second look-up of their module
+        return None
     m = _submodule(root, node)
-    return None if norm is None or (m is not None and usable(m)) else norm
+    return None if m is not None and usable(m) else norm
 
 
 def _walk(value: fx.Node, axis: int, norms: tuple, root: nn.Module, usable: Usable,
