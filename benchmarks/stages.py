@@ -46,7 +46,12 @@ the regions' input windows for the proofs (timed as the model's own forward with
 grad), and the fusion itself, timed as the authors' unverified fusion in place on a copy
 made untimed (timm's ``reparameterize_model(inplace=True)``, ultralytics' ``fuse()``; the
 copy is left out, as repfuse shares the parameters instead of copying them). The second is
-a measure, not a proof: a fusion cheaper than the authors' own would lower it:
+a measure, not a proof: a fusion cheaper than the authors' own would lower it. A third
+line puts the regions' work as repfuse does it in place of the proofs' float64 runs and the
+authors' fusion: every ``prove_region`` and every reduction on float64 leaves
+(``reduce_for_proof``, which is the fusion when verifying), as timed in the conversion. The
+rest of the conversion is the graph pass (tracing's bookkeeping, analysis, search, copies,
+captures, rewrites, accounting), and the line says how much time 5 training steps leave it:
 
     .venv/bin/python benchmarks/stages.py repvgg_b3 --size 64 --threads 2 --floor
 
@@ -136,7 +141,8 @@ def _instrument() -> None:
     for module, name in ((pipeline, "fuse_module"), (pipeline, "prove_region"),
                          (pipeline, "verify_models"), (pipeline, "_judge_by_exact_kernels"),
                          (whole, "judge"), (whole, "_float64_values"), (whole, "float64_copy"),
-                         (region, "_adjoint"), (fx_fuse, "_run")):
+                         (region, "_adjoint"), (fx_fuse, "_run"),
+                         (pipeline, "reduce_for_proof")):
         _timed(module, name)
     _timed_outermost(fx_trace._NestedTracer, "nested", "trace")
 
@@ -248,6 +254,15 @@ def floor(name: str, step: float, total: float, model, x) -> None:
     for unit_label, unit in units:
         print(f"    in {unit_label}: floor {bound / unit:.2f}, with both {full / unit:.2f}, "
               f"fuse(verify=True) {total / unit:.2f}")
+    own = TOTAL["prove_region"] + TOTAL["reduce_for_proof"]
+    third = bound - proofs + forward + own
+    print(f"  with the regions' checks and reductions as repfuse does them: {third:.3f} s "
+          f"({third / step:.2f} steps)")
+    print(f"    {CALLS['prove_region']} proofs and {CALLS['reduce_for_proof']} reductions on "
+          f"float64 leaves, timed in the conversion {own:7.3f} s")
+    print(f"    the graph pass, the rest of the conversion    {total - third:7.3f} s "
+          f"({(total - third) / step:.2f} steps; room under 5 steps: "
+          f"{5 * step - third:.3f} s)")
 
 
 def _profile(name: str, size: int, threads: int):
