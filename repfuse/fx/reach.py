@@ -26,6 +26,7 @@ trace.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -139,11 +140,21 @@ def _changed(made: list) -> bool:
 
 
 def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
-            crop: int, boxes: list[Captured]) -> None:
+            crop: int, boxes: list[Captured], seen: dict[int, tuple]) -> None:
     if isinstance(value, Tensor) and META not in node.meta:
         node.meta[META] = (tuple(value.shape), value.dtype)
         if capture is None or not capture(node):
             return
+        # One value reaches several nodes: the node of the parent's graph that made it,
+        # the placeholder of every unit it is passed to (2.5 nodes a value on timm
+        # mobileone_s0). Those nodes share its boxes while it is the same tensor, unchanged
+        # since (its version counter: an in-place op or a write to a view bumps it).
+        plain = type(value) is Tensor and not value.is_inference()
+        if plain:
+            known = seen.get(id(value))
+            if known is not None and known[0]() is value and known[1] == value._version:
+                node.meta.update(known[2])
+                return
         copies = {}
         if value.dim() == 4 and type(value) is Tensor and value.layout == torch.strided \
                 and not value.is_quantized:
@@ -161,9 +172,13 @@ def _record(node: fx.Node, value, capture: Callable[[fx.Node], bool] | None,
             copies[CAPTURE_CHANNELS_LAST] = value[:1, :crop, :crop, :]
         elif value.dim() in (2, 3):
             copies[CAPTURE] = value[:2]   # vectors, tokens, sequences
+        made = {}
         for key, window in copies.items():
-            boxes.append(Captured(window.detach().clone()))
-            node.meta[key] = boxes[-1]
+            made[key] = Captured(window.detach().clone())
+            boxes.append(made[key])
+        node.meta.update(made)
+        if plain:
+            seen[id(value)] = (weakref.ref(value), value._version, made)
 
 
 class _GraphRunner:
@@ -201,7 +216,8 @@ class _GraphRunner:
                     err.add_note(f"while running {node.format_node()} of "
                                  f"{self.frame.unit.path or '(root)'}")
                 raise
-            _record(node, out, session.capture, session.crop, session.found.captured)
+            _record(node, out, session.capture, session.crop, session.found.captured,
+                    session.windows)
             if node.op == "output":
                 return graph.process_outputs(out)
             env[node] = out
@@ -269,6 +285,8 @@ class _Session:
         self.n_inputs = n_inputs
         self.capture = capture
         self.crop = capture_crop(root) if capture is not None else 0
+        #: per captured tensor's id: (weak reference, version, its boxes) (``_record``)
+        self.windows: dict[int, tuple] = {}
         self.paths = {id(m): p for p, m in root.named_modules()}
         self.forwards: dict[int, object] = {}
         self.stack: list[_Call] = []

@@ -81,3 +81,45 @@ def test_a_region_of_the_widest_kernel_is_proven_on_a_whole_real_window(monkeypa
     if k == 3:
         assert all(a.shape[-2:] == (8, 8) for _, a in seen)
 
+
+
+class _Scales(nn.Module):
+    """A conv's output read by one child unit, scaled in place, then read by another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.first = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.second = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.conv(x)
+        a = self.first(y)
+        y.mul_(2)
+        return a + self.second(y)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_one_value_is_captured_once_while_it_is_unchanged(mode):
+    """The node that made a value and the placeholder of a unit it is passed to hold the
+    same boxes; after an in-place change the next unit's placeholder gets boxes of its
+    own, and each node's window is its value as it was when the node ran."""
+    torch.manual_seed(0)
+    model = _Scales().eval()
+    x = torch.randn(1, 3, 12, 12)
+    with getattr(torch, mode)():
+        found = reach(model, (x,), fx_fuse._capture)
+    conv = next(n for n in found.units[id(model)].graph.nodes if n.target == "conv")
+    first, second = (next(n for n in found.units[id(m)].graph.nodes if n.op == "placeholder")
+                     for m in (model.first, model.second))
+    with torch.no_grad():
+        value = model.conv(x)
+    c = capture_crop(model)
+    for key, want in ((CAPTURE, value[:1, :, :c, :c]), (CAPTURE_CHANNELS_LAST,
+                                                         value[:1, :c, :c, :])):
+        assert torch.equal(captured(conv, key), want)
+        assert torch.equal(captured(first, key), want)
+        assert torch.equal(captured(second, key), 2 * want)
+        assert second.meta[key] is not conv.meta[key]
+        shared = first.meta[key] is conv.meta[key]
+        assert shared == (mode == "no_grad")    # inference tensors have no version counter
