@@ -55,6 +55,16 @@ captures, rewrites, accounting), and the line says how much time 5 training step
 
     .venv/bin/python benchmarks/stages.py repvgg_b3 --size 64 --threads 2 --floor
 
+``--parts`` (one model) times instead the parts of the conversion with exclusive timers
+(each part's time less that of the parts it calls), the median of five conversions after
+a warm-up: the float runs (``torch leaf forwards``: torch.nn's own layers wherever they run,
+the whole-model check, the proofs, the reductions) and, one by one, the graph pass's parts
+(the node-by-node run of the graphs, with the model's functional ops; recording values and
+windows; the model's copy; each step of a unit's analysis; the parts tried; rewrites;
+snapshots of plain state; ...):
+
+    .venv/bin/python benchmarks/stages.py mobileone_s0 --parts
+
 The model is a timm model, or ultralytics ``yolov8n`` (from its YAML), with random weights
 (seeded) and calibrated batch-norm statistics (``convert.calibrate``).
 """
@@ -285,6 +295,90 @@ def _profile(name: str, size: int, threads: int):
     return step, total, result, model
 
 
+def parts(name: str, size: int, threads: int, repeats: int = 5) -> None:
+    """Print the exclusive time of each part of ``fuse(verify=True)`` (``--parts``)."""
+    import statistics
+
+    import repfuse.fx.fuser as fuser
+    import repfuse.fx.reach as reach
+    import repfuse.pristine as pristine
+    import repfuse.region.worth as worth
+
+    torch.set_num_threads(threads)
+    model = convert.seeded_model(name, size)
+    x = convert.example(size)
+    own: collections.Counter = collections.Counter()
+    stack: list[float] = []
+
+    def exclusive(owner, attr: str, label: str) -> None:
+        real = getattr(owner, attr)
+
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                inner = stack.pop()
+                own[label] += spent - inner
+                if stack:
+                    stack[-1] += spent
+        setattr(owner, attr, wrapper)
+
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.startswith("torch.nn") and "forward" in cls.__dict__:
+            exclusive(cls, "forward", "torch leaf forwards")
+    for owner, attr, label in (
+            (pipeline, "fuse_module", "fuse_module's own code"),
+            (pipeline, "verify_models", "whole-model check (less leaf forwards)"),
+            (pipeline, "prove_region", "region proofs (less leaf forwards)"),
+            (pipeline, "reduce_for_proof", "reductions on float64 leaves"),
+            (fx_fuse, "_run", "reach: dispatchers and session"),
+            (reach._GraphRunner, "run", "reach: node-by-node run of the graphs"),
+            (reach, "_record", "reach: recording shapes and windows"),
+            (fx_trace._NestedTracer, "_trace", "fx tracing"),
+            (fx_trace._NestedTracer, "_copy", "graph copies (one trace per structure)"),
+            (fx_fuse, "_share_copy", "the model's copy"),
+            (pristine, "snapshot", "snapshots of plain state"),
+            (pristine, "restore", "restores of plain state"),
+            (fx_fuse, "inventory", "accounting"), (fx_fuse, "account", "accounting"),
+            (fx_fuse, "count", "accounting"),
+            (fuser.Fuser, "rewrite", "rewrite's own code"),
+            (fuser.Fuser, "analyze", "analysis: the rest"),
+            (fuser, "classify", "analysis: classification"),
+            (fuser, "find_regions", "analysis: region search"),
+            (fuser, "copy_norms", "analysis: norm copies"),
+            (fuser, "kept_patterns", "analysis: kept patterns"),
+            (fuser, "distribute_norms", "analysis: the rest"),
+            (fuser, "normalize", "analysis: the rest"),
+            (fuser, "_mark_constants", "analysis: the rest"),
+            (fuser, "ignorable_nodes", "analysis: the rest"),
+            (fuser, "inline_call", "analysis: the rest"),
+            (fuser.Fuser, "_decide", "parts tried"), (worth.Attempts, "_try", "parts tried"),
+            (worth, "shapes_or_refusal", "parts tried"),
+            (fuser.Fuser, "_rewrite_graph", "rewrites and installs"),
+            (fuser, "install", "rewrites and installs"),
+            (fuser.Fuser, "_record", "rewrites and installs")):
+        exclusive(owner, attr, label)
+    repfuse.fuse(model, x, verify=True)
+    totals, found = [], collections.defaultdict(list)
+    for _ in range(repeats):
+        own.clear()
+        total, _, _ = convert.timed(lambda: repfuse.fuse(model, x, verify=True))
+        totals.append(total)
+        for label in set(own) | set(found):
+            found[label].append(own[label])
+    total = statistics.median(totals)
+    print(f"{name} 1x3x{size}x{size}, {threads} thread(s): fuse(verify=True) median "
+          f"{total:.3f} s of {repeats}; exclusive time of each part (median):")
+    medians = {label: statistics.median(v) for label, v in found.items()}
+    for label, seconds in sorted(medians.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:42} {1e3 * seconds:8.1f} ms")
+    print(f"  {'(not in any part)':42} {1e3 * (total - sum(medians.values())):8.1f} ms")
+
+
 HEADER = (f"{'model':22} {'step s':>6} {'verify':>7} {'reach':>6} {'trace':>6} "
           f"{'regions':>7} {'proofs':>6} {'n':>4} {'ms/rg':>6} {'f32 chk':>7} {'truth':>6} "
           f"{'exact':>6} {'rest':>5} {'floor':>6}   (all but step s and ms/rg in training steps)")
@@ -330,6 +424,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument("--floor", action="store_true",
                         help="also the lower bound of a conversion with the same checks")
+    parser.add_argument("--parts", action="store_true",
+                        help="the exclusive time of each part of the conversion instead")
     args = parser.parse_args()
     if args.row:
         print(row(args.model, args.size, args.threads))
@@ -339,6 +435,8 @@ def main() -> None:
         return sweep(names, args)
     if not args.model:
         parser.error("name a model, or pass --sweep")
+    if args.parts:
+        return parts(args.model, args.size, args.threads)
     if args.floor:
         _capture_regions()
     step, total, result, model = _profile(args.model, args.size, args.threads)
