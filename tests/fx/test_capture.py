@@ -82,7 +82,6 @@ def test_a_region_of_the_widest_kernel_is_proven_on_a_whole_real_window(monkeypa
         assert all(a.shape[-2:] == (8, 8) for _, a in seen)
 
 
-
 class _Scales(nn.Module):
     """A conv's output read by one child unit, scaled in place, then read by another."""
 
