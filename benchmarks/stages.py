@@ -363,20 +363,22 @@ def parts(name: str, size: int, threads: int, repeats: int = 5) -> None:
             (fuser.Fuser, "_record", "rewrites and installs")):
         exclusive(owner, attr, label)
     repfuse.fuse(model, x, verify=True)
-    totals, found = [], collections.defaultdict(list)
+    totals, rests, found = [], [], collections.defaultdict(list)
     for _ in range(repeats):
         own.clear()
         total, _, _ = convert.timed(lambda: repfuse.fuse(model, x, verify=True))
         totals.append(total)
         for label in set(own) | set(found):
             found[label].append(own[label])
+        rests.append(total - sum(own.values()))
     total = statistics.median(totals)
     print(f"{name} 1x3x{size}x{size}, {threads} thread(s): fuse(verify=True) median "
           f"{total:.3f} s of {repeats}; exclusive time of each part (median):")
     medians = {label: statistics.median(v) for label, v in found.items()}
+    rest = statistics.median(rests)
     for label, seconds in sorted(medians.items(), key=lambda kv: -kv[1]):
         print(f"  {label:42} {1e3 * seconds:8.1f} ms")
-    print(f"  {'(not in any part)':42} {1e3 * (total - sum(medians.values())):8.1f} ms")
+    print(f"  {'in no part (each conversion less its parts)':42} {1e3 * rest:8.1f} ms")
 
 
 HEADER = (f"{'model':22} {'step s':>6} {'verify':>7} {'reach':>6} {'trace':>6} "
