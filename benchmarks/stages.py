@@ -50,8 +50,9 @@ a measure, not a proof: a fusion cheaper than the authors' own would lower it. A
 line puts the regions' work as repfuse does it in place of the proofs' float64 runs and the
 authors' fusion: every ``prove_region`` and every reduction on float64 leaves
 (``reduce_for_proof``, which is the fusion when verifying), as timed in the conversion. The
-rest of the conversion is the graph pass (tracing's bookkeeping, analysis, search, copies,
-captures, rewrites, accounting), and the line says how much time 5 training steps leave it:
+rest of the conversion is the graph pass (the reaching forward's bookkeeping and captures,
+analysis, search, the model's copy, rewrites, accounting; fx tracing and the copies of
+traced graphs are in the floor), and the line says how much time 5 training steps leave it:
 
     .venv/bin/python benchmarks/stages.py repvgg_b3 --size 64 --threads 2 --floor
 
