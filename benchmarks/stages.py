@@ -78,6 +78,7 @@ import copy as copy_module
 import functools
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -89,11 +90,15 @@ import convert  # noqa: E402
 
 import repfuse  # noqa: E402
 import repfuse.fx.fuse as fx_fuse  # noqa: E402
+import repfuse.fx.fuser as fuser  # noqa: E402
 import repfuse.fx.pipeline as pipeline  # noqa: E402
+import repfuse.fx.reach as reach  # noqa: E402
 import repfuse.fx.trace as fx_trace  # noqa: E402
+import repfuse.pristine as pristine  # noqa: E402
 import repfuse.proofs.model as whole  # noqa: E402
 import repfuse.proofs.region as region  # noqa: E402
 import repfuse.region as rg  # noqa: E402
+import repfuse.region.worth as worth  # noqa: E402
 from repfuse.region import layout as L  # noqa: E402
 
 TOTAL: dict[str, float] = collections.defaultdict(float)
@@ -298,13 +303,6 @@ def _profile(name: str, size: int, threads: int):
 
 def parts(name: str, size: int, threads: int, repeats: int = 5) -> None:
     """Print the exclusive time of each part of ``fuse(verify=True)`` (``--parts``)."""
-    import statistics
-
-    import repfuse.fx.fuser as fuser
-    import repfuse.fx.reach as reach
-    import repfuse.pristine as pristine
-    import repfuse.region.worth as worth
-
     torch.set_num_threads(threads)
     model = convert.seeded_model(name, size)
     x = convert.example(size)
